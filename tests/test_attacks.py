@@ -313,6 +313,16 @@ def test_label_consistent_test_trigger_is_the_four_corner_marks():
     assert set(zip(*(axis.tolist() for axis in white))) == {(2, 2), (2, 0), (0, 2), (1, 1)}
 
 
+def test_label_consistent_without_a_model_gives_only_the_test_trigger():
+    shape = (32, 32, 3)
+    attack = make_attack("label_consistent", shape)
+    x = images(shape)
+    with_model = build("label_consistent", shape)
+    np.testing.assert_array_equal(attack.apply(x, train=False), with_model.apply(x, train=False))
+    with pytest.raises(InputError, match="model"):
+        attack.apply(x, labels=np.zeros(len(x), dtype=np.int64))
+
+
 def test_label_consistent_validates_its_inputs():
     shape = (32, 32, 3)
     with pytest.raises(InputError, match="labels"):
@@ -321,3 +331,5 @@ def test_label_consistent_validates_its_inputs():
         build("label_consistent", shape, model=tiny_model(3).train())
     with pytest.raises(InputError, match="normalisation"):
         build("label_consistent", shape, normalisation={"mean": [0.5, 0.5]})
+    with pytest.raises(InputError, match="normalisation"):
+        make_attack("label_consistent", shape, model=tiny_model(3))

@@ -9,7 +9,6 @@ import torch
 from backdoor_engine.data.attacks import (
     ATTACKS,
     CLEAN_LABEL_ATTACKS,
-    REQUIRED,
     attack_labels,
     attack_param_names,
     make_attack,
@@ -204,7 +203,7 @@ def test_registry_lists_attacks_and_parameters():
     assert set(ATTACKS) == expected
     assert CLEAN_LABEL_ATTACKS == {"sig", "label_consistent"}
     assert attack_param_names("wanet") == {"k": 4, "s": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0}
-    assert attack_param_names("label_consistent")["model"] is REQUIRED
+    assert attack_param_names("label_consistent")["model"] is None
     assert attack_param_names("label_consistent")["eps"] == 8.0
 
 
@@ -213,8 +212,6 @@ def test_make_attack_reports_unknown_names_and_parameters():
         make_attack("badnet", (32, 32, 3))
     with pytest.raises(InputError, match="patch_size"):
         make_attack("badnets", (32, 32, 3), size=3)
-    with pytest.raises(InputError, match="model"):
-        make_attack("label_consistent", (32, 32, 3))
     with pytest.raises(InputError, match="image_shape"):
         make_attack("badnets", (4, 4, 3))
     with pytest.raises(InputError, match="image_shape"):

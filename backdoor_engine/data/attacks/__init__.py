@@ -13,7 +13,7 @@ from backdoor_engine.errors import InputError
 
 from .adaptive_blend import AdaptiveBlend
 from .badnets import BadNets
-from .base import REQUIRED, Attack, attack_fields
+from .base import Attack, attack_fields
 from .blend import Blend
 from .label_consistent import LabelConsistent
 from .labels import MODES, attack_labels
@@ -36,7 +36,7 @@ def _attack_class(name: str) -> type[Attack]:
 
 
 def attack_param_names(name: str) -> dict[str, Any]:
-    """Parameters of an attack (besides image_shape and seed) with defaults; ``REQUIRED`` where none."""
+    """Parameters of an attack (besides image_shape and seed) with their defaults."""
     return attack_fields(_attack_class(name))
 
 
@@ -47,9 +47,6 @@ def make_attack(name: str, image_shape: tuple[int, int, int], *, seed: int = 0, 
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise InputError(f"{name}: unknown parameter(s) {unknown}; valid: {sorted(valid)}")
-    missing = sorted(key for key, default in valid.items() if default is REQUIRED and key not in params)
-    if missing:
-        raise InputError(f"{name}: missing required parameter(s) {missing}")
     return attack_class(image_shape, seed, **params)
 
 
@@ -57,7 +54,6 @@ __all__ = [
     "ATTACKS",
     "CLEAN_LABEL_ATTACKS",
     "MODES",
-    "REQUIRED",
     "AdaptiveBlend",
     "Attack",
     "BadNets",

@@ -72,7 +72,8 @@ class BadNets(Attack):
         height, width, channels = self.image_shape
         if self.pattern not in PATTERNS:
             raise InputError(f"pattern: expected one of {PATTERNS}, got {self.pattern!r}")
-        object.__setattr__(self, "patch_size", check_int(self.patch_size, "patch_size", 1, min(height, width)))
+        patch_size = check_int(self.patch_size, "patch_size", 1, min(height, width))
+        object.__setattr__(self, "patch_size", patch_size)
         origin = patch_origin(self.position, self.patch_size, height, width)
         if not isinstance(self.position, str):
             object.__setattr__(self, "position", origin)

@@ -16,16 +16,6 @@ CHANNELS = (1, 3)
 BLEND_CHUNK = 1024
 
 
-class _Required:
-    """Marks a parameter that has no default (shown by ``attack_param_names``)."""
-
-    def __repr__(self) -> str:
-        return "<required>"
-
-
-REQUIRED = _Required()
-
-
 def check_image_shape(image_shape: Any) -> tuple[int, int, int]:
     """Validate ``(H, W, C)`` and return it as a tuple of ints."""
     try:
@@ -164,15 +154,9 @@ class Attack(abc.ABC):
 
 
 def attack_fields(attack_class: type[Attack]) -> dict[str, Any]:
-    """Parameter names of an attack class with their defaults (``REQUIRED`` where none)."""
-    params = {}
-    for field in dataclasses.fields(attack_class):
-        if not field.init or field.name in ("image_shape", "seed"):
-            continue
-        if field.default is not dataclasses.MISSING:
-            params[field.name] = field.default
-        elif field.default_factory is not dataclasses.MISSING:
-            params[field.name] = field.default_factory()
-        else:
-            params[field.name] = REQUIRED
-    return params
+    """Parameter names of an attack class (besides image_shape and seed) with their defaults."""
+    return {
+        field.name: field.default
+        for field in dataclasses.fields(attack_class)
+        if field.init and field.name not in ("image_shape", "seed")
+    }

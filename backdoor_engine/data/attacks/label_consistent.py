@@ -96,7 +96,8 @@ def pgd_untargeted(
 class LabelConsistent(Attack):
     """``model`` is a clean classifier in eval mode taking ``(x / 255 - mean) / std`` as NCHW float32.
 
-    Training samples get PGD then the trigger; the test-time trigger is the corner marks alone.
+    Training samples get PGD then the trigger; the test-time trigger is the corner marks alone,
+    so an attack built without a model still gives the triggered test set.
     The PGD runs only on the samples passed in (the chosen target-class ones), not on the whole
     training set as BackdoorBox does: the other perturbed images are never used.
     """
@@ -104,8 +105,8 @@ class LabelConsistent(Attack):
     name = "label_consistent"
     clean_label = True
 
-    model: torch.nn.Module
-    normalisation: dict
+    model: torch.nn.Module | None = None
+    normalisation: dict | None = None
     # BackdoorBox LabelConsistent defaults, 0-255 scale.
     eps: float = 8.0
     step: float = 1.5
@@ -117,12 +118,14 @@ class LabelConsistent(Attack):
     def __post_init__(self) -> None:
         super().__post_init__()
         height, width, channels = self.image_shape
-        if not isinstance(self.model, torch.nn.Module):
-            raise InputError(f"model: expected a torch.nn.Module, got {type(self.model).__name__}")
-        if self.model.training:
-            raise InputError("model: expected a model in eval mode (call model.eval() first)")
-        mean, std = check_normalisation(self.normalisation, channels)
-        object.__setattr__(self, "normalisation", {"mean": list(mean), "std": list(std)})
+        if self.model is not None:
+            if not isinstance(self.model, torch.nn.Module):
+                raise InputError(f"model: expected a torch.nn.Module, got {type(self.model).__name__}")
+            if self.model.training:
+                raise InputError("model: expected a model in eval mode (call model.eval() first)")
+        if self.model is not None or self.normalisation is not None:
+            mean, std = check_normalisation(self.normalisation, channels)
+            object.__setattr__(self, "normalisation", {"mean": list(mean), "std": list(std)})
         if not float(self.eps) >= 0 or not float(self.step) > 0:
             raise InputError(f"eps, step: expected eps >= 0 and step > 0, got {self.eps!r}, {self.step!r}")
         object.__setattr__(self, "steps", check_int(self.steps, "steps", 1))
@@ -137,6 +140,8 @@ class LabelConsistent(Attack):
         return poisoned
 
     def _perturb(self, x: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+        if self.model is None:
+            raise InputError("model: poisoning training samples needs the clean model for the PGD step")
         if labels is None:
             raise InputError("labels: the label-consistent PGD needs the true labels of x")
         labels = check_labels(labels, np.iinfo(np.int64).max, "labels")
