@@ -1,0 +1,85 @@
+"""Kernels, one dispatch point per primitive (DESIGN.md section 5).
+
+bn_minima backends: "torch" (closed form, any device), "cpp" (compiled CPU kernel). A CUDA
+tensor takes the torch closed form until a Triton kernel joins `_choose_backend`.
+"""
+
+import math
+import numbers
+
+import torch
+
+from backdoor_engine.errors import InputError
+from backdoor_engine.kernels.bn_minima import bn_minima_reference, bn_minima_torch
+from backdoor_engine.kernels.bn_minima_cpp import bn_minima_cpp, cpp_unsupported_reason
+
+BN_MINIMA_BACKENDS = ("auto", "torch", "cpp")
+
+__all__ = ["BN_MINIMA_BACKENDS", "bn_minima", "bn_minima_reference", "bn_minima_torch", "reduce_layer"]
+
+
+def bn_minima(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per (sample, channel) minimum over H*W of the Gaussian log-density of BatchNorm input x.
+
+    x: [N, C, H, W] floating tensor (NCHW or channels_last); running_mean, running_var: [C].
+    Returns float32 [N, C]. A NaN anywhere in x[n, c] gives NaN at [n, c], for the caller to
+    report. backend: "auto" (the compiled kernel when it can take x, else torch), "torch", "cpp".
+    """
+    _check_bn_inputs(x, running_mean, running_var, eps)
+    if _choose_backend(x, backend) == "cpp":
+        return bn_minima_cpp(x, running_mean, running_var, eps)
+    return bn_minima_torch(x, running_mean, running_var, eps)
+
+
+def reduce_layer(per_channel: torch.Tensor) -> torch.Tensor:
+    """One value per sample for a BN layer (the official FLARE column): min over bn_minima's channels."""
+    if not isinstance(per_channel, torch.Tensor) or per_channel.ndim != 2 or per_channel.shape[1] == 0:
+        got = tuple(per_channel.shape) if isinstance(per_channel, torch.Tensor) else type(per_channel).__name__
+        raise InputError(f"reduce_layer expects bn_minima's [N, C] tensor with C >= 1, got {got}")
+    return per_channel.amin(dim=1)
+
+
+def _choose_backend(x: torch.Tensor, backend: str) -> str:
+    if backend not in BN_MINIMA_BACKENDS:
+        raise InputError(f"backend must be one of {BN_MINIMA_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    reason = cpp_unsupported_reason(x)
+    if backend == "cpp" and reason is not None:
+        raise InputError(f"backend='cpp' cannot run this input: {reason}")
+    return "cpp" if reason is None else "torch"
+
+
+def _check_bn_inputs(x, running_mean, running_var, eps) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4 or not x.is_floating_point():
+        raise InputError(
+            f"x must be a floating-point BatchNorm2d input [N, C, H, W], got {x.dtype} of shape {tuple(x.shape)}"
+        )
+    channels, height, width = x.shape[1:]
+    if channels == 0 or height * width == 0:
+        raise InputError(f"x must have at least one channel and one spatial position, got shape {tuple(x.shape)}")
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if not isinstance(stat, torch.Tensor) or tuple(stat.shape) != (channels,):
+            got = tuple(stat.shape) if isinstance(stat, torch.Tensor) else type(stat).__name__
+            raise InputError(f"{name} must have shape ({channels},) to match x's channels, got {got}")
+        if not torch.isfinite(stat).all():
+            raise InputError(f"{name} must be finite, got NaN or inf in channel {_first(~torch.isfinite(stat))}")
+    if not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise InputError(f"eps must be a finite number >= 0, got {eps!r}")
+    if (running_var < 0).any():
+        channel = _first(running_var < 0)
+        raise InputError(f"running_var must be >= 0, got {running_var[channel].item()} in channel {channel}")
+    if (running_var.double() + eps <= 0).any():
+        raise InputError(f"running_var + eps must be > 0, got 0 in channel {_first(running_var.double() + eps <= 0)}")
+
+
+def _first(mask: torch.Tensor) -> int:
+    return int(mask.nonzero()[0, 0])
