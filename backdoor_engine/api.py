@@ -1,0 +1,116 @@
+"""The thin public face: poison a dataset, train a model on it, measure BA and ASR.
+
+Each function works on in-memory objects; the CLI adds file I/O around them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data.dataset import Dataset, make_dataset
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class PoisonSpec:
+    """Everything needed to rebuild an attack's trigger: the same spec gives the same trigger."""
+
+    attack: str
+    mode: str = "a2o"
+    rate: float = 0.1
+    target: int = 0
+    seed: int = 0
+    params: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PoisonSpec":
+        known = {"attack", "mode", "rate", "target", "seed", "params"}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PoisonSpec":
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read poison manifest {path}: {e}") from None
+        if not isinstance(d, dict) or "attack" not in d:
+            raise InputError(f"poison manifest {path} has no 'attack' field")
+        return cls.from_dict(d)
+
+
+def manifest_path(npz_path: str | os.PathLike) -> Path:
+    """Where `poison` writes the attack manifest beside its npz (the npz contract allows no extra fields)."""
+    p = Path(npz_path)
+    return p.with_name(p.name[: -len(".npz")] + ".attack.json" if p.name.endswith(".npz") else p.name + ".attack.json")
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _build_attack(spec: PoisonSpec, image_shape, clean_model=None):
+    from .data.attacks import make_attack
+
+    params = dict(spec.params)
+    if spec.attack == "label_consistent":
+        if clean_model is None:
+            raise InputError("attack 'label_consistent' needs a clean model for its PGD step (--adv-model CLEAN.pt)")
+        model, normalisation = clean_model
+        params.update(model=model, normalisation=normalisation)
+    return make_attack(spec.attack, image_shape, seed=spec.seed, **params)
+
+
+def poison(dataset: Dataset, spec: PoisonSpec, *, clean_model=None):
+    """Poison `dataset` by `spec`; returns (poisoned Dataset with ground truth, PoisonResult)."""
+    from .data.attacks import poison_dataset
+
+    attack = _build_attack(spec, dataset.image_shape, clean_model)
+    result = poison_dataset(
+        dataset.x, dataset.y, attack, mode=spec.mode, rate=spec.rate, target=spec.target,
+        num_classes=dataset.num_classes, seed=spec.seed,
+    )
+    poisoned = make_dataset(result.x, result.y, ids=dataset.ids, poison=result.mask.astype(np.uint8),
+                            num_classes=dataset.num_classes)
+    return poisoned, result
+
+
+def triggered_test(dataset: Dataset, spec: PoisonSpec, *, num_classes: int):
+    """The triggered copy of a clean test set used for ASR (target class left out for a2o)."""
+    from .data.attacks import make_attack, triggered_test_set
+
+    attack = make_attack(spec.attack, dataset.image_shape, seed=spec.seed, **spec.params)
+    return triggered_test_set(dataset.x, dataset.y, attack, mode=spec.mode, target=spec.target,
+                              num_classes=num_classes, seed=spec.seed)
+
+
+def evaluate(model, normalisation, clean: Dataset, spec: PoisonSpec | None = None, *,
+             num_classes: int | None = None, batch_size: int = 256, progress: bool = False) -> dict:
+    """Benign accuracy on `clean`, and the attack success rate of `spec`'s trigger on it when given."""
+    from .models.evaluate import accuracy, attack_success_rate, predict
+
+    num_classes = num_classes or clean.num_classes
+    pred = predict(model, clean.x, normalisation, batch_size=batch_size, progress=progress)
+    out = {"ba": float(accuracy(pred, clean.y)), "n_clean": int(len(clean))}
+    if spec is not None:
+        trig = triggered_test(clean, spec, num_classes=num_classes)
+        pred_t = predict(model, trig.x, normalisation, batch_size=batch_size, progress=progress)
+        out["asr"] = float(attack_success_rate(pred_t, trig.y_attack, trig.y_true, spec.mode))
+        out["n_triggered"] = int(len(trig.y_attack))
+    return out

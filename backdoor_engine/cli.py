@@ -1,0 +1,210 @@
+"""`backdoor-engine` command line: poison | train | eval | demo (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import InputError
+
+DATA_HELP = ("dataset: an npz file (x uint8 NxHxWxC, y int64, optional ids, poison), an image folder with class "
+             "sub-folders, a CIFAR-10 binary folder, or a bundled name: fashion-mnist, fashion-mnist:test, "
+             "cifar10-samples")
+
+
+def _parse_param(text: str):
+    """`key=value`; the value is read as JSON when it parses (numbers, lists), else kept as a string."""
+    if "=" not in text:
+        raise InputError(f"--param expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+def _spec_from_args(args):
+    from .api import PoisonSpec
+
+    # `eval` has no --rate: the rate does not change the trigger.
+    rate = getattr(args, "rate", PoisonSpec.rate)
+    return PoisonSpec(attack=args.attack, mode=args.mode, rate=rate, target=args.target, seed=args.seed,
+                      params=dict(_parse_param(p) for p in args.param))
+
+
+def _add_attack_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    from .data.attacks import ATTACKS, MODES
+
+    p.add_argument("--attack", choices=sorted(ATTACKS), required=required, help="attack to apply")
+    p.add_argument("--mode", choices=MODES, default="a2o",
+                   help="label mode: a2o (all to target), a2a ((y+1) mod K), ut (random wrong label) [a2o]")
+    p.add_argument("--target", type=int, default=0, help="target class for a2o and clean-label attacks [0]")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="attack parameter, repeatable (e.g. patch_size=4, alpha=0.1); see the README's attack table")
+
+
+def cmd_poison(args) -> int:
+    from .api import manifest_path, poison, write_json_atomic
+    from .data.dataset import save_npz
+    from .data.sources import open_dataset
+
+    if not args.out.endswith(".npz"):
+        raise InputError(f"--out must name an .npz file, got {args.out!r}")
+    if not 0.0 < args.rate < 1.0:
+        raise InputError(f"--rate must be in (0, 1), got {args.rate}")
+    spec = _spec_from_args(args)
+    dataset = open_dataset(args.data)
+    clean_model = None
+    if args.adv_model:
+        from .models.checkpoint import load_checkpoint
+
+        model, meta = load_checkpoint(args.adv_model)
+        clean_model = (model, meta["normalisation"])
+    poisoned, result = poison(dataset, spec, clean_model=clean_model)
+    save_npz(poisoned, args.out)
+    manifest = {**spec.to_dict(), "source": str(args.data), "n_samples": len(poisoned),
+                "n_poisoned": int(result.mask.sum()), "n_cover": int(result.cover.sum()),
+                "num_classes": dataset.num_classes, "attack_params": result.params}
+    write_json_atomic(manifest_path(args.out), manifest)
+    print(json.dumps({"out": args.out, "manifest": str(manifest_path(args.out)),
+                      "n_samples": len(poisoned), "n_poisoned": manifest["n_poisoned"],
+                      "n_cover": manifest["n_cover"]}))
+    return 0
+
+
+def _load_spec_for(data_path: str, explicit_manifest: str | None):
+    from .api import PoisonSpec, manifest_path
+
+    if explicit_manifest:
+        return PoisonSpec.load(explicit_manifest)
+    guess = manifest_path(data_path)
+    return PoisonSpec.load(guess) if data_path.endswith(".npz") and guess.exists() else None
+
+
+def cmd_train(args) -> int:
+    from .api import evaluate
+    from .data.sources import open_dataset
+    from .models.checkpoint import save_checkpoint
+    from .models.train import TrainConfig, train_model
+
+    if not args.out.endswith(".pt"):
+        raise InputError(f"--out must name a .pt checkpoint, got {args.out!r}")
+    dataset = open_dataset(args.data)
+    spec = _load_spec_for(str(args.data), args.poison_manifest)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                         augment=not args.no_augment, **({"lr": args.lr} if args.lr is not None else {}))
+    t0 = time.perf_counter()
+    trained = train_model(dataset.x, dataset.y, arch=args.arch, num_classes=dataset.num_classes, config=config)
+    seconds = time.perf_counter() - t0
+    extra = {"train": {"data": str(args.data), "n_samples": len(dataset), "seconds": round(seconds, 1),
+                       "config": dataclasses.asdict(config),
+                       "history": trained.history}}
+    if spec is not None:
+        extra["attack"] = spec.to_dict()
+    summary = {"out": args.out, "arch": args.arch, "epochs": args.epochs, "train_seconds": round(seconds, 1)}
+    if args.eval_data:
+        metrics = evaluate(trained.model, trained.normalisation, open_dataset(args.eval_data), spec,
+                           num_classes=dataset.num_classes)
+        extra["eval"] = {"data": str(args.eval_data), **metrics}
+        summary.update(metrics)
+    h, w, c = dataset.image_shape
+    save_checkpoint(args.out, trained.model, arch=args.arch, num_classes=dataset.num_classes, in_channels=c,
+                    input_size=[h, w], normalisation=trained.normalisation, extra=extra)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .api import evaluate
+    from .data.sources import open_dataset
+    from .models.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(args.model)
+    spec = None
+    if args.attack:
+        spec = _spec_from_args(args)
+    elif args.poison_manifest:
+        spec = _load_spec_for("", args.poison_manifest)
+    elif isinstance(meta.get("attack"), dict):
+        from .api import PoisonSpec
+
+        spec = PoisonSpec.from_dict(meta["attack"])
+    data = open_dataset(args.data)
+    metrics = evaluate(model, meta["normalisation"], data, spec, num_classes=meta["num_classes"],
+                       progress=not args.json)
+    out = {"model": args.model, "data": str(args.data), **metrics}
+    if spec is not None:
+        out["attack"] = spec.to_dict()
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), epochs=args.epochs, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="backdoor-engine", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("poison", help="poison a dataset with a backdoor attack (for evaluation)",
+                       description="Write a poisoned copy of a dataset (npz with a ground-truth `poison` column) "
+                                   "and OUT.attack.json describing the trigger.")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    _add_attack_args(p, required=True)
+    p.add_argument("--rate", type=float, default=0.1, help="fraction of the dataset poisoned [0.1]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trigger and of the poisoned-sample choice [0]")
+    p.add_argument("--adv-model", help="clean checkpoint for label_consistent's PGD step")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.set_defaults(func=cmd_poison)
+
+    p = sub.add_parser("train", help="train a reference model (seeded SGD, standard augmentation)")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--arch", default="small_resnet",
+                   help="resnet18 | preact_resnet18 | small_resnet | vgg16_bn | mobilenetv2 [small_resnet]")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs [10]")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling, augmentation [0]")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size [128]")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate [trainer default]")
+    p.add_argument("--no-augment", action="store_true", help="train without crop/flip augmentation")
+    p.add_argument("--eval-data", help="clean test set: report BA (and ASR when the data has an attack manifest)")
+    p.add_argument("--poison-manifest", help="attack manifest for ASR [DATA's .attack.json when present]")
+    p.add_argument("--out", required=True, help="output checkpoint .pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="benign accuracy (BA) and attack success rate (ASR) of a checkpoint")
+    p.add_argument("--model", required=True, help="checkpoint .pt written by `train`")
+    p.add_argument("--data", default="fashion-mnist:test", help="clean test set [fashion-mnist:test]; " + DATA_HELP)
+    _add_attack_args(p, required=False)
+    p.add_argument("--seed", type=int, default=0, help="attack seed (must match the poisoning run) [0]")
+    p.add_argument("--poison-manifest", help="attack manifest (.attack.json) instead of --attack flags "
+                                             "[the checkpoint's own record of its training data's attack]")
+    p.add_argument("--json", action="store_true", help="one-line JSON, no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="poison Fashion-MNIST, train, (scan,) report: the embedded default job")
+    p.add_argument("--out", default="runs/demo", help="output folder [runs/demo]")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs [demo default]")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"backdoor-engine {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
