@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,18 +50,6 @@ def manifest_path(npz_path: str | os.PathLike) -> Path:
     """Where `poison` writes the attack manifest beside its npz (the npz contract allows no extra fields)."""
     p = Path(npz_path)
     return p.with_name(p.name[: -len(".npz")] + ".attack.json" if p.name.endswith(".npz") else p.name + ".attack.json")
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _build_attack(spec: PoisonSpec, image_shape, clean_model=None):

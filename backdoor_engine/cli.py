@@ -48,7 +48,8 @@ def _add_attack_args(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def cmd_poison(args) -> int:
-    from .api import manifest_path, poison, write_json_atomic
+    from .api import manifest_path, poison
+    from .atomic import write_json_atomic
     from .data.dataset import save_npz
     from .data.sources import open_dataset
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from . import api
+from .atomic import write_json_atomic
 
 DEMO_SPEC = api.PoisonSpec(attack="badnets", mode="a2o", rate=0.1, target=0, seed=0)
 DEMO_ARCH = "small_resnet"
@@ -30,7 +31,7 @@ def run_demo(out: Path, *, epochs: int | None = None, seed: int = 0) -> dict:
     poisoned, result = api.poison(train, spec)
     data_path = out / "poisoned.npz"
     save_npz(poisoned, data_path)
-    api.write_json_atomic(api.manifest_path(data_path), {**spec.to_dict(), "n_poisoned": int(result.mask.sum())})
+    write_json_atomic(api.manifest_path(data_path), {**spec.to_dict(), "n_poisoned": int(result.mask.sum())})
 
     print(f"[2/3] training {DEMO_ARCH} for {epochs} epochs on {len(poisoned)} images")
     t0 = time.perf_counter()
@@ -46,7 +47,7 @@ def run_demo(out: Path, *, epochs: int | None = None, seed: int = 0) -> dict:
     save_checkpoint(out / "model.pt", trained.model, arch=DEMO_ARCH, num_classes=poisoned.num_classes,
                     in_channels=c, input_size=[h, w], normalisation=trained.normalisation,
                     extra={"attack": spec.to_dict(), "eval": metrics, "train": {"history": trained.history}})
-    api.write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / "summary.json", summary)
     print(json.dumps(summary, indent=2))
     print("The scan stage (FLARE) is not built yet: the demo stops after training. "
           f"Poisoned data and model are in {out}/.")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from backdoor_engine.cli import main
-from backdoor_engine.data.dataset import load_npz, make_dataset, save_npz
+from backdoor_engine.data.dataset import load_npz, save_npz
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 
 ATTACK_MODES = [("badnets", "a2o"), ("badnets", "a2a"), ("badnets", "ut"), ("blend", "a2o"), ("blend", "a2a"),

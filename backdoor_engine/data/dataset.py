@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
+from backdoor_engine.atomic import atomic_write
 from backdoor_engine.errors import InputError
 
 NPZ_FIELDS = ("x", "y", "ids", "poison")
@@ -104,22 +104,12 @@ def save_npz(dataset: Dataset, path: str | os.PathLike) -> None:
     """Write `dataset` to `path` (uncompressed npz) atomically: a temp file in the same dir, then rename."""
     if not isinstance(dataset, Dataset):
         raise InputError(f"dataset: expected a Dataset, got {type(dataset).__name__}")
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise InputError(f"{path}: output directory {directory} does not exist")
     arrays = {"x": dataset.x, "y": dataset.y, "ids": dataset.ids}
     if dataset.poison is not None:
         arrays["poison"] = dataset.poison
-    handle, temp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        # A file object (not a name) keeps np.savez from appending ".npz" to the path we chose.
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(temp_path, path)
-    except BaseException:
-        os.unlink(temp_path)
-        raise
+    # A file object (not a name) keeps np.savez from appending ".npz" to the path we chose.
+    with atomic_write(path) as file:
+        np.savez(file, **arrays)
 
 
 def _read_field(archive, name: str, path: str) -> np.ndarray:

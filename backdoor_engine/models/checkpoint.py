@@ -9,7 +9,6 @@ lists and str-keyed dicts, so `torch.load(weights_only=True)` reads it and json 
 import math
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..atomic import atomic_write
 from ..errors import InputError
 from .preprocess import Normalisation
 from .registry import build_model, image_size_pair
@@ -64,19 +64,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, num
     expected = build_quietly(arch, num_classes=num_classes, in_channels=in_channels, input_size=(height, width))
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     check_state_dict(expected, state, f"model (as {arch})")
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"cannot write checkpoint {path}: directory {path.parent} does not exist")
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save({"state_dict": state, "meta": meta}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        os.unlink(temp_name)
-        raise
+    with atomic_write(path) as file:
+        torch.save({"state_dict": state, "meta": meta}, file)
 
 
 def build_quietly(arch: str, **shape) -> nn.Module:
