@@ -59,7 +59,11 @@ def _build_attack(spec: PoisonSpec, image_shape, clean_model=None):
     if spec.attack == "label_consistent":
         if clean_model is None:
             raise InputError("attack 'label_consistent' needs a clean model for its PGD step (--adv-model CLEAN.pt)")
+        from .models.preprocess import Normalisation
+
         model, normalisation = clean_model
+        if isinstance(normalisation, Normalisation):
+            normalisation = normalisation.to_dict()
         params.update(model=model, normalisation=normalisation)
     return make_attack(spec.attack, image_shape, seed=spec.seed, **params)
 

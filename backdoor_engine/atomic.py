@@ -19,6 +19,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); the result should get the permissions a plain open() gives.
+        os.chmod(temp_name, 0o666 & ~_current_umask())
         with os.fdopen(handle, mode) as file:
             yield file
             file.flush()
@@ -27,6 +29,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
