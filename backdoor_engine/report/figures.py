@@ -1,0 +1,57 @@
+"""Plots for the HTML report, rendered to PNG bytes (headless Agg backend)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _to_png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def embedding_png(embedding: np.ndarray, flags: np.ndarray, truth: np.ndarray | None = None) -> bytes:
+    """2-D embedding coloured by flag, and beside it by ground truth when known."""
+    plt = _pyplot()
+    panels = [("flagged by the detector", np.asarray(flags, bool))]
+    if truth is not None:
+        panels.append(("ground truth: poisoned", np.asarray(truth, bool)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5), squeeze=False)
+    size = max(0.5, min(6.0, 20000 / max(len(embedding), 1)))
+    for ax, (title, marked) in zip(axes[0], panels):
+        ax.scatter(*embedding[~marked].T, s=size, c="#9aa5b1", linewidths=0, label=f"no ({(~marked).sum()})")
+        ax.scatter(*embedding[marked].T, s=size, c="#d64545", linewidths=0, label=f"yes ({marked.sum()})")
+        ax.set_title(title)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(loc="best", markerscale=4 / size ** 0.5)
+    return _to_png(fig)
+
+
+def montage_png(images: np.ndarray, titles: list[str], *, columns: int = 8) -> bytes:
+    """A grid of uint8 N x H x W x C images with a caption under each."""
+    plt = _pyplot()
+    n = max(len(images), 1)
+    rows = (n + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(1.5 * columns, 1.7 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        gray = image.shape[-1] == 1
+        ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None, vmin=0, vmax=255,
+                  interpolation="nearest")
+        ax.set_title(title, fontsize=7)
+    return _to_png(fig)
