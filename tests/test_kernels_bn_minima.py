@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from kernel_tolerance import FLOAT32_EPS, assert_close_to_reference, batchnorm_input
 
 from backdoor_engine import _ext
 from backdoor_engine.errors import InputError
@@ -15,7 +16,6 @@ SHAPES = [(1, 1, 1, 1), (2, 1, 4, 4), (3, 5, 7, 7), (2, 13, 1, 1), (4, 3, 1, 9),
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 BACKENDS = ["torch", "cpp"]
-FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
 def require_extension():
@@ -33,30 +33,6 @@ def cpp_cases_need_the_extension(request):
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("backend") == "cpp":
         require_extension()
-
-
-def batchnorm_input(shape, dtype, layout, seed=0, spread=1.0):
-    """Activations around per-channel statistics, some channels entirely negative or positive."""
-    generator = torch.Generator().manual_seed(seed)
-    n, c, h, w = shape
-    mean = torch.randn(c, generator=generator) * 2
-    var = torch.rand(c, generator=generator) * 4 + 0.01
-    offset = (torch.rand(c, generator=generator) - 0.5) * 20
-    x = mean[:, None, None] + offset[:, None, None] + spread * var.sqrt()[:, None, None] * torch.randn(
-        shape, generator=generator
-    )
-    return x.to(dtype).contiguous(memory_format=layout), mean, var
-
-
-def assert_close_to_reference(out, x, mean, var, eps):
-    """Within 2x the official float32 computation's own error, plus 2 float32 ulps of the value."""
-    exact = bn_minima_reference(x, mean, var, eps)
-    official_float32 = bn_minima_reference(x, mean, var, eps, dtype=torch.float32).double()
-    torch_error = (official_float32 - exact).abs().max()
-    bound = 2 * torch_error + 2 * FLOAT32_EPS * exact.abs()
-    assert out.dtype == torch.float32 and out.shape == exact.shape
-    excess = (out.double() - exact).abs() - bound
-    assert (excess <= 0).all(), f"max error beyond bound {excess.max().item():.3g} (torch fp32 error {torch_error:.3g})"
 
 
 # The input is upcast exactly, so the precision at stake is the float32 output: the tolerance

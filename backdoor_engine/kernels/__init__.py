@@ -1,11 +1,15 @@
 """Kernels, one dispatch point per primitive (DESIGN.md section 5).
 
-bn_minima backends: "torch" (closed form, any device), "cpp" (compiled CPU kernel). A CUDA
-tensor takes the torch closed form until a Triton kernel joins `_choose_backend`.
+bn_minima backends: "torch" (closed form, any device), "cpp" (compiled CPU kernel), "triton"
+(GPU kernel, imported only when asked for or when x is on CUDA, so the CPU path never imports triton).
 """
 
+import functools
+import importlib
 import math
 import numbers
+import warnings
+from types import ModuleType
 
 import torch
 
@@ -13,7 +17,7 @@ from backdoor_engine.errors import InputError
 from backdoor_engine.kernels.bn_minima import bn_minima_reference, bn_minima_torch
 from backdoor_engine.kernels.bn_minima_cpp import bn_minima_cpp, cpp_unsupported_reason
 
-BN_MINIMA_BACKENDS = ("auto", "torch", "cpp")
+BN_MINIMA_BACKENDS = ("auto", "torch", "cpp", "triton")
 
 __all__ = ["BN_MINIMA_BACKENDS", "bn_minima", "bn_minima_reference", "bn_minima_torch", "reduce_layer"]
 
@@ -29,10 +33,14 @@ def bn_minima(
 
     x: [N, C, H, W] floating tensor (NCHW or channels_last); running_mean, running_var: [C].
     Returns float32 [N, C]. A NaN anywhere in x[n, c] gives NaN at [n, c], for the caller to
-    report. backend: "auto" (the compiled kernel when it can take x, else torch), "torch", "cpp".
+    report. backend: "auto" (triton for CUDA x, the compiled kernel for CPU x, when they can take
+    it, else torch), "torch", "cpp", "triton".
     """
     _check_bn_inputs(x, running_mean, running_var, eps)
-    if _choose_backend(x, backend) == "cpp":
+    chosen = _choose_backend(x, backend)
+    if chosen == "triton":
+        return _triton_kernel_module().bn_minima_triton(x, running_mean, running_var, eps)
+    if chosen == "cpp":
         return bn_minima_cpp(x, running_mean, running_var, eps)
     return bn_minima_torch(x, running_mean, running_var, eps)
 
@@ -50,10 +58,36 @@ def _choose_backend(x: torch.Tensor, backend: str) -> str:
         raise InputError(f"backend must be one of {BN_MINIMA_BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    reason = cpp_unsupported_reason(x)
+    if backend == "triton" or (backend == "auto" and x.device.type == "cuda"):
+        reason = _triton_unsupported_reason(x)
+        if reason is None:
+            return "triton"
+        if backend == "triton":
+            raise InputError(f"backend='triton' cannot run this input: {reason}")
+    reason = cpp_unsupported_reason(x)  # a CUDA x that triton cannot take gets torch here
     if backend == "cpp" and reason is not None:
         raise InputError(f"backend='cpp' cannot run this input: {reason}")
     return "cpp" if reason is None else "torch"
+
+
+def _triton_unsupported_reason(x: torch.Tensor) -> str | None:
+    kernel_module = _triton_kernel_module()
+    if kernel_module is None:
+        return "triton is not installed (pip install -e '.[gpu]')"
+    return kernel_module.triton_unsupported_reason(x)
+
+
+@functools.cache  # one import attempt, and one warning, per process
+def _triton_kernel_module() -> ModuleType | None:
+    try:
+        return importlib.import_module("backdoor_engine.kernels.bn_minima_triton")
+    except ImportError as error:
+        warnings.warn(
+            f"backdoor-engine: triton is not available ({error}); CUDA tensors take the PyTorch closed form",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
 
 
 def _check_bn_inputs(x, running_mean, running_var, eps) -> None:
