@@ -1,0 +1,152 @@
+"""HDBSCAN's condensed tree as plain arrays, and the FLARE walk down it (SEED_NOTES section 1.3).
+
+Layout (the `hdbscan` library's): one row per edge, `parent` -> `child`, with the lambda = 1 / distance
+at which the child left the parent and the child's size. Ids below the root are samples (size 1);
+the root is the number of samples and cluster ids count up from it.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from backdoor_engine.cluster.validation import integer, real
+from backdoor_engine.errors import InputError
+
+XI_MODES = ("absolute", "relative")
+
+
+@dataclass(frozen=True)
+class CondensedTree:
+    """parent, child, child_size: int64 [E]; lambda_val: float64 [E]."""
+
+    parent: np.ndarray
+    child: np.ndarray
+    lambda_val: np.ndarray
+    child_size: np.ndarray
+
+    def __post_init__(self):
+        columns = {
+            "parent": self.parent,
+            "child": self.child,
+            "lambda_val": self.lambda_val,
+            "child_size": self.child_size,
+        }
+        for name, values in columns.items():
+            dtype = np.float64 if name == "lambda_val" else np.int64
+            object.__setattr__(self, name, np.asarray(values, dtype=dtype))
+        lengths = {name: getattr(self, name).shape for name in columns}
+        if len(set(lengths.values())) != 1 or self.parent.ndim != 1 or self.parent.size == 0:
+            raise InputError(f"condensed tree columns must be non-empty 1-D arrays of one length, got shapes {lengths}")
+        if np.isnan(self.lambda_val).any():
+            raise InputError("condensed tree lambda_val must not be NaN")
+
+    @property
+    def root(self) -> int:
+        """Id of the root cluster, which is also the number of samples."""
+        return int(self.parent.min())
+
+    def is_cluster(self, node: int) -> bool:
+        return node >= self.root
+
+    @classmethod
+    def from_hdbscan(cls, clusterer) -> "CondensedTree":
+        """From a fitted hdbscan.HDBSCAN (or cuML's, which exposes the same class)."""
+        records = clusterer.condensed_tree_.to_numpy()
+        return cls(records["parent"], records["child"], records["lambda_val"], records["child_size"])
+
+
+@dataclass(frozen=True)
+class Split:
+    """One step down the tree: `parent`'s largest child row, and gap = the child's lambda minus the
+    lambda at which `parent` was born (how long parent lasted before its largest child left it)."""
+
+    parent: int
+    child: int
+    lambda_val: float
+    child_size: int
+    gap: float
+
+
+def birth_lambda(tree: CondensedTree, node: int) -> float:
+    """Lambda at which node appeared: its own row's lambda_val (first such row), 0 for the root."""
+    if node == tree.root:
+        return 0.0
+    rows = np.flatnonzero(tree.child == node)
+    if rows.size == 0:
+        raise InputError(f"node {node} is not in the condensed tree (root {tree.root})")
+    return float(tree.lambda_val[rows[0]])
+
+
+def cluster_stabilities(tree: CondensedTree) -> dict[int, float]:
+    """Stability of every cluster id (root included), computed as the hdbscan library does:
+    sum over a cluster's child rows of (lambda_val - birth lambda of the cluster) * child_size."""
+    root = tree.root
+    births = np.full(int(max(tree.child.max(), root)) + 1, np.nan)
+    # A node's birth is the smallest lambda among the rows that have it as child.
+    order = np.lexsort((tree.lambda_val, tree.child))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = tree.child[order][1:] != tree.child[order][:-1]
+    births[tree.child[order][first]] = tree.lambda_val[order][first]
+    births[root] = 0.0
+    contributions = (tree.lambda_val - births[tree.parent]) * tree.child_size
+    totals = np.bincount(tree.parent - root, weights=contributions, minlength=int(tree.parent.max()) - root + 1)
+    return {root + offset: float(total) for offset, total in enumerate(totals)}
+
+
+def largest_first_level_cluster(tree: CondensedTree) -> int | None:
+    """The official FLARE start: child of the row with the largest child_size (first on ties), which
+    is the largest cluster under the root. None when the root has no cluster children."""
+    row = int(np.argmax(tree.child_size))
+    child = int(tree.child[row])
+    return child if tree.is_cluster(child) else None
+
+
+def lambda_gaps(tree: CondensedTree, start: int, depth: int) -> list[Split]:
+    """The walk of the official first_large_drop without its stopping test: from start, at most
+    depth steps, each to the current node's largest child row (sample rows included, first on
+    ties). Stops early at a node without children (the official code crashes there)."""
+    depth = integer(depth, "depth", 1)
+    steps = []
+    current = integer(start, "start", 0)
+    current_birth = birth_lambda(tree, current)
+    for _ in range(depth):
+        rows = np.flatnonzero(tree.parent == current)
+        if rows.size == 0:
+            break
+        largest = rows[np.argmax(tree.child_size[rows])]
+        step = Split(
+            parent=current,
+            child=int(tree.child[largest]),
+            lambda_val=float(tree.lambda_val[largest]),
+            child_size=int(tree.child_size[largest]),
+            gap=float(tree.lambda_val[largest]) - current_birth,
+        )
+        steps.append(step)
+        current, current_birth = step.child, step.lambda_val
+    return steps
+
+
+def lambda_range(tree: CondensedTree) -> float:
+    """Largest finite lambda minus smallest lambda: the scale of `xi_mode="relative"`. Scaling the
+    data by s scales every lambda by 1/s, so gaps measured against it do not depend on units."""
+    finite = tree.lambda_val[np.isfinite(tree.lambda_val)]
+    return float(finite.max() - tree.lambda_val.min()) if finite.size else 0.0
+
+
+def first_large_drop(
+    tree: CondensedTree, start: int, xi: float, depth: int, *, xi_mode: str = "absolute"
+) -> Split | None:
+    """First step of `lambda_gaps(tree, start, depth)` whose gap exceeds the threshold, or None.
+
+    xi_mode "absolute" (default; the official FLARE code, xi=0.02 and depth=3 there): threshold = xi
+    in lambda units, i.e. 1 / UMAP distance, so its meaning changes with the embedding's scale.
+    "relative" (DESIGN section 4): threshold = xi * lambda_range(tree), unchanged by rescaling.
+    """
+    xi = real(xi, "xi", minimum=0.0)
+    if xi_mode not in XI_MODES:
+        raise InputError(f"xi_mode must be one of {XI_MODES}, got {xi_mode!r}")
+    threshold = xi if xi_mode == "absolute" else xi * lambda_range(tree)
+    for step in lambda_gaps(tree, start, depth):
+        if step.gap > threshold:
+            return step
+    return None
