@@ -129,8 +129,9 @@ def knn(X, k: int, *, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     Returns (indices int64 [N, k], distances float32 [N, k]); row i starts with i itself at
     distance 0 (umap-learn's convention, so knn(X, n_neighbors) can feed `umap(..., knn=...)`),
     then the others by increasing distance, ties by index (among several samples tied at the k-th
-    distance, which are found is up to the backend). "auto": torch on a GPU; on the CPU faiss
-    (measured as fast as or faster than torch at 20 to 4800 dimensions), torch when faiss is absent.
+    distance, which are found is up to the backend). "auto": torch on a GPU; on the CPU faiss,
+    torch when faiss is absent. Measured on the 2-core test machine, k=40, faiss vs torch:
+    N=20000 D=20 3.3 s vs 3.5 s, D=500 9.1 s vs 10.3 s; N=10000 D=4800 17.5 s vs 19.3 s.
     """
     data = feature_matrix(X)
     k = integer(k, "k", 1, data.shape[0])
