@@ -1,0 +1,257 @@
+"""FLARE (TIFS 2025): cluster BN-aligned activation minima, find the stable subspace, flag the rest.
+
+Stages, each a plain function composed by `Flare`:
+  subspace_matrix      columns of the first L - k BN layers (per channel or per layer), sliced, never re-extracted
+  search_subspace      the paper's loop: k = 0, 1, 2, ... until the condensed tree shows a large drop
+  flat_labels          the official flat cut just before the stable cluster splits
+  flags_from_clusters  largest cluster clean, other clusters poisoned, noise by `noise_rule`
+Provenance of each default: SEED_NOTES.md section 1 (official code) and DESIGN.md section 4.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .. import cluster
+from ..errors import InputError
+from .detection import Detection
+
+REDUCTIONS = ("channel", "layer")
+NOISE_RULES = ("official", "nearest")
+LEAF_RULES = ("persistence", "official")
+CUT_MARGIN = 1e-4  # official: cut at lambda 1e-4 before the stable cluster splits
+
+
+@dataclass(frozen=True)
+class FlareParams:
+    # Paper Eq. 3-5: one column per channel (DESIGN section 4); "layer" = the official code's one per BN layer.
+    reduce: str = "channel"
+    # Official UMAP settings (umap-learn, euclidean).
+    n_neighbors: int = 40
+    min_dist: float = 0.0
+    n_components: int = 2
+    # Official HDBSCAN settings: min_samples = min_cluster_size.
+    min_cluster_size: int = 100
+    # Official first_large_drop: xi = 0.02 in lambda units, depth 3. "relative": xi times the tree's lambda range.
+    xi: float = 0.02
+    xi_mode: str = "absolute"
+    depth: int = 3
+    # Paper Def. IV.1: a cluster's stability is its persistence (lambda where it divides - lambda where it
+    # appears). A leaf never divides, so it persists until its last point leaves ("persistence"). The
+    # official walk instead compares a single point's exit lambda there ("official"), a near-zero gap.
+    leaf_rule: str = "persistence"
+    # Official: noise counts as clean. "nearest": a noise sample takes its nearest clustered neighbour's label.
+    noise_rule: str = "official"
+    # The paper's loop drops up to L - 1 trailing layers; None = all of them.
+    max_dropped_layers: int | None = None
+    random_state: int | None = 42
+    umap_backend: str = "auto"
+    hdbscan_backend: str = "auto"
+
+    def __post_init__(self):
+        if self.reduce not in REDUCTIONS:
+            raise InputError(f"reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
+        if self.leaf_rule not in LEAF_RULES:
+            raise InputError(f"leaf_rule must be one of {LEAF_RULES}, got {self.leaf_rule!r}")
+        if self.noise_rule not in NOISE_RULES:
+            raise InputError(f"noise_rule must be one of {NOISE_RULES}, got {self.noise_rule!r}")
+
+
+@dataclass
+class SubspaceStep:
+    """One try of the subspace loop: which layers were dropped and what the condensed tree showed."""
+
+    dropped_layers: int
+    n_columns: int
+    gaps: list = field(default_factory=list)  # lambda gap at each step of the depth-limited walk
+    threshold: float = 0.0
+    split: dict | None = None
+    seconds: float = 0.0
+
+
+def subspace_matrix(features: np.ndarray, layer_slices: list[tuple[int, int]], dropped: int, reduce: str) -> np.ndarray:
+    """Columns of the first L - dropped layers: per channel as stored, or one min per layer."""
+    kept = layer_slices[: len(layer_slices) - dropped]
+    if reduce == "layer":
+        return np.stack([features[:, a:b].min(axis=1) for a, b in kept], axis=1)
+    return features[:, : kept[-1][1]]
+
+
+@dataclass(frozen=True)
+class StableSplit:
+    """Where the walk found a stable cluster: `node`, its persistence `gap`, and `cut_lambda`, a
+    density level at which the node is still one cluster (the flat cut is taken there)."""
+
+    node: int
+    gap: float
+    cut_lambda: float
+    depth: int
+
+
+def leaf_persistence(tree, node: int) -> float:
+    """Lambda at which a leaf's last point leaves minus the lambda at which the leaf appeared."""
+    return float(tree.lambda_val[tree.parent == node].max()) - cluster.birth_lambda(tree, node)
+
+
+def walk_for_stable_split(tree, start: int, threshold: float, depth: int, leaf_rule: str):
+    """The depth-limited walk of the official first_large_drop (largest child each step), with the
+    leaf case by `leaf_rule`. Returns (gaps along the walk, StableSplit or None)."""
+    gaps = []
+    for level, step in enumerate(cluster.lambda_gaps(tree, start, depth)):
+        is_leaf = not tree.is_cluster(step.child)
+        if is_leaf and leaf_rule == "persistence":
+            gap = leaf_persistence(tree, step.parent)
+            gaps.append(gap)
+            birth = cluster.birth_lambda(tree, step.parent)
+            if gap > threshold:
+                return gaps, StableSplit(step.parent, gap, birth + min(CUT_MARGIN, gap / 2), level)
+            return gaps, None
+        gaps.append(step.gap)
+        if step.gap > threshold:
+            return gaps, StableSplit(step.parent, step.gap, step.lambda_val - CUT_MARGIN, level)
+    return gaps, None
+
+
+def _try_subspace(X: np.ndarray, params: FlareParams):
+    embedding = cluster.umap(X, n_neighbors=params.n_neighbors, min_dist=params.min_dist,
+                             n_components=params.n_components, random_state=params.random_state,
+                             backend=params.umap_backend)
+    fit = cluster.hdbscan(embedding, min_cluster_size=params.min_cluster_size, backend=params.hdbscan_backend)
+    tree = fit.condensed_tree
+    start = cluster.largest_first_level_cluster(tree)
+    threshold = params.xi if params.xi_mode == "absolute" else params.xi * cluster.lambda_range(tree)
+    if start is None:
+        return embedding, fit, [], threshold, None
+    gaps, split = walk_for_stable_split(tree, start, threshold, params.depth, params.leaf_rule)
+    return embedding, fit, gaps, threshold, split
+
+
+def search_subspace(features: np.ndarray, layer_slices: list[tuple[int, int]], params: FlareParams, *,
+                    progress=None):
+    """The paper's loop: drop 0, 1, 2, ... trailing BN layers until a stable split appears.
+
+    Returns (steps, chosen) where chosen = (step, embedding, hdbscan fit, split) or None when no
+    subspace shows a stable split (the official code stops after the first try and crashes then).
+    """
+    n_layers = len(layer_slices)
+    max_dropped = n_layers - 1 if params.max_dropped_layers is None else min(params.max_dropped_layers, n_layers - 1)
+    steps = []
+    for dropped in range(max_dropped + 1):
+        t0 = time.perf_counter()
+        X = subspace_matrix(features, layer_slices, dropped, params.reduce)
+        embedding, fit, gaps, threshold, split = _try_subspace(X, params)
+        step = SubspaceStep(dropped, X.shape[1], gaps, threshold,
+                            None if split is None else asdict(split), time.perf_counter() - t0)
+        steps.append(step)
+        if progress is not None:
+            progress(step)
+        if split is not None:
+            return steps, (step, embedding, fit, split)
+    return steps, None
+
+
+def flat_labels(fit, split: StableSplit, min_cluster_size: int) -> np.ndarray:
+    """Official labelling: cut the single-linkage tree at distance 1 / cut_lambda, where the stable
+    cluster is still whole; components under min_cluster_size are noise (-1)."""
+    return cluster.cut_single_linkage(fit.single_linkage, 1.0 / split.cut_lambda, min_cluster_size)
+
+
+def assign_noise_to_nearest(labels: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+    from scipy.spatial import cKDTree
+
+    noise = labels < 0
+    if not noise.any() or noise.all():
+        return labels
+    _, nearest = cKDTree(embedding[~noise]).query(embedding[noise])
+    out = labels.copy()
+    out[noise] = labels[~noise][nearest]
+    return out
+
+
+def flags_from_clusters(labels: np.ndarray) -> np.ndarray:
+    """Official rule: the largest label group (noise included in the count) is clean; every other
+    non-noise cluster is poisoned; noise is clean."""
+    values, counts = np.unique(labels, return_counts=True)
+    largest = values[np.argmax(counts)]
+    return (labels != largest) & (labels >= 0)
+
+
+def cluster_table(labels: np.ndarray, flags: np.ndarray, y: np.ndarray | None, embedding: np.ndarray) -> list[dict]:
+    """Per flat cluster: size, whether flagged, and its class make-up (a flagged cluster holding most
+    of one class is the signature of a benign class split off, DESIGN section 4)."""
+    rows = []
+    for label in np.unique(labels):
+        members = labels == label
+        row = {"cluster": int(label), "size": int(members.sum()), "flagged": bool(flags[members].any()),
+               "centre": embedding[members].mean(axis=0).round(4).tolist()}
+        if y is not None:
+            classes, counts = np.unique(y[members], return_counts=True)
+            top = np.argsort(-counts)[:3]
+            row["classes"] = {int(classes[i]): int(counts[i]) for i in top}
+            row["share_of_top_class"] = float(counts[top[0]] / (y == classes[top[0]]).sum())
+        rows.append(row)
+    return rows
+
+
+def suspicion_scores(embedding: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """Distance from the clean samples' median in the embedding, in units of their median distance."""
+    clean = embedding[~flags] if (~flags).any() else embedding
+    centre = np.median(clean, axis=0)
+    distance = np.linalg.norm(embedding - centre, axis=1)
+    return distance / max(float(np.median(distance[~flags] if (~flags).any() else distance)), 1e-12)
+
+
+class Flare:
+    """FLARE as an estimator on precomputed BN-minima features (cuML/sklearn style).
+
+        detection = Flare(xi=0.02).fit(features, layer_slices, y=labels)
+        detection.flags, flare.subspace_, flare.steps_
+    """
+
+    name = "flare"
+
+    def __init__(self, **params):
+        self.params = FlareParams(**params)
+
+    def fit(self, features: np.ndarray, layer_slices: list[tuple[int, int]], y: np.ndarray | None = None,
+            *, progress=None) -> Detection:
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or not layer_slices or layer_slices[-1][1] != features.shape[1]:
+            raise InputError(f"features: expected N x {layer_slices[-1][1] if layer_slices else '?'} BN-minima "
+                             f"columns matching the layer layout, got shape {features.shape}")
+        if not np.isfinite(features).all():
+            raise InputError("features contain NaN or infinite values (a layer's activations overflowed?)")
+        if len(features) < self.params.min_cluster_size:
+            raise InputError(f"FLARE needs at least min_cluster_size={self.params.min_cluster_size} samples, "
+                             f"got {len(features)}")
+        self.steps_, chosen = search_subspace(features, layer_slices, self.params, progress=progress)
+        n = len(features)
+        diagnostics = {"n_layers": len(layer_slices), "steps": [asdict(s) for s in self.steps_]}
+        if chosen is None:
+            # Fallback (DESIGN section 4): no subspace shows a stable benign cluster -> flag nothing, say why.
+            self.subspace_, self.labels_, self.embedding_ = None, np.full(n, -1), None
+            diagnostics["stable_subspace_found"] = False
+            diagnostics["explanation"] = (
+                f"no lambda gap exceeded the threshold in any of {len(self.steps_)} subspaces "
+                f"(largest gap {max((g for s in self.steps_ for g in s.gaps), default=0.0):.4g}); nothing flagged")
+            self.flags_ = np.zeros(n, bool)
+            return Detection(self.name, self.flags_, params=asdict(self.params), diagnostics=diagnostics)
+        step, embedding, fit, split = chosen
+        labels = flat_labels(fit, split, self.params.min_cluster_size)
+        n_noise = int((labels < 0).sum())
+        if self.params.noise_rule == "nearest":
+            labels = assign_noise_to_nearest(labels, embedding)
+        flags = flags_from_clusters(labels)
+        self.subspace_, self.labels_, self.embedding_, self.flags_ = step.dropped_layers, labels, embedding, flags
+        stabilities = cluster.cluster_stabilities(fit.condensed_tree)
+        diagnostics.update(
+            stable_subspace_found=True, dropped_layers=step.dropped_layers, n_columns=step.n_columns,
+            split=step.split, n_noise_at_cut=n_noise,
+            hdbscan_stability_of_stable_node=stabilities.get(split.node, 0.0),
+            clusters=cluster_table(labels, flags, y, embedding),
+        )
+        return Detection(self.name, flags, params=asdict(self.params), scores=suspicion_scores(embedding, flags),
+                         clusters=labels, embedding=embedding, diagnostics=diagnostics)
