@@ -1,0 +1,285 @@
+"""Feature store: extracted features on disk in fixed chunks of samples, resumable after a crash.
+
+Directory layout:
+    manifest.json            what is stored (n_samples, chunk_size, dtype, columns per array,
+                             layout, model and dataset fingerprints, ...) and finished_chunks
+    ids.000003.npy           chunk 3's sample ids (rows chunk_size*3 ...), likewise y.*.npy and
+    bn_minima.000003.npy     one file per captured array ("penultimate", "logits")
+    .lock                    held (flock) by the one process writing the store
+
+Chunk i always holds dataset rows [i * chunk_size, (i + 1) * chunk_size), so a chunk written twice
+is written identically and no sample is lost or duplicated. A chunk's files are each written
+atomically (temp file, then rename) and only then is the chunk added to the manifest, itself
+rewritten atomically: after a kill at any point the manifest lists only complete chunks, and a
+resumed extraction redoes the rest. Files are plain .npy, read with allow_pickle=False and
+memory-mapped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from backdoor_engine.atomic import atomic_write, write_json_atomic
+from backdoor_engine.engine.feature_set import CAPTURES, FeatureSet
+from backdoor_engine.engine.layout import FeatureLayout
+from backdoor_engine.errors import InputError
+
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+FORMAT = "backdoor-engine feature store"
+FORMAT_VERSION = 1
+FEATURE_DTYPE = "float32"
+DEFAULT_CHUNK_SIZE = 4096
+# Fields that must match for a resume, with what a mismatch means to the user.
+_RESUME_FIELDS = {
+    "model_fingerprint": "a different model (weights or architecture)",
+    "dataset_fingerprint": "a different dataset (ids, labels or pixels)",
+    "n_samples": "a different number of samples",
+    "chunk_size": "a different chunk_size",
+    "columns": "different captures",
+    "ids_dtype": "ids of another type",
+    "layout": "a different BatchNorm2d layout",
+    "normalisation": "a different input normalisation",
+    "head": "a different head module",
+}
+_REQUIRED = ("format", "format_version", "dtype", "finished_chunks", *_RESUME_FIELDS)
+
+
+class FeatureStore:
+    """One store directory. `open` reads a finished or partial store; `create_or_resume` (used as a
+    context manager, holding the store's lock) writes one."""
+
+    def __init__(self, directory: Path, manifest: dict, lock_file=None):
+        self.directory = directory
+        self._manifest = manifest
+        self._lock_file = lock_file
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> FeatureStore:
+        directory = Path(directory)
+        return cls(directory, _read_manifest(directory))
+
+    @classmethod
+    def create_or_resume(cls, directory: str | os.PathLike, *, n_samples: int, chunk_size: int,
+                         columns: Mapping[str, int], ids_dtype: np.dtype, layout: FeatureLayout | None,
+                         normalisation: dict, head: str | None, model_fingerprint: str,
+                         dataset_fingerprint: str) -> FeatureStore:
+        """A new store, or the existing one at `directory` when it was written with the same settings;
+        InputError saying what differs otherwise."""
+        directory = Path(directory)
+        check_chunk_size(chunk_size)
+        unknown = sorted(set(columns) - set(CAPTURES))
+        if unknown or not columns:
+            raise InputError(f"columns must name some of {CAPTURES}, got {sorted(columns)}")
+        wanted = {
+            "model_fingerprint": model_fingerprint, "dataset_fingerprint": dataset_fingerprint,
+            "n_samples": int(n_samples), "chunk_size": int(chunk_size),
+            "columns": {name: int(columns[name]) for name in CAPTURES if name in columns},
+            "ids_dtype": np.dtype(ids_dtype).str, "layout": None if layout is None else layout.to_dict(),
+            "normalisation": normalisation, "head": head,
+        }
+        # A JSON round trip, so the comparison with a stored manifest sees the same types.
+        wanted = json.loads(json.dumps(wanted))
+        if directory.exists() and not directory.is_dir():
+            raise InputError(f"feature store {directory} exists and is not a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        lock_file = _lock(directory)
+        try:
+            if (directory / MANIFEST).exists():
+                manifest = _read_manifest(directory)
+                _check_resumable(directory, manifest, wanted)
+                _remove_stale_temp_files(directory)
+            else:
+                strangers = sorted(entry.name for entry in directory.iterdir() if not entry.name.startswith("."))
+                if strangers:
+                    raise InputError(f"{directory} is not empty and holds no {MANIFEST}: not a feature store "
+                                     f"(found {strangers[:5]}); give an empty or new directory")
+                manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": FEATURE_DTYPE,
+                            **wanted, "finished_chunks": []}
+                write_json_atomic(directory / MANIFEST, manifest)
+        except BaseException:
+            lock_file.close()
+            raise
+        return cls(directory, manifest, lock_file)
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the writer's lock (a reader holds none)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    @property
+    def n_samples(self) -> int:
+        return self._manifest["n_samples"]
+
+    @property
+    def chunk_size(self) -> int:
+        return self._manifest["chunk_size"]
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.n_samples // self.chunk_size)
+
+    @property
+    def columns(self) -> dict[str, int]:
+        """Captured array name -> its number of columns."""
+        return dict(self._manifest["columns"])
+
+    @property
+    def layout(self) -> FeatureLayout | None:
+        stored = self._manifest["layout"]
+        return None if stored is None else FeatureLayout.from_dict(stored)
+
+    @property
+    def provenance(self) -> dict:
+        """Fingerprints, normalisation and head the features were extracted with."""
+        return {key: self._manifest[key] for key in ("model_fingerprint", "dataset_fingerprint", "normalisation",
+                                                     "head")}
+
+    @property
+    def finished_chunks(self) -> tuple[int, ...]:
+        return tuple(self._manifest["finished_chunks"])
+
+    @property
+    def is_complete(self) -> bool:
+        return len(self._manifest["finished_chunks"]) == self.num_chunks
+
+    def chunk_rows(self, index: int) -> tuple[int, int]:
+        """Dataset rows [start, stop) of chunk `index`."""
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_chunks:
+            raise InputError(f"chunk index must be in [0, {self.num_chunks}), got {index!r}")
+        start = int(index) * self.chunk_size
+        return start, min(start + self.chunk_size, self.n_samples)
+
+    def write_chunk(self, index: int, ids: np.ndarray, y: np.ndarray, features: Mapping[str, np.ndarray]) -> None:
+        """Store chunk `index` (every array file atomically), then mark it finished in the manifest."""
+        if self._lock_file is None:
+            raise InputError(f"feature store {self.directory} was opened for reading; write through "
+                             "FeatureStore.create_or_resume")
+        start, stop = self.chunk_rows(index)
+        if set(features) != set(self.columns):
+            raise InputError(f"chunk {index} must hold exactly {sorted(self.columns)}, got {sorted(features)}")
+        arrays = {"ids": np.asarray(ids), "y": np.asarray(y, dtype=np.int64),
+                  **{name: np.asarray(values, dtype=np.float32) for name, values in features.items()}}
+        for name, values in arrays.items():
+            if values.shape != self._chunk_shape(name, stop - start):
+                raise InputError(f"chunk {index} {name}: expected shape {self._chunk_shape(name, stop - start)}, "
+                                 f"got {values.shape}")
+        for name, values in arrays.items():
+            with atomic_write(self._chunk_path(name, index)) as file:
+                np.save(file, values, allow_pickle=False)
+        finished = sorted(set(self._manifest["finished_chunks"]) | {int(index)})
+        manifest = {**self._manifest, "finished_chunks": finished}
+        write_json_atomic(self.directory / MANIFEST, manifest)
+        self._manifest = manifest
+
+    def read_chunk(self, index: int, name: str) -> np.ndarray:
+        """Array `name` ("ids", "y" or a captured array) of a finished chunk, memory-mapped read-only."""
+        start, stop = self.chunk_rows(index)
+        if name not in ("ids", "y", *self.columns):
+            raise InputError(f"this store holds ids, y and {sorted(self.columns)}, not {name!r}")
+        if index not in self._manifest["finished_chunks"]:
+            raise InputError(f"chunk {index} of feature store {self.directory} is not finished")
+        path = self._chunk_path(name, index)
+        try:
+            values = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise InputError(f"feature store chunk file {path} is missing although the manifest lists "
+                             f"chunk {index} as finished") from None
+        except ValueError as error:
+            raise InputError(f"feature store chunk file {path} is corrupt ({error})") from None
+        expected_dtype = self._manifest["ids_dtype"] if name == "ids" else "<i8" if name == "y" else FEATURE_DTYPE
+        if values.shape != self._chunk_shape(name, stop - start) or values.dtype != np.dtype(expected_dtype):
+            raise InputError(f"feature store chunk file {path} holds {values.dtype} {values.shape}, expected "
+                             f"{np.dtype(expected_dtype)} {self._chunk_shape(name, stop - start)}")
+        return values
+
+    def iter_chunks(self, name: str) -> Iterator[np.ndarray]:
+        """Array `name` chunk by chunk in row order (bounded memory); the store must be complete."""
+        self._check_complete()
+        for index in range(self.num_chunks):
+            yield self.read_chunk(index, name)
+
+    def load(self) -> FeatureSet:
+        """All stored features as one FeatureSet (arrays concatenated from the memory-mapped chunks)."""
+        self._check_complete()
+        arrays = {name: _joined(list(self.iter_chunks(name))) for name in ("ids", "y", *self.columns)}
+        return FeatureSet(ids=arrays.pop("ids"), y=arrays.pop("y"), layout=self.layout, **arrays,
+                          metadata={"store": str(self.directory), **self.provenance})
+
+    def _check_complete(self) -> None:
+        if not self.is_complete:
+            raise InputError(f"feature store {self.directory} is incomplete: {len(self.finished_chunks)} of "
+                             f"{self.num_chunks} chunks finished; run the extraction again with this store "
+                             "to resume it")
+
+    def _chunk_shape(self, name: str, rows: int) -> tuple[int, ...]:
+        return (rows,) if name in ("ids", "y") else (rows, self.columns[name])
+
+    def _chunk_path(self, name: str, index: int) -> Path:
+        return self.directory / f"{name}.{index:06d}.npy"
+
+
+def check_chunk_size(chunk_size) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise InputError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+
+def _joined(chunks: list[np.ndarray]) -> np.ndarray:
+    # One chunk stays memory-mapped; several are concatenated into memory.
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
+def _lock(directory: Path):
+    lock_file = open(directory / LOCK, "a")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        raise InputError(f"feature store {directory} is being written by another process") from None
+    return lock_file
+
+
+def _read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{directory} is not a feature store: {MANIFEST} not found")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise InputError(f"{path} is not a {FORMAT} manifest")
+    missing = [key for key in _REQUIRED if key not in manifest]
+    if missing:
+        raise InputError(f"{path} is missing {missing}")
+    if manifest["format_version"] != FORMAT_VERSION or manifest["dtype"] != FEATURE_DTYPE:
+        raise InputError(f"{path}: format_version {manifest['format_version']!r} dtype {manifest['dtype']!r} is "
+                         f"not supported (this engine reads version {FORMAT_VERSION}, {FEATURE_DTYPE})")
+    return manifest
+
+
+def _check_resumable(directory: Path, manifest: dict, wanted: dict) -> None:
+    for key, meaning in _RESUME_FIELDS.items():
+        if manifest[key] != wanted[key]:
+            detail = "" if key.endswith("fingerprint") else f": stored {manifest[key]!r}, now {wanted[key]!r}"
+            raise InputError(f"feature store {directory} holds features of {meaning}{detail}; refusing to resume "
+                             "into it (delete it or give another directory to start afresh)")
+
+
+def _remove_stale_temp_files(directory: Path) -> None:
+    # Left by a writer killed mid-write (atomic_write's ".NAME.XXXX.tmp"); the lock says none is running.
+    for temp in directory.glob(".*.tmp"):
+        temp.unlink(missing_ok=True)
