@@ -105,3 +105,52 @@ def evaluate(model, normalisation, clean: Dataset, spec: PoisonSpec | None = Non
         out["asr"] = float(attack_success_rate(pred_t, trig.y_attack, trig.y_true, spec.mode))
         out["n_triggered"] = int(len(trig.y_attack))
     return out
+
+
+@dataclass
+class ScanReport:
+    """What `scan` found: the report dict (report.json), the Detection and the extracted features."""
+
+    report: dict
+    detection: object
+    features: object
+
+
+def scan(dataset: Dataset, model, normalisation, *, method: str = "flare", out_dir=None, batch_size: int = 256,
+         store=None, kernel_backend: str = "auto", progress: bool = True, **params) -> ScanReport:
+    """Extract every sample's BN minima in one pass, run the detector, and write the report to out_dir."""
+    import time
+
+    from .engine import extract_features
+    from .methods.flare import Flare
+    from .report import write_report
+    from .report.figures import subspace_search_png
+
+    if method != "flare":
+        raise InputError(f"method: only 'flare' is available so far, got {method!r}")
+    timings = {}
+    t0 = time.perf_counter()
+    features = extract_features(model, dataset, normalisation, batch_size=batch_size, store=store,
+                                backend=kernel_backend, progress=progress)
+    timings["extract"] = time.perf_counter() - t0
+
+    def report_step(step):
+        if progress:
+            found = "stable split" if step.split else "no stable split"
+            print(f"flare: {step.dropped_layers} trailing layer(s) dropped, {step.n_columns} columns: {found} "
+                  f"(largest gap {max(step.gaps, default=0.0):.4g}, threshold {step.threshold:.4g}, "
+                  f"{step.seconds:.1f} s)", flush=True)
+
+    t0 = time.perf_counter()
+    detector = Flare(**params)
+    detection = detector.fit(features.bn_minima, features.layout, y=dataset.y, progress=report_step)
+    timings["detect"] = time.perf_counter() - t0
+    report = None
+    if out_dir is not None:
+        figures = [("Stable-subspace search", subspace_search_png(detection.diagnostics["steps"]))]
+        report = write_report(out_dir, detection, dataset, timings_s=timings, figures=figures)
+    else:
+        from .report import build_report
+
+        report = build_report(detection, dataset, timings_s=timings)
+    return ScanReport(report, detection, features)

@@ -108,3 +108,23 @@ def test_every_command_has_help():
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert "usage: backdoor-engine " + command in result.stdout
+
+
+def test_label_consistent_runs_pgd_with_a_clean_checkpoint(tmp_path, fmnist_small, capsys):
+    path, clean = fmnist_small
+    model = tmp_path / "clean.pt"
+    assert main(["train", "--data", str(path), "--epochs", "1", "--out", str(model)]) == 0
+    out = tmp_path / "lc.npz"
+    assert main(["poison", "--data", str(path), "--attack", "label_consistent", "--rate", "0.02",
+                 "--param", "steps=2", "--adv-model", str(model), "--out", str(out)]) == 0
+    poisoned = load_npz(out)
+    hit = poisoned.poison.astype(bool)
+    assert hit.sum() == 40 and (clean.y[hit] == 0).all()
+    np.testing.assert_array_equal(poisoned.y, clean.y)
+
+
+def test_label_consistent_without_a_clean_model_says_what_is_missing(tmp_path, fmnist_small, capsys):
+    path, _ = fmnist_small
+    rc = main(["poison", "--data", str(path), "--attack", "label_consistent", "--out", str(tmp_path / "lc.npz")])
+    assert rc == 2
+    assert "--adv-model" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from backdoor_engine.cluster import CondensedTree
+from backdoor_engine.engine import FeatureLayout
 from backdoor_engine.errors import InputError
 from backdoor_engine.methods.flare import (
     Flare,
@@ -13,7 +14,7 @@ from backdoor_engine.methods.flare import (
     walk_for_stable_split,
 )
 
-SLICES = [(0, 4), (4, 8), (8, 12)]
+SLICES = FeatureLayout(("bn1", "bn2", "bn3"), (4, 4, 4))
 
 
 def planted(n_clean=1600, n_poison=200, shift=6.0, seed=0):
@@ -84,7 +85,7 @@ def test_no_stable_subspace_flags_nothing_and_says_why():
     detection = Flare().fit(features, SLICES)
     assert detection.n_flagged == 0
     assert detection.diagnostics["stable_subspace_found"] is False
-    assert len(detection.diagnostics["steps"]) == len(SLICES)  # every subspace was tried
+    assert len(detection.diagnostics["steps"]) == SLICES.num_layers  # every subspace was tried
     assert "nothing flagged" in detection.diagnostics["explanation"]
 
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import cluster
+from ..engine.layout import FeatureLayout
 from ..errors import InputError
 from .detection import Detection
 
@@ -72,12 +73,11 @@ class SubspaceStep:
     seconds: float = 0.0
 
 
-def subspace_matrix(features: np.ndarray, layer_slices: list[tuple[int, int]], dropped: int, reduce: str) -> np.ndarray:
-    """Columns of the first L - dropped layers: per channel as stored, or one min per layer."""
-    kept = layer_slices[: len(layer_slices) - dropped]
+def subspace_matrix(features: np.ndarray, layout: FeatureLayout, dropped: int, reduce: str) -> np.ndarray:
+    """Columns of the first L - dropped layers: per channel as stored, or one min per layer (official)."""
     if reduce == "layer":
-        return np.stack([features[:, a:b].min(axis=1) for a, b in kept], axis=1)
-    return features[:, : kept[-1][1]]
+        return layout.per_layer(features)[:, : layout.num_layers - dropped]
+    return layout.drop_last_layers(features, dropped)
 
 
 @dataclass(frozen=True)
@@ -129,19 +129,18 @@ def _try_subspace(X: np.ndarray, params: FlareParams):
     return embedding, fit, gaps, threshold, split
 
 
-def search_subspace(features: np.ndarray, layer_slices: list[tuple[int, int]], params: FlareParams, *,
-                    progress=None):
+def search_subspace(features: np.ndarray, layout: FeatureLayout, params: FlareParams, *, progress=None):
     """The paper's loop: drop 0, 1, 2, ... trailing BN layers until a stable split appears.
 
     Returns (steps, chosen) where chosen = (step, embedding, hdbscan fit, split) or None when no
     subspace shows a stable split (the official code stops after the first try and crashes then).
     """
-    n_layers = len(layer_slices)
+    n_layers = layout.num_layers
     max_dropped = n_layers - 1 if params.max_dropped_layers is None else min(params.max_dropped_layers, n_layers - 1)
     steps = []
     for dropped in range(max_dropped + 1):
         t0 = time.perf_counter()
-        X = subspace_matrix(features, layer_slices, dropped, params.reduce)
+        X = subspace_matrix(features, layout, dropped, params.reduce)
         embedding, fit, gaps, threshold, split = _try_subspace(X, params)
         step = SubspaceStep(dropped, X.shape[1], gaps, threshold,
                             None if split is None else asdict(split), time.perf_counter() - t0)
@@ -207,7 +206,7 @@ def suspicion_scores(embedding: np.ndarray, flags: np.ndarray) -> np.ndarray:
 class Flare:
     """FLARE as an estimator on precomputed BN-minima features (cuML/sklearn style).
 
-        detection = Flare(xi=0.02).fit(features, layer_slices, y=labels)
+        detection = Flare(xi=0.02).fit(features, layout, y=labels)
         detection.flags, flare.subspace_, flare.steps_
     """
 
@@ -216,20 +215,21 @@ class Flare:
     def __init__(self, **params):
         self.params = FlareParams(**params)
 
-    def fit(self, features: np.ndarray, layer_slices: list[tuple[int, int]], y: np.ndarray | None = None,
+    def fit(self, features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None = None,
             *, progress=None) -> Detection:
+        """features: N x layout.num_columns per-channel BN minima (engine.extract_features)."""
         features = np.asarray(features, dtype=np.float32)
-        if features.ndim != 2 or not layer_slices or layer_slices[-1][1] != features.shape[1]:
-            raise InputError(f"features: expected N x {layer_slices[-1][1] if layer_slices else '?'} BN-minima "
-                             f"columns matching the layer layout, got shape {features.shape}")
+        if features.ndim != 2 or features.shape[1] != layout.num_columns:
+            raise InputError(f"features: expected N x {layout.num_columns} BN-minima columns matching the "
+                             f"layer layout, got shape {features.shape}")
         if not np.isfinite(features).all():
             raise InputError("features contain NaN or infinite values (a layer's activations overflowed?)")
         if len(features) < self.params.min_cluster_size:
             raise InputError(f"FLARE needs at least min_cluster_size={self.params.min_cluster_size} samples, "
                              f"got {len(features)}")
-        self.steps_, chosen = search_subspace(features, layer_slices, self.params, progress=progress)
+        self.steps_, chosen = search_subspace(features, layout, self.params, progress=progress)
         n = len(features)
-        diagnostics = {"n_layers": len(layer_slices), "steps": [asdict(s) for s in self.steps_]}
+        diagnostics = {"n_layers": layout.num_layers, "layers": list(layout.layer_names), "steps": [asdict(s) for s in self.steps_]}
         if chosen is None:
             # Fallback (DESIGN section 4): no subspace shows a stable benign cluster -> flag nothing, say why.
             self.subspace_, self.labels_, self.embedding_ = None, np.full(n, -1), None

@@ -55,3 +55,19 @@ def montage_png(images: np.ndarray, titles: list[str], *, columns: int = 8) -> b
                   interpolation="nearest")
         ax.set_title(title, fontsize=7)
     return _to_png(fig)
+
+
+def subspace_search_png(steps: list[dict]) -> bytes:
+    """FLARE's subspace loop: the largest lambda gap found with each number of dropped layers vs the threshold."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    dropped = [s["dropped_layers"] for s in steps]
+    gaps = [max(s["gaps"], default=0.0) for s in steps]
+    colours = ["#d64545" if s["split"] else "#9aa5b1" for s in steps]
+    ax.bar(dropped, gaps, color=colours)
+    ax.plot(dropped, [s["threshold"] for s in steps], "k--", label="threshold (xi)")
+    ax.set_xlabel("trailing BN layers dropped")
+    ax.set_ylabel("largest lambda gap on the walk")
+    ax.set_xticks(dropped)
+    ax.legend()
+    return _to_png(fig)

@@ -1,0 +1,61 @@
+"""`backdoor-engine scan` end to end on real Fashion-MNIST: report.json, samples.csv, report.html."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from backdoor_engine.cli import main
+from backdoor_engine.data.dataset import load_npz, save_npz
+from backdoor_engine.data.fashion_mnist import load_fashion_mnist
+
+
+@pytest.fixture(scope="module")
+def poisoned_and_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scan")
+    clean = root / "clean.npz"
+    save_npz(load_fashion_mnist("train").subset(np.arange(1500)), clean)
+    poisoned, model = root / "p.npz", root / "m.pt"
+    assert main(["poison", "--data", str(clean), "--attack", "badnets", "--rate", "0.1", "--out", str(poisoned)]) == 0
+    assert main(["train", "--data", str(poisoned), "--epochs", "1", "--out", str(model)]) == 0
+    return poisoned, model
+
+
+def test_scan_writes_the_three_report_files(tmp_path, poisoned_and_model, capsys):
+    poisoned, model = poisoned_and_model
+    capsys.readouterr()
+    out = tmp_path / "report"
+    rc = main(["scan", "--data", str(poisoned), "--model", str(model), "--out", str(out), "--json",
+               "--param", "max_dropped_layers=1", "--param", "min_cluster_size=50"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    report = json.loads((out / "report.json").read_text())
+    assert printed == report
+    assert report["method"] == "flare" and report["n_samples"] == 1500
+    assert report["params"]["min_cluster_size"] == 50 and report["params"]["reduce"] == "channel"
+    assert set(report["metrics"]) >= {"tpr", "fpr", "precision", "f1"}
+    assert report["timings_s"]["extract"] > 0 and report["timings_s"]["detect"] > 0
+    assert 1 <= len(report["diagnostics"]["steps"]) <= 2
+    rows = list(csv.DictReader((out / "samples.csv").open()))
+    assert len(rows) == 1500
+    truth = load_npz(poisoned).poison
+    assert [int(r["poison"]) for r in rows] == truth.tolist()
+    assert sorted(int(r["id"]) for r in rows if r["flagged"] == "1") == sorted(report["flagged"])
+    page = (out / "report.html").read_text()
+    assert "Stable-subspace search" in page and "data:image/png;base64," in page
+
+
+def test_scan_of_a_model_without_batchnorm_is_a_clear_error(tmp_path, poisoned_and_model, capsys):
+    poisoned, _ = poisoned_and_model
+    import torch
+
+    from backdoor_engine.api import scan
+    from backdoor_engine.errors import InputError
+    from backdoor_engine.models import Normalisation
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    model(torch.zeros(1, 1, 28, 28))
+    with pytest.raises(InputError, match="BatchNorm2d"):
+        scan(load_npz(poisoned), model, Normalisation((0.5,), (0.25,)), out_dir=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
