@@ -1,0 +1,124 @@
+"""BA / ASR of the small ResNet trained on poisoned Fashion-MNIST, for every attack and label mode.
+
+Each finished run appends one JSON line to --out, so an interrupted sweep resumes where it stopped.
+`--table` prints the markdown table of what --out holds.
+
+    python benchmarks/train_attacks.py --train-size 20000 --epochs 4 --out benchmarks/results/attacks.jsonl
+    python benchmarks/train_attacks.py --out benchmarks/results/attacks.jsonl --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backdoor_engine import api
+from backdoor_engine.data.attacks import ATTACKS, CLEAN_LABEL_ATTACKS, MODES
+from backdoor_engine.data.fashion_mnist import load_fashion_mnist
+from backdoor_engine.models.checkpoint import save_checkpoint
+from backdoor_engine.models.train import TrainConfig, train_model
+
+
+
+def sweep_cases(attacks, modes):
+    for attack in attacks:
+        for mode in modes:
+            if attack in CLEAN_LABEL_ATTACKS and mode != "a2o":
+                continue
+            yield attack, mode
+
+
+def subset(dataset, size: int, seed: int):
+    if size >= len(dataset):
+        return dataset
+    index = np.sort(np.random.default_rng(seed).choice(len(dataset), size, replace=False))
+    return dataset.subset(index)
+
+
+def run_case(attack, mode, train, test, args, clean_model):
+    spec = api.PoisonSpec(attack=attack, mode=mode, rate=args.rate, target=0, seed=args.seed,
+                          params=dict(steps=args.lc_steps) if attack == "label_consistent" else {})
+    t0 = time.perf_counter()
+    poisoned, result = api.poison(train, spec, clean_model=clean_model)
+    poison_s = time.perf_counter() - t0
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    trained = train_model(poisoned.x, poisoned.y, arch=args.arch, num_classes=10,
+                          config=TrainConfig(epochs=args.epochs, seed=args.seed, progress=False))
+    train_s = time.perf_counter() - t0
+    train_cpu_s = time.process_time() - cpu0
+    metrics = api.evaluate(trained.model, trained.normalisation, test, spec, num_classes=10)
+    if args.models_dir:
+        # Kept for the detectors' benchmarks: the same spec rebuilds the poisoned set.
+        h, w, c = poisoned.image_shape
+        save_checkpoint(Path(args.models_dir) / f"{attack}-{mode}-{len(train)}-e{args.epochs}.pt", trained.model,
+                        arch=args.arch, num_classes=10, in_channels=c, input_size=[h, w],
+                        normalisation=trained.normalisation,
+                        extra={"attack": spec.to_dict(), "eval": metrics, "train_size": len(train)})
+    return {"attack": attack, "mode": mode, "rate": args.rate, "arch": args.arch, "epochs": args.epochs,
+            "train_size": len(train), "n_poisoned": int(result.mask.sum()), "n_cover": int(result.cover.sum()),
+            "poison_s": round(poison_s, 1), "train_s": round(train_s, 1),
+            "train_cpu_min": round(train_cpu_s / 60, 2),
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+            "params": spec.params, "seed": args.seed, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def print_table(rows):
+    print("| attack | mode | train size | epochs | poisoned | BA | ASR | train wall min | train CPU min |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['attack']} | {r['mode']} | {r['train_size']} | {r['epochs']} | {r['n_poisoned']} "
+              f"| {100 * r['ba']:.2f}% | {100 * r['asr']:.2f}% | {r['train_s'] / 60:.1f} | {r['train_cpu_min']:.1f} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--table", action="store_true")
+    p.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    p.add_argument("--modes", nargs="+", default=list(MODES))
+    p.add_argument("--train-size", type=int, default=60000)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--rate", type=float, default=0.1)
+    p.add_argument("--arch", default="small_resnet")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models-dir", help="also save each trained checkpoint here")
+    p.add_argument("--lc-steps", type=int, default=100, help="PGD steps of label_consistent")
+    args = p.parse_args()
+
+    out = Path(args.out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    if args.table:
+        print_table(rows)
+        return
+    done = {(r["attack"], r["mode"], r["train_size"], r["epochs"], r["rate"]) for r in rows}
+    train = subset(load_fashion_mnist("train"), args.train_size, args.seed)
+    test = load_fashion_mnist("test")
+    clean_model = None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.models_dir:
+        Path(args.models_dir).mkdir(parents=True, exist_ok=True)
+    for attack, mode in sweep_cases(args.attacks, args.modes):
+        if (attack, mode, len(train), args.epochs, args.rate) in done:
+            continue
+        if attack == "label_consistent" and clean_model is None:
+            # LC's PGD needs a clean model of the same data, trained with the same budget.
+            clean = train_model(train.x, train.y, arch=args.arch, num_classes=10,
+                                config=TrainConfig(epochs=args.epochs, seed=args.seed, progress=False))
+            clean_model = (clean.model, clean.normalisation)
+        row = run_case(attack, mode, train, test, args, clean_model)
+        print(json.dumps(row), flush=True)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
