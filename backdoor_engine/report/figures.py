@@ -65,7 +65,9 @@ def subspace_search_png(steps: list[dict]) -> bytes:
     gaps = [max(s["gaps"], default=0.0) for s in steps]
     colours = ["#d64545" if s["split"] else "#9aa5b1" for s in steps]
     ax.bar(dropped, gaps, color=colours)
-    ax.plot(dropped, [s["threshold"] for s in steps], "k--", label="threshold (xi)")
+    # One dashed segment per bar: a line plot would not show with a single step.
+    ax.hlines([s["threshold"] for s in steps], np.subtract(dropped, 0.4), np.add(dropped, 0.4), colors="k",
+              linestyles="--", label="threshold (xi)")
     ax.set_xlabel("trailing BN layers dropped")
     ax.set_ylabel("largest lambda gap on the walk")
     ax.set_xticks(dropped)
