@@ -123,7 +123,7 @@ def scan(dataset: Dataset, model, normalisation, *, method: str = "flare", out_d
 
     from .engine import extract_features
     from .methods.flare import Flare
-    from .report import write_report
+    from .report import build_report, write_report
     from .report.figures import subspace_search_png
 
     if method != "flare":
@@ -145,12 +145,8 @@ def scan(dataset: Dataset, model, normalisation, *, method: str = "flare", out_d
     detector = Flare(**params)
     detection = detector.fit(features.bn_minima, features.layout, y=dataset.y, progress=report_step)
     timings["detect"] = time.perf_counter() - t0
-    report = None
-    if out_dir is not None:
-        figures = [("Stable-subspace search", subspace_search_png(detection.diagnostics["steps"]))]
-        report = write_report(out_dir, detection, dataset, timings_s=timings, figures=figures)
-    else:
-        from .report import build_report
-
-        report = build_report(detection, dataset, timings_s=timings)
+    if out_dir is None:
+        return ScanReport(build_report(detection, dataset, timings_s=timings), detection, features)
+    figures = [("Stable-subspace search", subspace_search_png(detection.diagnostics["steps"]))]
+    report = write_report(out_dir, detection, dataset, timings_s=timings, figures=figures)
     return ScanReport(report, detection, features)
