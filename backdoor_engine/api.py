@@ -82,6 +82,29 @@ def poison(dataset: Dataset, spec: PoisonSpec, *, clean_model=None):
     return poisoned, result
 
 
+def save_poisoned(poisoned: Dataset, result, spec: PoisonSpec, path: str | os.PathLike, *, source: str) -> dict:
+    """Write the poisoned npz and its attack manifest beside it; returns the manifest."""
+    from .atomic import write_json_atomic
+    from .data.dataset import save_npz
+
+    save_npz(poisoned, path)
+    manifest = {**spec.to_dict(), "source": source, "n_samples": len(poisoned),
+                "n_poisoned": int(result.mask.sum()), "n_cover": int(result.cover.sum()),
+                "num_classes": poisoned.num_classes, "attack_params": result.params}
+    write_json_atomic(manifest_path(path), manifest)
+    return manifest
+
+
+def save_trained(path: str | os.PathLike, model, normalisation, *, arch: str, trained_on: Dataset,
+                 extra: dict | None = None) -> None:
+    """Checkpoint a model with the shape metadata of the dataset it was trained on."""
+    from .models.checkpoint import save_checkpoint
+
+    h, w, c = trained_on.image_shape
+    save_checkpoint(path, model, arch=arch, num_classes=trained_on.num_classes, in_channels=c, input_size=[h, w],
+                    normalisation=normalisation, extra=extra)
+
+
 def triggered_test(dataset: Dataset, spec: PoisonSpec, *, num_classes: int):
     """The triggered copy of a clean test set used for ASR (target class left out for a2o)."""
     from .data.attacks import make_attack, triggered_test_set

@@ -48,9 +48,7 @@ def _add_attack_args(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def cmd_poison(args) -> int:
-    from .api import manifest_path, poison
-    from .atomic import write_json_atomic
-    from .data.dataset import save_npz
+    from .api import manifest_path, poison, save_poisoned
     from .data.sources import open_dataset
 
     if not args.out.endswith(".npz"):
@@ -66,18 +64,15 @@ def cmd_poison(args) -> int:
         model, meta = load_checkpoint(args.adv_model)
         clean_model = (model, meta["normalisation"])
     poisoned, result = poison(dataset, spec, clean_model=clean_model)
-    save_npz(poisoned, args.out)
-    manifest = {**spec.to_dict(), "source": str(args.data), "n_samples": len(poisoned),
-                "n_poisoned": int(result.mask.sum()), "n_cover": int(result.cover.sum()),
-                "num_classes": dataset.num_classes, "attack_params": result.params}
-    write_json_atomic(manifest_path(args.out), manifest)
+    manifest = save_poisoned(poisoned, result, spec, args.out, source=str(args.data))
     print(json.dumps({"out": args.out, "manifest": str(manifest_path(args.out)),
                       "n_samples": len(poisoned), "n_poisoned": manifest["n_poisoned"],
                       "n_cover": manifest["n_cover"]}))
     return 0
 
 
-def _load_spec_for(data_path: str, explicit_manifest: str | None):
+def _spec_beside(data_path: str, explicit_manifest: str | None):
+    """The attack manifest named explicitly, else the one `poison` wrote beside an npz, else None."""
     from .api import PoisonSpec, manifest_path
 
     if explicit_manifest:
@@ -87,15 +82,14 @@ def _load_spec_for(data_path: str, explicit_manifest: str | None):
 
 
 def cmd_train(args) -> int:
-    from .api import evaluate
+    from .api import evaluate, save_trained
     from .data.sources import open_dataset
-    from .models.checkpoint import save_checkpoint
     from .models.train import TrainConfig, train_model
 
     if not args.out.endswith(".pt"):
         raise InputError(f"--out must name a .pt checkpoint, got {args.out!r}")
     dataset = open_dataset(args.data)
-    spec = _load_spec_for(str(args.data), args.poison_manifest)
+    spec = _spec_beside(str(args.data), args.poison_manifest)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                          augment=not args.no_augment, **({"lr": args.lr} if args.lr is not None else {}))
     t0 = time.perf_counter()
@@ -112,9 +106,7 @@ def cmd_train(args) -> int:
                            num_classes=dataset.num_classes)
         extra["eval"] = {"data": str(args.eval_data), **metrics}
         summary.update(metrics)
-    h, w, c = dataset.image_shape
-    save_checkpoint(args.out, trained.model, arch=args.arch, num_classes=dataset.num_classes, in_channels=c,
-                    input_size=[h, w], normalisation=trained.normalisation, extra=extra)
+    save_trained(args.out, trained.model, trained.normalisation, arch=args.arch, trained_on=dataset, extra=extra)
     print(json.dumps(summary))
     return 0
 
@@ -129,7 +121,9 @@ def cmd_eval(args) -> int:
     if args.attack:
         spec = _spec_from_args(args)
     elif args.poison_manifest:
-        spec = _load_spec_for("", args.poison_manifest)
+        from .api import PoisonSpec
+
+        spec = PoisonSpec.load(args.poison_manifest)
     elif isinstance(meta.get("attack"), dict):
         from .api import PoisonSpec
 

@@ -17,9 +17,7 @@ DEMO_EPOCHS = 6
 
 
 def run_demo(out: Path, *, epochs: int | None = None, seed: int = 0) -> dict:
-    from .data.dataset import save_npz
     from .data.fashion_mnist import load_fashion_mnist
-    from .models.checkpoint import save_checkpoint
     from .models.train import TrainConfig, train_model
 
     epochs = epochs or DEMO_EPOCHS
@@ -30,8 +28,7 @@ def run_demo(out: Path, *, epochs: int | None = None, seed: int = 0) -> dict:
     print(f"[1/4] poisoning Fashion-MNIST: {spec.attack} {spec.mode} rate {spec.rate} target {spec.target}")
     poisoned, result = api.poison(train, spec)
     data_path = out / "poisoned.npz"
-    save_npz(poisoned, data_path)
-    write_json_atomic(api.manifest_path(data_path), {**spec.to_dict(), "n_poisoned": int(result.mask.sum())})
+    api.save_poisoned(poisoned, result, spec, data_path, source="fashion-mnist")
 
     print(f"[2/4] training {DEMO_ARCH} for {epochs} epochs on {len(poisoned)} images")
     t0 = time.perf_counter()
@@ -43,10 +40,8 @@ def run_demo(out: Path, *, epochs: int | None = None, seed: int = 0) -> dict:
     metrics = api.evaluate(trained.model, trained.normalisation, test, spec, num_classes=poisoned.num_classes)
     summary = {"data": str(data_path), "model": str(out / "model.pt"), "arch": DEMO_ARCH, "epochs": epochs,
                "train_seconds": round(train_seconds, 1), **metrics}
-    h, w, c = poisoned.image_shape
-    save_checkpoint(out / "model.pt", trained.model, arch=DEMO_ARCH, num_classes=poisoned.num_classes,
-                    in_channels=c, input_size=[h, w], normalisation=trained.normalisation,
-                    extra={"attack": spec.to_dict(), "eval": metrics, "train": {"history": trained.history}})
+    api.save_trained(out / "model.pt", trained.model, trained.normalisation, arch=DEMO_ARCH, trained_on=poisoned,
+                     extra={"attack": spec.to_dict(), "eval": metrics, "train": {"history": trained.history}})
     write_json_atomic(out / "summary.json", summary)
     print(json.dumps(summary, indent=2))
 

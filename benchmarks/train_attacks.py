@@ -22,7 +22,6 @@ import torch
 from backdoor_engine import api
 from backdoor_engine.data.attacks import ATTACKS, CLEAN_LABEL_ATTACKS, MODES
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
-from backdoor_engine.models.checkpoint import save_checkpoint
 from backdoor_engine.models.train import TrainConfig, train_model
 
 
@@ -56,11 +55,9 @@ def run_case(attack, mode, train, test, args, clean_model):
     metrics = api.evaluate(trained.model, trained.normalisation, test, spec, num_classes=10)
     if args.models_dir:
         # Kept for the detectors' benchmarks: the same spec rebuilds the poisoned set.
-        h, w, c = poisoned.image_shape
-        save_checkpoint(Path(args.models_dir) / f"{attack}-{mode}-{len(train)}-e{args.epochs}.pt", trained.model,
-                        arch=args.arch, num_classes=10, in_channels=c, input_size=[h, w],
-                        normalisation=trained.normalisation,
-                        extra={"attack": spec.to_dict(), "eval": metrics, "train_size": len(train)})
+        api.save_trained(Path(args.models_dir) / f"{attack}-{mode}-{len(train)}-e{args.epochs}.pt", trained.model,
+                         trained.normalisation, arch=args.arch, trained_on=poisoned,
+                         extra={"attack": spec.to_dict(), "eval": metrics, "train_size": len(train)})
     return {"attack": attack, "mode": mode, "rate": args.rate, "arch": args.arch, "epochs": args.epochs,
             "train_size": len(train), "n_poisoned": int(result.mask.sum()), "n_cover": int(result.cover.sum()),
             "poison_s": round(poison_s, 1), "train_s": round(train_s, 1),
