@@ -165,6 +165,48 @@ def cmd_scan(args) -> int:
     return 0
 
 
+def cmd_purify(args) -> int:
+    from .api import evaluate, flags_from_report, save_trained
+    from .data.sources import open_dataset
+    from .models.checkpoint import load_checkpoint
+    from .models.train import TrainConfig
+    from .purify import UnlearnRelearnConfig, retrain_on_kept, unlearn_relearn
+
+    if not args.out.endswith(".pt"):
+        raise InputError(f"--out must name a .pt checkpoint, got {args.out!r}")
+    dataset = open_dataset(args.data)
+    flags = flags_from_report(dataset, args.report)
+    model, meta = load_checkpoint(args.model)
+    t0 = time.perf_counter()
+    if args.strategy == "retrain":
+        config = TrainConfig(epochs=args.epochs or 10, seed=args.seed, **({"lr": args.lr} if args.lr else {}))
+        result = retrain_on_kept(dataset, flags, arch=meta["arch"], config=config)
+        repaired, normalisation, history = result.model, result.normalisation, result.history
+    else:
+        config = UnlearnRelearnConfig(epochs=args.epochs or 20, seed=args.seed, **({"lr": args.lr} if args.lr else {}))
+        repaired, history = unlearn_relearn(model, meta["normalisation"], dataset, flags, config)
+        normalisation = meta["normalisation"]
+    seconds = time.perf_counter() - t0
+    extra = {"purify": {"strategy": args.strategy, "data": str(args.data), "report": str(args.report),
+                        "model": str(args.model), "n_removed_or_unlearned": int(flags.sum()),
+                        "seconds": round(seconds, 1), "config": dataclasses.asdict(config), "history": history}}
+    if isinstance(meta.get("attack"), dict):
+        extra["attack"] = meta["attack"]
+    summary = {"out": args.out, "strategy": args.strategy, "n_flagged": int(flags.sum()),
+               "seconds": round(seconds, 1)}
+    if args.eval_data:
+        from .api import PoisonSpec
+
+        spec = PoisonSpec.from_dict(meta["attack"]) if isinstance(meta.get("attack"), dict) else None
+        metrics = evaluate(repaired, normalisation, open_dataset(args.eval_data), spec,
+                           num_classes=meta["num_classes"])
+        extra["eval"] = {"data": str(args.eval_data), **metrics}
+        summary.update(metrics)
+    save_trained(args.out, repaired, normalisation, arch=meta["arch"], trained_on=dataset, extra=extra)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -228,6 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detector parameter, repeatable (e.g. xi=0.02, min_cluster_size=100, noise_rule=nearest)")
     p.add_argument("--json", action="store_true", help="print the whole report.json, no progress output")
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("purify", help="repair after a scan: retrain without the flagged samples, or unlearn/relearn",
+                       description="FLARE(P) `retrain`: a fresh model of the suspect model's architecture trained "
+                                   "on the samples the scan kept. FLARE(R) `unlearn-relearn`: each epoch, gradient "
+                                   "ascent on the flagged samples then cross-entropy on the kept ones, starting "
+                                   "from the suspect model. The last epoch is kept; no test data picks it.")
+    p.add_argument("--data", required=True, help="the scanned dataset; " + DATA_HELP)
+    p.add_argument("--model", required=True, help="the suspect checkpoint that was scanned")
+    p.add_argument("--report", required=True, help="the scan's report.json (or its folder)")
+    p.add_argument("--strategy", default="retrain", choices=["retrain", "unlearn-relearn"], help="[retrain]")
+    p.add_argument("--epochs", type=int, default=None, help="epochs [retrain 10, unlearn-relearn 20]")
+    p.add_argument("--lr", type=float, default=None, help="learning rate [retrain 0.05 cosine, unlearn-relearn 1e-4]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-data", help="clean test set: report BA (and ASR from the model's attack record)")
+    p.add_argument("--out", required=True, help="output checkpoint .pt")
+    p.set_defaults(func=cmd_purify)
 
     p = sub.add_parser("demo", help="poison Fashion-MNIST, train, (scan,) report: the embedded default job")
     p.add_argument("--out", default="runs/demo", help="output folder [runs/demo]")

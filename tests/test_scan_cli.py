@@ -59,3 +59,37 @@ def test_scan_of_a_model_without_batchnorm_is_a_clear_error(tmp_path, poisoned_a
     with pytest.raises(InputError, match="BatchNorm2d"):
         scan(load_npz(poisoned), model, Normalisation((0.5,), (0.25,)), out_dir=tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("strategy", ["retrain", "unlearn-relearn"])
+def test_purify_after_scan_writes_a_checkpoint_with_its_record(tmp_path, poisoned_and_model, capsys, strategy):
+    from backdoor_engine.models.checkpoint import load_checkpoint
+
+    poisoned, model = poisoned_and_model
+    report = tmp_path / "report.json"
+    ids = load_npz(poisoned).ids
+    flagged = ids[load_npz(poisoned).poison.astype(bool)][:40].tolist()
+    report.write_text(json.dumps({"n_samples": 1500, "flagged": flagged}))
+    out = tmp_path / "repaired.pt"
+    capsys.readouterr()
+    rc = main(["purify", "--data", str(poisoned), "--model", str(model), "--report", str(report),
+               "--strategy", strategy, "--epochs", "1", "--eval-data", str(poisoned), "--out", str(out)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_flagged"] == 40 and 0 <= summary["ba"] <= 1 and "asr" in summary
+    _, meta = load_checkpoint(out)
+    assert meta["purify"]["strategy"] == strategy and meta["purify"]["n_removed_or_unlearned"] == 40
+    assert len(meta["purify"]["history"]) == 1
+
+
+def test_purify_refuses_a_report_of_another_dataset(tmp_path, poisoned_and_model, capsys):
+    poisoned, model = poisoned_and_model
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"n_samples": 1500, "flagged": ["no-such-id"]}))
+    out = tmp_path / "repaired.pt"
+    rc = main(["purify", "--data", str(poisoned), "--model", str(model), "--report", str(report), "--out", str(out)])
+    assert rc == 2 and "does not have" in capsys.readouterr().err and not out.exists()
+    report.write_text(json.dumps({"n_samples": 99, "flagged": []}))
+    assert main(["purify", "--data", str(poisoned), "--model", str(model), "--report", str(report),
+                 "--out", str(out)]) == 2
+    assert "another dataset" in capsys.readouterr().err

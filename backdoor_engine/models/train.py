@@ -112,8 +112,11 @@ def check_labels(y: np.ndarray, count: int, num_classes: int) -> np.ndarray:
 
 def train_epoch(model: nn.Module, x: np.ndarray, y: torch.Tensor, *, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, normalisation: Normalisation, config: TrainConfig,
-                generator: torch.Generator, description: str = "") -> dict:
-    """One shuffled pass of cross-entropy SGD over (x, y); returns {"loss", "train_acc"} on the seen batches."""
+                generator: torch.Generator, description: str = "", ascend: bool = False) -> dict:
+    """One shuffled pass of cross-entropy SGD over (x, y); returns {"loss", "train_acc"} on the seen batches.
+
+    ascend: maximise the cross-entropy instead (gradient ascent, the unlearning step of FLARE(R) and D-BR).
+    """
     model.train()
     device = torch.device(config.device)
     order = torch.randperm(len(x), generator=generator)
@@ -130,7 +133,7 @@ def train_epoch(model: nn.Module, x: np.ndarray, y: torch.Tensor, *, optimizer: 
             logits = model(inputs)
             loss = nn.functional.cross_entropy(logits, targets)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (-loss if ascend else loss).backward()
             optimizer.step()
             scheduler.step()
             loss_sum += loss.item() * len(indices)
