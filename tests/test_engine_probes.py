@@ -121,8 +121,9 @@ def test_nan_activation_is_reported_with_the_first_layer_it_reaches():
         model.layer2[0].conv1.weight[0, 0, 0, 0] = float("nan")
     before = hook_counts(model)
     with pytest.raises(InputError, match="BatchNorm2d 'layer2.0.bn1'.*NaN or infinite"), torch.no_grad():
-        with ActivationProbes(model):
+        with ActivationProbes(model) as probes:
             model(images())
+            probes.collect()  # checked once per batch, for all layers
     assert hook_counts(model) == before
 
 

@@ -10,7 +10,7 @@ from kernel_tolerance import FLOAT32_EPS, assert_close_to_reference, batchnorm_i
 
 from backdoor_engine import _ext
 from backdoor_engine.errors import InputError
-from backdoor_engine.kernels import bn_minima, bn_minima_reference, reduce_layer
+from backdoor_engine.kernels import bn_minima, bn_minima_for_layer, bn_minima_reference, reduce_layer
 
 SHAPES = [(1, 1, 1, 1), (2, 1, 4, 4), (3, 5, 7, 7), (2, 13, 1, 1), (4, 3, 1, 9), (5, 17, 11, 13), (8, 24, 16, 16)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -190,3 +190,27 @@ def test_compiled_binding_checks_lengths_and_layout_itself():
         extension.bn_minima(x[:, :, ::2].numpy(), mean, var, 0.0, "float32")
     with pytest.raises(ValueError, match="uint16"):
         extension.bn_minima(x.half().numpy(), mean, var, 0.0, "float16")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpp"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_bound_kernel_gives_what_bn_minima_gives(dtype, layout, backend):
+    if backend != "torch":
+        require_extension()
+    x, mean, var = batchnorm_input((5, 17, 11, 13), dtype, layout)
+    layer_minima = bn_minima_for_layer(mean, var, 1e-5, backend=backend)
+    torch.testing.assert_close(layer_minima(x), bn_minima(x, mean, var, 1e-5, backend=backend), rtol=0, atol=0)
+    strided = x.transpose(2, 3)  # neither layout: the bound kernel hands it to bn_minima's own fallback
+    if backend != "cpp":
+        torch.testing.assert_close(layer_minima(strided), bn_minima(strided, mean, var, 1e-5), rtol=0, atol=0)
+
+
+def test_layer_bound_kernel_checks_statistics_once_at_binding_and_shapes_per_call():
+    x, mean, var = batchnorm_input((2, 3, 5, 5), torch.float32, torch.contiguous_format)
+    with pytest.raises(InputError, match="running_var must be >= 0"):
+        bn_minima_for_layer(mean, torch.tensor([1.0, -0.5, 1.0]), 1e-5)
+    with pytest.raises(InputError, match="backend must be one of"):
+        bn_minima_for_layer(mean, var, 1e-5, backend="cuda")
+    with pytest.raises(InputError, match=r"running_mean must have shape \(4,\)"):
+        bn_minima_for_layer(mean, var, 1e-5)(torch.zeros(2, 4, 5, 5))

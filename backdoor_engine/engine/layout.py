@@ -50,6 +50,12 @@ class FeatureLayout:
         ends = np.cumsum(self.layer_channels).tolist()
         return tuple(slice(end - count, end) for end, count in zip(ends, self.layer_channels))
 
+    def layer_of_column(self, column: int) -> str:
+        """Name of the BN layer that column `column` belongs to."""
+        if not 0 <= column < self.num_columns:
+            raise InputError(f"column must be in [0, {self.num_columns}), got {column}")
+        return self.layer_names[int(np.searchsorted(np.cumsum(self.layer_channels), column, side="right"))]
+
     def per_layer(self, features: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """[N, L]: each layer's minimum over its channels, the official FLARE feature (reduce="layer")."""
         self._check(features)

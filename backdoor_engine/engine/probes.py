@@ -20,7 +20,7 @@ from torch import nn
 from backdoor_engine.engine.feature_set import CAPTURES
 from backdoor_engine.engine.layout import FeatureLayout
 from backdoor_engine.errors import InputError
-from backdoor_engine.kernels import BN_MINIMA_BACKENDS, bn_minima
+from backdoor_engine.kernels import BN_MINIMA_BACKENDS, bn_minima_for_layer
 
 
 def check_capture(capture: Iterable[str]) -> tuple[str, ...]:
@@ -66,7 +66,8 @@ class ActivationProbes:
     def __enter__(self) -> ActivationProbes:
         self._reset()
         for index, (name, norm) in enumerate(self._norms):
-            self._handles.append(norm.register_forward_pre_hook(self._minima_hook(index, name)))
+            layer_minima = bn_minima_for_layer(norm.running_mean, norm.running_var, norm.eps, backend=self.backend)
+            self._handles.append(norm.register_forward_pre_hook(self._minima_hook(index, name, layer_minima)))
         if self._head is not None:
             self._handles.append(self._head.register_forward_hook(self._head_hook))
         return self
@@ -87,7 +88,14 @@ class ActivationProbes:
             if missing:
                 raise InputError(f"BatchNorm2d layer(s) {missing} did not run in the forward pass; "
                                  "FLARE reads every BatchNorm2d of the model once per pass")
-            captured["bn_minima"] = torch.cat(self._minima, dim=1)
+            minima = torch.cat(self._minima, dim=1)
+            # One check for all layers (per layer it cost more than the kernel on small batches).
+            finite = torch.isfinite(minima).all(dim=0)
+            if not bool(finite.all()):
+                name = self.layout.layer_of_column(int((~finite).nonzero()[0, 0]))
+                raise InputError(f"BatchNorm2d {name!r}: the BN-minima feature is NaN or infinite (its input "
+                                 "holds NaN/inf or activations too far from the running statistics for float32)")
+            captured["bn_minima"] = minima
         if self._head is not None:
             if self._head_io is None:
                 raise InputError(f"head module {self.head_name!r} did not run in the forward pass")
@@ -103,16 +111,12 @@ class ActivationProbes:
         self._minima = [None] * len(self._norms)
         self._head_io = None
 
-    def _minima_hook(self, index: int, name: str):
+    def _minima_hook(self, index: int, name: str, layer_minima):
         def hook(module: nn.BatchNorm2d, args: tuple) -> None:
             if self._minima[index] is not None:
                 raise InputError(f"BatchNorm2d {name!r} ran twice in one forward pass; FLARE needs each "
                                  "BatchNorm2d to run once (a shared module would mix two activations)")
-            values = bn_minima(args[0], module.running_mean, module.running_var, module.eps, backend=self.backend)
-            if not torch.isfinite(values).all():
-                raise InputError(f"BatchNorm2d {name!r}: the BN-minima feature is NaN or infinite (its input "
-                                 "holds NaN/inf or activations too far from the running statistics for float32)")
-            self._minima[index] = values
+            self._minima[index] = layer_minima(args[0])
         return hook
 
     def _head_hook(self, module: nn.Module, args: tuple, output) -> None:

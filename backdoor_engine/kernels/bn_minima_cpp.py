@@ -30,5 +30,19 @@ def bn_minima_cpp(
         values = values.view(torch.uint16)  # a bit-level view: no copy, the kernel decodes
     mean = running_mean.detach().to("cpu", torch.float64).contiguous()
     var = running_var.detach().to("cpu", torch.float64).contiguous()
-    out = load_extension().bn_minima(values.numpy(), mean.numpy(), var.numpy(), float(eps), _KERNEL_DTYPES[x.dtype])
-    return torch.from_numpy(out)
+    return bn_minima_cpp_prepared(x, mean.numpy(), var.numpy(), float(eps))
+
+
+def cpp_fast_path(x: torch.Tensor) -> bool:
+    """`cpp_unsupported_reason(x) is None`, as cheaply as it can be asked (once per layer per batch)."""
+    return (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and x.is_floating_point()
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+            and x.shape[2] * x.shape[3] > 0 and load_extension() is not None)
+
+
+def bn_minima_cpp_prepared(x: torch.Tensor, mean, var, eps: float) -> torch.Tensor:
+    """The kernel call with the statistics already float64 numpy arrays (see kernels.bn_minima_for_layer)."""
+    values = x.detach()
+    if values.dtype != torch.float32:
+        values = values.view(torch.uint16)  # a bit-level view: no copy, the kernel decodes
+    return torch.from_numpy(load_extension().bn_minima(values.numpy(), mean, var, eps, _KERNEL_DTYPES[x.dtype]))
