@@ -147,7 +147,7 @@ def scan(dataset: Dataset, model, normalisation, *, method: str = "flare", out_d
     from .engine import extract_features
     from .methods.flare import Flare
     from .report import build_report, write_report
-    from .report.figures import subspace_search_png
+    from .report.figures import condensed_tree_png, subspace_search_png
 
     if method != "flare":
         raise InputError(f"method: only 'flare' is available so far, got {method!r}")
@@ -171,6 +171,12 @@ def scan(dataset: Dataset, model, normalisation, *, method: str = "flare", out_d
     if out_dir is None:
         return ScanReport(build_report(detection, dataset, timings_s=timings), detection, features)
     figures = [("Stable-subspace search", subspace_search_png(detection.diagnostics["steps"]))]
+    if detector.condensed_tree_ is not None:
+        d = detection.diagnostics
+        marks = {d["split"]["node"]: ("#3b6fb6", "stable cluster (subspace test)")}
+        if d.get("flagged_node") is not None:
+            marks[d["flagged_node"]] = ("#d64545", "flagged: the more stable cluster")
+        figures.append(("Condensed tree of the chosen subspace", condensed_tree_png(detector.condensed_tree_, marks)))
     report = write_report(out_dir, detection, dataset, timings_s=timings, figures=figures)
     return ScanReport(report, detection, features)
 

@@ -175,3 +175,32 @@ def test_first_large_drop_follows_the_official_loop(real_clusterer):
         for depth in (1, 2, 3, 4):
             split = cluster.first_large_drop(tree, start, xi, depth)
             assert (split.child if split else None) == official_first_large_drop(tree, start, xi, depth)
+
+
+def test_hand_tree_children_persistence_and_members(hand_tree):
+    assert cluster.cluster_children(hand_tree, 10) == [11, 12]  # largest first
+    assert cluster.cluster_children(hand_tree, 13) == []
+    # Divides at 3 after appearing at 1; leaves last until their last sample leaves.
+    assert cluster.persistence(hand_tree, 11) == 2.0
+    assert cluster.persistence(hand_tree, 13) == 3.0 and cluster.persistence(hand_tree, 12) == 2.5
+    assert cluster.persistence(hand_tree, 10) == 1.0
+    np.testing.assert_array_equal(cluster.members(hand_tree, 11), [0, 1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(cluster.members(hand_tree, 14), [4, 5])
+    np.testing.assert_array_equal(cluster.members(hand_tree, 10), np.arange(10))
+    with pytest.raises(InputError, match="no rows"):
+        cluster.persistence(hand_tree, 3)
+
+
+def test_members_match_the_library_leaves_and_partition_the_tree(real_clusterer):
+    tree = CondensedTree.from_hdbscan(real_clusterer)
+    records = real_clusterer.condensed_tree_.to_numpy()
+    for leaf in real_clusterer.condensed_tree_._select_clusters():  # the library's chosen clusters
+        direct = records["child"][(records["parent"] == leaf) & (records["child_size"] == 1)]
+        below = [c for c in records["child"][records["parent"] == leaf] if c >= tree.root]
+        expected = np.concatenate([direct] + [cluster.members(tree, c) for c in below])
+        np.testing.assert_array_equal(cluster.members(tree, leaf), np.sort(expected))
+    children = cluster.cluster_children(tree, tree.root)
+    parts = [cluster.members(tree, c) for c in children]
+    left_root = records["child"][(records["parent"] == tree.root) & (records["child_size"] == 1)]
+    assert sum(map(len, parts)) + len(left_root) == tree.root
+    assert len(np.unique(np.concatenate(parts + [left_root]))) == tree.root

@@ -9,20 +9,26 @@ from backdoor_engine.errors import InputError
 from backdoor_engine.methods.flare import (
     Flare,
     assign_noise_to_nearest,
+    class_makeup,
     flags_from_clusters,
+    label_excess,
+    stability_split,
     subspace_matrix,
     walk_for_stable_split,
+    whole_class_share,
 )
 
 SLICES = FeatureLayout(("bn1", "bn2", "bn3"), (4, 4, 4))
 
 
 def planted(n_clean=1600, n_poison=200, shift=6.0, seed=0):
+    """One clean blob with labels 0-3, and an all-to-one poison blob relabelled 0 (rows at the end)."""
     rng = np.random.default_rng(seed)
     clean = rng.normal(0, 1, (n_clean, 12))
     poison = rng.normal(0, 1, (n_poison, 12)) + shift
     truth = np.r_[np.zeros(n_clean, bool), np.ones(n_poison, bool)]
-    return np.vstack([clean, poison]).astype(np.float32), truth
+    labels = np.r_[rng.integers(0, 4, n_clean), np.zeros(n_poison, int)]
+    return np.vstack([clean, poison]).astype(np.float32), truth, labels
 
 
 def test_subspace_matrix_drops_trailing_layers_by_slicing():
@@ -63,9 +69,9 @@ def test_a_leaf_is_as_stable_as_its_persistence_not_its_first_exiting_point():
 
 @pytest.fixture(scope="module")
 def planted_fit():
-    features, truth = planted()
+    features, truth, labels = planted()
     flare = Flare()
-    return flare, flare.fit(features, SLICES, y=truth.astype(int)), truth
+    return flare, flare.fit(features, SLICES, y=labels), truth
 
 
 def test_flare_finds_a_planted_poison_cluster(planted_fit):
@@ -102,3 +108,75 @@ def test_bad_features_are_named(bad, message):
 def test_unknown_options_are_rejected():
     with pytest.raises(InputError, match="noise_rule"):
         Flare(noise_rule="majority")
+
+
+def test_whole_class_share_tells_a_class_split_from_a_part_of_one_or_a_mix():
+    y = np.repeat(np.arange(4), 100)
+    assert whole_class_share(y, np.arange(100)) == pytest.approx(1.0)  # all of class 0
+    assert whole_class_share(y, np.arange(200)) == pytest.approx(1.0)  # classes 0 and 1, whole
+    assert whole_class_share(y, np.arange(50)) == pytest.approx(0.5)  # half of class 0
+    assert whole_class_share(y, np.arange(0, 400, 10)) == pytest.approx(0.1)  # a tenth of each class
+    # Counted within the divided cluster: the other half of class 0 was never in it.
+    assert whole_class_share(y, np.arange(50), within=np.r_[0:50, 100:400]) == pytest.approx(1.0)
+
+
+def two_level_tree():
+    """Samples 0-9. Root 10 -> 11 (samples 0-3, leaf, lasts 1 -> 9) and 12 (1 -> 2); 12 -> 13 (samples
+    4-6, leaf, lasts 2 -> 8) and 14 (samples 7-9, leaf, lasts 2 -> 3)."""
+    rows = [(10, 11, 1.0, 4), (10, 12, 1.0, 6), (12, 13, 2.0, 3), (12, 14, 2.0, 3),
+            (11, 0, 9.0, 1), (11, 1, 9.0, 1), (11, 2, 9.0, 1), (11, 3, 9.0, 1),
+            (13, 4, 8.0, 1), (13, 5, 8.0, 1), (13, 6, 8.0, 1), (14, 7, 3.0, 1), (14, 8, 3.0, 1), (14, 9, 3.0, 1)]
+    return CondensedTree(*map(np.array, zip(*rows)))
+
+
+def test_stability_rule_flags_the_more_stable_root_child():
+    y = np.array([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])  # cluster 11 holds a quarter to a half of each label
+    node, verdicts = stability_split(two_level_tree(), y, levels=3, class_coverage=0.5)
+    assert node == 11 and verdicts[0]["decision"] == "flag 11"
+    assert [c["persistence"] for c in verdicts[0]["children"]] == [1.0, 8.0]  # 12 first: larger
+
+
+def test_a_whole_class_split_off_is_benign_and_the_walk_goes_one_level_down():
+    y = np.array([0, 0, 0, 1, 1, 2, 3, 1, 2, 3])  # cluster 11 is all of class 0 (and one 1); 13, 14 parts of 1-3
+    node, verdicts = stability_split(two_level_tree(), y, levels=3, class_coverage=0.5)
+    assert node == 13 and len(verdicts) == 2  # 13 (lasts 6) is more stable than 14 (lasts 1)
+    assert verdicts[0]["children"][1]["benign_class_split"] and verdicts[0]["children"][1]["purity"] == 0.75
+    node, verdicts = stability_split(two_level_tree(), y, levels=1, class_coverage=0.5)
+    assert node is None and "benign class split" in verdicts[0]["decision"]
+
+
+def test_a_pure_cluster_that_the_excess_of_an_inflated_label_explains_is_not_benign():
+    # Labels 1-3 have 2 samples each, label 0 has 4 = 2 beyond the median: cluster 11 (samples 0-3) is all
+    # of label 0 but its excess covers half of it, the footprint of all-to-one relabelling.
+    y = np.array([0, 0, 0, 0, 1, 2, 3, 1, 2, 3])
+    excess = label_excess(y)
+    assert excess.tolist() == [2, 0, 0, 0]
+    makeup = class_makeup(y, np.arange(4), np.arange(10), excess, class_coverage=0.5)
+    assert makeup["class_share"] == 1.0 and not makeup["benign_class_split"]
+    balanced = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3])
+    assert class_makeup(balanced, np.arange(3), np.arange(10), label_excess(balanced), 0.5)["benign_class_split"]
+
+
+def test_clean_classes_as_separate_blobs_flag_nothing():
+    rng = np.random.default_rng(2)
+    centres = rng.normal(0, 8, (4, 12))
+    y = np.repeat(np.arange(4), 400)
+    features = (centres[y] + rng.normal(0, 1, (1600, 12))).astype(np.float32)
+    detection = Flare().fit(features, SLICES, y=y)
+    assert detection.n_flagged == 0
+    assert "nothing flagged" in detection.diagnostics["explanation"]
+    detection = Flare(labelling="official").fit(features, SLICES, y=y)
+    assert detection.n_flagged > 0  # the official rule flags every class but the largest
+
+
+def test_unknown_parameters_are_named():
+    with pytest.raises(InputError, match=r"unknown FLARE parameter\(s\) \['xii'\]"):
+        Flare(xii=0.02)
+    with pytest.raises(InputError, match="pca_components"):
+        Flare(pca_components=1)
+
+
+def test_pca_and_exact_knn_options_find_the_planted_cluster_too():
+    features, truth, labels = planted()
+    detection = Flare(pca_components=6, knn_backend="auto", max_dropped_layers=0).fit(features, SLICES, y=labels)
+    assert (detection.flags == truth).mean() >= 0.99

@@ -74,3 +74,17 @@ def test_html_is_self_contained_with_plots_and_metrics(tmp_path, scanned):
 def test_detection_rejects_columns_of_the_wrong_length():
     with pytest.raises(InputError, match="scores"):
         Detection("flare", flags=np.zeros(5, bool), scores=np.zeros(4))
+
+
+def test_condensed_tree_plot_renders_a_real_tree_with_marks():
+    import hdbscan
+
+    from backdoor_engine.cluster import CondensedTree
+    from backdoor_engine.report.figures import condensed_tree_png
+
+    rng = np.random.default_rng(0)
+    points = np.vstack([rng.normal(0, 1, (300, 2)), rng.normal(8, 0.3, (60, 2)), np.zeros((5, 2))])  # with duplicates
+    tree = CondensedTree.from_hdbscan(hdbscan.HDBSCAN(min_cluster_size=20).fit(points))
+    child = tree.child[(tree.parent == tree.root) & (tree.child >= tree.root)][0]
+    png = condensed_tree_png(tree, {int(child): ("#d64545", "flagged")})
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000

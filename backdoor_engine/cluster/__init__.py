@@ -18,11 +18,14 @@ from backdoor_engine.cluster.condensed_tree import (
     CondensedTree,
     Split,
     birth_lambda,
+    cluster_children,
     cluster_stabilities,
     first_large_drop,
     lambda_gaps,
     lambda_range,
     largest_first_level_cluster,
+    members,
+    persistence,
 )
 from backdoor_engine.cluster.flat_cut import cut_single_linkage
 from backdoor_engine.cluster.hdbscan_result import HDBSCANResult
@@ -35,6 +38,7 @@ __all__ = [
     "Split",
     "available_backends",
     "birth_lambda",
+    "cluster_children",
     "cluster_stabilities",
     "cut_single_linkage",
     "first_large_drop",
@@ -43,6 +47,8 @@ __all__ = [
     "lambda_gaps",
     "lambda_range",
     "largest_first_level_cluster",
+    "members",
+    "persistence",
     "umap",
 ]
 

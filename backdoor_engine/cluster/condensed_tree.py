@@ -150,3 +150,33 @@ def first_large_drop(
         if step.gap > threshold:
             return step
     return None
+
+
+def cluster_children(tree: CondensedTree, node: int) -> list[int]:
+    """The clusters `node` divides into (two, or more on ties), largest first; [] for a leaf."""
+    rows = np.flatnonzero((tree.parent == node) & (tree.child >= tree.root))
+    rows = rows[np.argsort(-tree.child_size[rows], kind="stable")]
+    return tree.child[rows].tolist()
+
+
+def persistence(tree: CondensedTree, node: int) -> float:
+    """FLARE's cluster stability (paper Def. IV.1): the lambda at which `node` divides into clusters
+    minus the lambda at which it appeared. A leaf never divides: it lasts until its last sample leaves."""
+    rows = tree.parent == node
+    if not rows.any():
+        raise InputError(f"node {node} has no rows in the condensed tree (a sample, or not in the tree)")
+    divides = rows & (tree.child >= tree.root)
+    end = tree.lambda_val[divides].max() if divides.any() else tree.lambda_val[rows].max()
+    return float(end) - birth_lambda(tree, node)
+
+
+def members(tree: CondensedTree, node: int) -> np.ndarray:
+    """Sorted sample ids under `node`: every sample that leaves it or any cluster below it."""
+    inside = np.zeros(int(max(tree.child.max(), tree.root)) + 1, dtype=bool)
+    inside[node] = True
+    frontier = np.array([node])
+    while frontier.size:
+        below = tree.child[np.isin(tree.parent, frontier)]
+        inside[below] = True
+        frontier = below[below >= tree.root]
+    return np.flatnonzero(inside[: tree.root])

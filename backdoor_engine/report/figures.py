@@ -73,3 +73,47 @@ def subspace_search_png(steps: list[dict]) -> bytes:
     ax.set_xticks(dropped)
     ax.legend()
     return _to_png(fig)
+
+
+def condensed_tree_png(tree, marks: dict[int, tuple[str, str]] | None = None, *, max_depth: int = 6) -> bytes:
+    """HDBSCAN's condensed tree as an icicle plot: one bar per cluster from the lambda where it appears
+    (top) to the lambda where it divides or empties (bottom), width = its size; `marks` colours chosen
+    nodes {node: (colour, label)} (the stable cluster, the flagged one). Clusters deeper than
+    `max_depth` below the root are left out to keep the plot readable."""
+    from ..cluster import birth_lambda, cluster_children, persistence
+
+    plt = _pyplot()
+    marks = marks or {}
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    root = tree.root
+    size_of = {root: root}
+    rows = tree.child >= root
+    size_of.update(zip(tree.child[rows].tolist(), tree.child_size[rows].tolist()))
+    # Depth-first, children side by side under their parent, each as wide as its size.
+    finite = tree.lambda_val[np.isfinite(tree.lambda_val)]
+    deepest = float(finite.max()) if finite.size else 1.0
+    stack = [(root, 0.0, 0)]
+    labelled = set()
+    while stack:
+        node, left, depth = stack.pop()
+        top = birth_lambda(tree, node)
+        bottom = min(top + persistence(tree, node), deepest)  # duplicate samples leave at lambda = inf
+        colour, label = marks.get(node, ("#9aa5b1", None))
+        width = size_of[node]
+        ax.add_patch(plt.Rectangle((left, top), width, bottom - top, facecolor=colour, edgecolor="white",
+                                   linewidth=0.5, label=label if label and label not in labelled else None))
+        if label:
+            labelled.add(label)
+        children = cluster_children(tree, node)
+        if depth < max_depth and children:
+            offset = left + (width - sum(size_of[c] for c in children)) / 2
+            for child in children:
+                stack.append((child, offset, depth + 1))
+                offset += size_of[child]
+    ax.set_xlim(0, root)
+    ax.set_ylim(deepest, 0.0)
+    ax.set_xlabel("samples (width = cluster size)")
+    ax.set_ylabel("lambda = 1 / distance (down = denser)")
+    if labelled:
+        ax.legend(loc="lower right")
+    return _to_png(fig)
