@@ -11,6 +11,7 @@ Configurations, each run once (a run is minutes at 60k samples on 2 cores; repet
   pca50-knn      both
   unseeded       random_state=None: umap-learn runs on all cores, runs are not repeatable
   per-layer      reduce="layer": one column per BN layer (the official feature)
+  seed0, seed1   the default with other UMAP seeds: how much the flags depend on the embedding's randomness
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ CONFIGS = {
     "pca50-knn": {"pca_components": 50, "knn_backend": "auto"},
     "unseeded": {"random_state": None},
     "per-layer": {"reduce": "layer"},
+    "seed0": {"random_state": 0},
+    "seed1": {"random_state": 1},
 }
 
 
@@ -45,7 +48,8 @@ def main():
     p.add_argument("--store", required=True, help="a complete feature store (scan --store, or the detection bench)")
     p.add_argument("--data", required=True, help="the dataset the store was extracted from (labels, ground truth)")
     p.add_argument("--out", required=True)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if not c.startswith("seed")],
+                   choices=list(CONFIGS))
     args = p.parse_args()
 
     features = FeatureStore.open(args.store).load()
@@ -68,7 +72,9 @@ def main():
         row = {"store": args.store, "config": name, "params": CONFIGS[name], "n": len(dataset),
                "seconds": round(seconds, 1), "n_subspaces": len(detection.diagnostics["steps"]),
                "step_seconds": [round(s["seconds"], 1) for s in detection.diagnostics["steps"]],
-               "n_flagged": detection.n_flagged,
+               "n_flagged": detection.n_flagged, "dropped_layers": detection.diagnostics.get("dropped_layers"),
+               "explanation": detection.diagnostics.get("explanation"),
+               "verdicts": detection.diagnostics.get("verdicts"),
                "agreement_with_default": None if reference is None else float((detection.flags == reference).mean()),
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": platform.machine(),

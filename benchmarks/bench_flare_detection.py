@@ -121,14 +121,23 @@ def run(args):
 
 
 def print_table(rows):
-    print("| attack | mode | n | ASR | variant | TPR | FPR | flagged | layers dropped | paper TPR / FPR (CIFAR-10) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    """One row per scanned set, TPR / FPR of each variant side by side, the paper's beside them."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    cases = {}
     for r in rows:
+        cases.setdefault(r["model"], {})[r["variant"]] = r
+    print("| attack | mode | n | poisoned | ASR | " + " | ".join(f"{v} TPR / FPR" for v in variants)
+          + " | paper TPR / FPR (CIFAR-10) |")
+    print("|---" * (6 + len(variants)) + "|")
+    for by_variant in cases.values():
+        r = next(iter(by_variant.values()))
         paper = r["paper_tpr_fpr"]
-        paper = "-" if paper is None else f"{paper[0] if paper[0] is not None else '-'} / {paper[1]}"
+        paper = "-" if paper is None else f"{'-' if paper[0] is None else paper[0]} / {paper[1]}"
         asr = "-" if r["asr"] is None else f"{100 * r['asr']:.1f}%"
-        print(f"| {r['attack']} | {r['mode']} | {r['n']} | {asr} | {r['variant']} | {100 * r['tpr']:.2f}% "
-              f"| {100 * r['fpr']:.2f}% | {r['n_flagged']} | {r['dropped_layers']} | {paper} |")
+        cells = [f"{100 * by_variant[v]['tpr']:.1f}% / {100 * by_variant[v]['fpr']:.2f}%" if v in by_variant else "-"
+                 for v in variants]
+        print(f"| {r['attack']} | {r['mode']} | {r['n']} | {r['n_poison']} | {asr} | " + " | ".join(cells)
+              + f" | {paper} |")
 
 
 def main():

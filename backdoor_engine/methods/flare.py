@@ -39,9 +39,12 @@ class FlareParams:
     n_components: int = 2
     # Official HDBSCAN settings: min_samples = min_cluster_size.
     min_cluster_size: int = 100
-    # Official first_large_drop: xi = 0.02 in lambda units, depth 3. "relative": xi times the tree's lambda range.
+    # Official first_large_drop: xi = 0.02, depth 3, in lambda units ("absolute": 1 / UMAP distance, so its
+    # meaning changes with the embedding's scale; DESIGN section 4). Default "relative": xi times the tree's
+    # lambda range, scale-free. Chosen on the 10k-sample development models (RESULTS.md): equal flags on 15
+    # of 16, and on Blend a2a it reached the subspace (2 layers dropped) where the poison splits off.
     xi: float = 0.02
-    xi_mode: str = "absolute"
+    xi_mode: str = "relative"
     depth: int = 3
     # Paper Def. IV.1: a cluster's stability is its persistence (lambda where it divides - lambda where it
     # appears). A leaf never divides, so it persists until its last point leaves ("persistence"). The
@@ -355,17 +358,20 @@ class Flare:
             tree = fit.condensed_tree
             flagged, verdicts = stability_split(tree, y, self.params.depth, self.params.class_coverage)
             diagnostics["verdicts"] = verdicts
-            # Per-sample cluster: which root child it belongs to (-1: left the root before it divided).
+            # Per-sample cluster: which root child it belongs to (-1: left the root before it divided); the
+            # flagged cluster, wherever the walk found it, gets the next number.
             labels = np.full(n, -1)
-            for index, child in enumerate(cluster.cluster_children(tree, tree.root)):
+            root_children = cluster.cluster_children(tree, tree.root)
+            for index, child in enumerate(root_children):
                 labels[cluster.members(tree, child)] = index
             flags = np.zeros(n, bool)
             diagnostics["flagged_node"] = flagged
             if flagged is None:
-                diagnostics["explanation"] = ("no cluster of the stable subspace is both the more stable one and "
-                                              "other than a benign class split off; nothing flagged")
+                diagnostics["explanation"] = (f"the walk down the condensed tree stopped after {len(verdicts)} "
+                                              f"level(s): {verdicts[-1]['decision']}; nothing flagged")
             else:
                 flags[cluster.members(tree, flagged)] = True
+                labels[flags] = len(root_children)
         self.subspace_, self.labels_, self.embedding_, self.flags_ = step.dropped_layers, labels, embedding, flags
         self.condensed_tree_ = fit.condensed_tree
         diagnostics["clusters"] = cluster_table(labels, flags, y, embedding)
