@@ -45,6 +45,7 @@ VARIANTS = {
     "official": dict(labelling="official", leaf_rule="official", xi_mode="absolute"),
     "stability": dict(labelling="stability", xi_mode="absolute"),
     "stability-relative-xi": dict(labelling="stability", xi_mode="relative"),
+    "default": dict(),  # the engine's defaults as they stand
 }
 
 

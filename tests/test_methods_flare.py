@@ -145,6 +145,28 @@ def test_a_whole_class_split_off_is_benign_and_the_walk_goes_one_level_down():
     assert node is None and "benign class split" in verdicts[0]["decision"]
 
 
+def test_the_walk_looks_into_every_benign_branch_not_only_the_largest():
+    # Root 10 -> 11 (samples 0-3) and 12 (4-9), then 11 -> 13 (0-1) and 14 (2-3). Labels make 11 and 12 whole
+    # classes {0, 1} and {2, 3}; 11 divides across classes 0 and 1 (halves of each): the smaller branch holds it.
+    rows = [(10, 11, 1.0, 4), (10, 12, 1.0, 6), (11, 13, 2.0, 2), (11, 14, 2.0, 2),
+            (13, 0, 9.0, 1), (13, 1, 9.0, 1), (14, 2, 3.0, 1), (14, 3, 3.0, 1),
+            (12, 4, 5.0, 1), (12, 5, 5.0, 1), (12, 6, 5.0, 1), (12, 7, 5.0, 1), (12, 8, 5.0, 1), (12, 9, 5.0, 1)]
+    tree = CondensedTree(*map(np.array, zip(*rows)))
+    y = np.array([0, 1, 0, 1, 2, 2, 2, 3, 3, 3])
+    node, verdicts = stability_split(tree, y, levels=2, class_coverage=0.5)
+    assert node == 13 and [v["node"] for v in verdicts] == [10, 12, 11]  # 12 does not divide
+
+
+def test_splits_inside_one_benign_class_are_not_examined():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])  # 11 is all of class 0: its split would halve it
+    rows = [(10, 11, 1.0, 4), (10, 12, 1.0, 6), (11, 13, 2.0, 2), (11, 14, 2.0, 2),
+            (13, 0, 9.0, 1), (13, 1, 9.0, 1), (14, 2, 3.0, 1), (14, 3, 3.0, 1),
+            (12, 4, 5.0, 1), (12, 5, 5.0, 1), (12, 6, 5.0, 1), (12, 7, 5.0, 1), (12, 8, 5.0, 1), (12, 9, 5.0, 1)]
+    tree = CondensedTree(*map(np.array, zip(*rows)))
+    node, verdicts = stability_split(tree, y, levels=3, class_coverage=0.5)
+    assert node is None and [v["node"] for v in verdicts] == [10, 12]
+
+
 def test_a_pure_cluster_that_the_excess_of_an_inflated_label_explains_is_not_benign():
     # Labels 1-3 have 2 samples each, label 0 has 4 = 2 beyond the median: cluster 11 (samples 0-3) is all
     # of label 0 but its excess covers half of it, the footprint of all-to-one relabelling.

@@ -4,7 +4,7 @@ Stages, each a plain function composed by `Flare`:
   subspace_matrix      columns of the first L - k BN layers (per channel or per layer), sliced, never re-extracted
   search_subspace      the paper's loop: k = 0, 1, 2, ... until the condensed tree shows a large drop
   stability_split      paper Sec. IV-C3: split at the root, the more stable cluster is poisoned, unless it is
-                       a benign class split off (class_makeup): then look one level further down
+                       a benign class split off (class_makeup): then look at the splits one level further down
   flat_labels          labelling="official": the official flat cut just before the stable cluster splits
   flags_from_clusters  official: largest cluster clean, other clusters poisoned, noise by `noise_rule`
 Provenance of each default: SEED_NOTES.md section 1 (official code) and DESIGN.md section 4.
@@ -219,36 +219,43 @@ def class_makeup(y: np.ndarray, samples: np.ndarray, within: np.ndarray, excess:
     share = whole_class_share(y, samples, within)
     inflated = purity >= 0.9 and excess[top] >= 0.5 * len(samples)
     return {"class_share": share, "top_label": top, "purity": purity, "label_excess": float(excess[top]),
-            "benign_class_split": bool(share > class_coverage and not inflated)}
+            "benign_class_split": bool(share > class_coverage and not inflated),
+            "one_benign_class": bool(purity >= 0.9 and not inflated and share > class_coverage)}
 
 
 def stability_split(tree, y: np.ndarray | None, levels: int, class_coverage: float):
     """Paper Sec. IV-C3 with the class make-up guard: at the root's split, the children are taken in
     order of stability (persistence, Def. IV.1) and the first that is not a benign class split
-    (`class_makeup`) is poisoned. When every child is one, the walk goes into the largest child, for at
-    most `levels` levels. Returns (flagged node or None, one verdict dict per level)."""
-    node, verdicts = tree.root, []
+    (`class_makeup`) is poisoned. When every child of a split is one, the splits of those children are
+    examined next, level by level for at most `levels` levels, larger clusters first - all of them, not
+    only the largest (measured: with another UMAP seed the poison sat in the smaller branch) - except a
+    child that is a single benign class, whose own splits are within one class.
+    Returns (flagged node or None, one verdict dict per examined split)."""
     excess = None if y is None else label_excess(y)
+    frontier, verdicts = [tree.root], []
     for level in range(levels):
-        children = cluster.cluster_children(tree, node)
-        if len(children) < 2:
-            verdicts.append({"level": level, "node": int(node), "children": [], "decision": "does not divide"})
-            return None, verdicts
-        # Shares count each label among the clustered samples of the divided node: samples that left
-        # it as noise before it divided belong to neither side and would make a whole class look partial.
-        groups = [cluster.members(tree, c) for c in children]
-        within = np.concatenate(groups)
-        rows = [{"node": int(c), "size": int(len(g)), "persistence": cluster.persistence(tree, c),
-                 **({} if y is None else class_makeup(y, g, within, excess, class_coverage))}
-                for c, g in zip(children, groups)]
-        verdict = {"level": level, "node": int(node), "children": rows}
-        verdicts.append(verdict)
-        for row in sorted(rows, key=lambda r: -r["persistence"]):
-            if not row.get("benign_class_split", False):
-                verdict["decision"] = f"flag {row['node']}"
-                return row["node"], verdicts
-        verdict["decision"] = "every child is a benign class split: go into the largest"
-        node = children[0]
+        next_frontier = []
+        for node in frontier:
+            children = cluster.cluster_children(tree, node)
+            if len(children) < 2:
+                verdicts.append({"level": level, "node": int(node), "children": [], "decision": "does not divide"})
+                continue
+            # Shares count each label among the clustered samples of the divided node: samples that left
+            # it as noise before it divided belong to neither side and would make a whole class look partial.
+            groups = [cluster.members(tree, c) for c in children]
+            within = np.concatenate(groups)
+            rows = [{"node": int(c), "size": int(len(g)), "persistence": cluster.persistence(tree, c),
+                     **({} if y is None else class_makeup(y, g, within, excess, class_coverage))}
+                    for c, g in zip(children, groups)]
+            verdict = {"level": level, "node": int(node), "children": rows}
+            verdicts.append(verdict)
+            for row in sorted(rows, key=lambda r: -r["persistence"]):
+                if not row.get("benign_class_split", False):
+                    verdict["decision"] = f"flag {row['node']}"
+                    return row["node"], verdicts
+            verdict["decision"] = "every child is a benign class split"
+            next_frontier += [row["node"] for row in rows if not row["one_benign_class"]]
+        frontier = next_frontier
     return None, verdicts
 
 
@@ -367,8 +374,9 @@ class Flare:
             flags = np.zeros(n, bool)
             diagnostics["flagged_node"] = flagged
             if flagged is None:
-                diagnostics["explanation"] = (f"the walk down the condensed tree stopped after {len(verdicts)} "
-                                              f"level(s): {verdicts[-1]['decision']}; nothing flagged")
+                diagnostics["explanation"] = (f"the walk down the condensed tree examined {len(verdicts)} split(s) "
+                                              f"in at most {self.params.depth} levels and each divided whole classes "
+                                              "(benign class splits) or did not divide; nothing flagged")
             else:
                 flags[cluster.members(tree, flagged)] = True
                 labels[flags] = len(root_children)
