@@ -202,3 +202,12 @@ def test_pca_and_exact_knn_options_find_the_planted_cluster_too():
     features, truth, labels = planted()
     detection = Flare(pca_components=6, knn_backend="auto", max_dropped_layers=0).fit(features, SLICES, y=labels)
     assert (detection.flags == truth).mean() >= 0.99
+
+
+def test_a_one_label_part_of_a_class_is_benign_unless_its_label_is_inflated():
+    y = np.repeat(np.arange(4), 100)  # balanced: no label inflated
+    makeup = class_makeup(y, np.arange(30), np.arange(400), label_excess(y), class_coverage=0.5)
+    assert makeup["class_share"] == pytest.approx(0.3) and makeup["benign_class_split"] and makeup["one_benign_class"]
+    inflated = np.r_[y, np.zeros(60, int)]  # 60 relabelled into class 0
+    makeup = class_makeup(inflated, np.arange(400, 460), np.arange(460), label_excess(inflated), class_coverage=0.5)
+    assert not makeup["benign_class_split"] and not makeup["one_benign_class"]

@@ -206,21 +206,26 @@ def label_excess(y: np.ndarray) -> np.ndarray:
 
 def class_makeup(y: np.ndarray, samples: np.ndarray, within: np.ndarray, excess: np.ndarray,
                  class_coverage: float) -> dict:
-    """Whether a cluster is a benign class (or classes) split off, and the evidence.
+    """Whether a cluster is a benign class (or classes, or part of one class) split off, and the evidence.
 
     Benign when it holds more than `class_coverage` of each of its labels' samples (whole_class_share,
-    among the clustered samples of the divided node) - unless it is essentially one label (>= 90%) whose
-    excess over the median label count covers at least half of the cluster: relabelled all-to-one
-    poison looks like that, and holds only r / (r + (1 - r) / K) of its label (0.53 at 10%, K=10).
+    among the clustered samples of the divided node), or when it is essentially one label (>= 90%) -
+    unless that label's excess over the median label count covers at least half of the cluster:
+    relabelled all-to-one poison looks like that (and holds only r / (r + (1 - r) / K) of its label, 0.53
+    at 10%, K=10). All-to-all and untargeted poison carry mixed labels. A one-label part of a class that
+    is not inflated can be a benign sub-class island (measured: 2,173 sandals, 35% of their class, split
+    off on the clean set with UMAP seed 0) or clean-label poison; it is treated as benign, so clean-label
+    attacks are out of this rule's reach.
     """
     labels = y[samples]
     top = int(np.bincount(labels).argmax())
     purity = float((labels == top).mean())
     share = whole_class_share(y, samples, within)
     inflated = purity >= 0.9 and excess[top] >= 0.5 * len(samples)
+    one_label = purity >= 0.9 and not inflated
     return {"class_share": share, "top_label": top, "purity": purity, "label_excess": float(excess[top]),
-            "benign_class_split": bool(share > class_coverage and not inflated),
-            "one_benign_class": bool(purity >= 0.9 and not inflated and share > class_coverage)}
+            "benign_class_split": bool((share > class_coverage or one_label) and not inflated),
+            "one_benign_class": bool(one_label)}
 
 
 def stability_split(tree, y: np.ndarray | None, levels: int, class_coverage: float):
