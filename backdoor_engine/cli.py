@@ -81,6 +81,13 @@ def _spec_beside(data_path: str, explicit_manifest: str | None):
     return PoisonSpec.load(guess) if data_path.endswith(".npz") and guess.exists() else None
 
 
+def _spec_recorded_in(meta: dict):
+    """The attack a checkpoint's training data carried (recorded by `train`), or None for a clean model."""
+    from .api import PoisonSpec
+
+    return PoisonSpec.from_dict(meta["attack"]) if isinstance(meta.get("attack"), dict) else None
+
+
 def cmd_train(args) -> int:
     from .api import evaluate, save_trained
     from .data.sources import open_dataset
@@ -117,17 +124,14 @@ def cmd_eval(args) -> int:
     from .models.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(args.model)
-    spec = None
     if args.attack:
         spec = _spec_from_args(args)
     elif args.poison_manifest:
         from .api import PoisonSpec
 
         spec = PoisonSpec.load(args.poison_manifest)
-    elif isinstance(meta.get("attack"), dict):
-        from .api import PoisonSpec
-
-        spec = PoisonSpec.from_dict(meta["attack"])
+    else:
+        spec = _spec_recorded_in(meta)
     data = open_dataset(args.data)
     metrics = evaluate(model, meta["normalisation"], data, spec, num_classes=meta["num_classes"],
                        progress=not args.json)
@@ -170,20 +174,22 @@ def cmd_purify(args) -> int:
     from .data.sources import open_dataset
     from .models.checkpoint import load_checkpoint
     from .models.train import TrainConfig
-    from .purify import UnlearnRelearnConfig, retrain_on_kept, unlearn_relearn
+    from .purify import retrain_on_kept, unlearn_relearn, unlearn_relearn_config
 
     if not args.out.endswith(".pt"):
         raise InputError(f"--out must name a .pt checkpoint, got {args.out!r}")
     dataset = open_dataset(args.data)
     flags = flags_from_report(dataset, args.report)
     model, meta = load_checkpoint(args.model)
+    options = {"seed": args.seed, **({"epochs": args.epochs} if args.epochs is not None else {}),
+               **({"lr": args.lr} if args.lr is not None else {})}
     t0 = time.perf_counter()
     if args.strategy == "retrain":
-        config = TrainConfig(epochs=args.epochs or 10, seed=args.seed, **({"lr": args.lr} if args.lr else {}))
+        config = TrainConfig(**options)
         result = retrain_on_kept(dataset, flags, arch=meta["arch"], config=config)
         repaired, normalisation, history = result.model, result.normalisation, result.history
     else:
-        config = UnlearnRelearnConfig(epochs=args.epochs or 20, seed=args.seed, **({"lr": args.lr} if args.lr else {}))
+        config = unlearn_relearn_config(**options)
         repaired, history = unlearn_relearn(model, meta["normalisation"], dataset, flags, config)
         normalisation = meta["normalisation"]
     seconds = time.perf_counter() - t0
@@ -195,10 +201,7 @@ def cmd_purify(args) -> int:
     summary = {"out": args.out, "strategy": args.strategy, "n_flagged": int(flags.sum()),
                "seconds": round(seconds, 1)}
     if args.eval_data:
-        from .api import PoisonSpec
-
-        spec = PoisonSpec.from_dict(meta["attack"]) if isinstance(meta.get("attack"), dict) else None
-        metrics = evaluate(repaired, normalisation, open_dataset(args.eval_data), spec,
+        metrics = evaluate(repaired, normalisation, open_dataset(args.eval_data), _spec_recorded_in(meta),
                            num_classes=meta["num_classes"])
         extra["eval"] = {"data": str(args.eval_data), **metrics}
         summary.update(metrics)

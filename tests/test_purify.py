@@ -7,7 +7,7 @@ from backdoor_engine.data import make_dataset
 from backdoor_engine.errors import InputError
 from backdoor_engine.models import TrainConfig, fit_normalisation, train_model
 from backdoor_engine.models.preprocess import to_model_input
-from backdoor_engine.purify import UnlearnRelearnConfig, retrain_on_kept, unlearn_relearn
+from backdoor_engine.purify import retrain_on_kept, unlearn_relearn, unlearn_relearn_config
 
 
 def separable_set(count=192, seed=0):
@@ -52,7 +52,7 @@ def test_unlearn_raises_the_loss_on_flagged_keeps_kept_and_leaves_the_input_alon
     flags[data.y == 1] = True
     flagged_loss = mean_loss(result.model, result.normalisation, data.x[flags], data.y[flags])
     repaired, history = unlearn_relearn(result.model, result.normalisation, data, flags,
-                                        UnlearnRelearnConfig(epochs=3, lr=0.01, **config()))
+                                        unlearn_relearn_config(epochs=3, lr=0.01, **config()))
     for name, value in result.model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert len(history) == 3 and {"unlearn_loss", "relearn_loss"} <= history[0].keys()

@@ -18,8 +18,8 @@ from backdoor_engine.kernels.bn_minima import bn_minima_reference, bn_minima_tor
 from backdoor_engine.kernels.bn_minima_cpp import (
     bn_minima_cpp,
     bn_minima_cpp_prepared,
-    cpp_fast_path,
     cpp_unsupported_reason,
+    kernel_statistics,
 )
 
 BN_MINIMA_BACKENDS = ("auto", "torch", "cpp", "triton")
@@ -62,11 +62,12 @@ def bn_minima_for_layer(running_mean: torch.Tensor, running_var: torch.Tensor, e
         raise InputError(f"backend must be one of {BN_MINIMA_BACKENDS}, got {backend!r}")
     channels = running_mean.shape[0] if isinstance(running_mean, torch.Tensor) and running_mean.ndim == 1 else 1
     _check_bn_inputs(torch.zeros(1, max(channels, 1), 1, 1), running_mean, running_var, eps)
-    mean = running_mean.detach().to("cpu", torch.float64).contiguous().numpy()
-    var = running_var.detach().to("cpu", torch.float64).contiguous().numpy()
+    mean, var = kernel_statistics(running_mean, running_var)
 
     def layer_minima(x: torch.Tensor) -> torch.Tensor:
-        if backend in ("auto", "cpp") and x.ndim == 4 and x.shape[1] == channels and cpp_fast_path(x):
+        # The shape checks bn_minima would make on x, then the same test of x it makes for the kernel.
+        if (backend in ("auto", "cpp") and x.ndim == 4 and x.shape[1] == channels and x.shape[2] * x.shape[3] > 0
+                and cpp_unsupported_reason(x) is None):
             return bn_minima_cpp_prepared(x, mean, var, float(eps))
         return bn_minima(x, running_mean, running_var, eps, backend=backend)
 

@@ -25,19 +25,12 @@ def bn_minima_cpp(
     x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """float32 [N, C] from the compiled kernel; x must pass `cpp_unsupported_reason`."""
-    values = x.detach()
-    if values.dtype != torch.float32:
-        values = values.view(torch.uint16)  # a bit-level view: no copy, the kernel decodes
-    mean = running_mean.detach().to("cpu", torch.float64).contiguous()
-    var = running_var.detach().to("cpu", torch.float64).contiguous()
-    return bn_minima_cpp_prepared(x, mean.numpy(), var.numpy(), float(eps))
+    return bn_minima_cpp_prepared(x, *kernel_statistics(running_mean, running_var), float(eps))
 
 
-def cpp_fast_path(x: torch.Tensor) -> bool:
-    """`cpp_unsupported_reason(x) is None`, as cheaply as it can be asked (once per layer per batch)."""
-    return (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and x.is_floating_point()
-            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-            and x.shape[2] * x.shape[3] > 0 and load_extension() is not None)
+def kernel_statistics(running_mean: torch.Tensor, running_var: torch.Tensor):
+    """The running statistics as the kernel reads them: contiguous float64 numpy arrays on the CPU."""
+    return tuple(stat.detach().to("cpu", torch.float64).contiguous().numpy() for stat in (running_mean, running_var))
 
 
 def bn_minima_cpp_prepared(x: torch.Tensor, mean, var, eps: float) -> torch.Tensor:

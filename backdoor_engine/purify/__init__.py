@@ -5,8 +5,6 @@
 """
 
 from .retrain import retrain_on_kept
-from .unlearn_relearn import UnlearnRelearnConfig, unlearn_relearn
+from .unlearn_relearn import D_BR_DEFAULTS, unlearn_relearn, unlearn_relearn_config
 
-STRATEGIES = ("retrain", "unlearn-relearn")
-
-__all__ = ["STRATEGIES", "UnlearnRelearnConfig", "retrain_on_kept", "unlearn_relearn"]
+__all__ = ["D_BR_DEFAULTS", "retrain_on_kept", "unlearn_relearn", "unlearn_relearn_config"]

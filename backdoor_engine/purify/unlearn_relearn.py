@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
@@ -24,35 +22,23 @@ from ..models.train import TrainConfig, batch_slices, make_scheduler, torch_thre
 from .retrain import kept_and_flagged
 
 
-@dataclass
-class UnlearnRelearnConfig:
-    epochs: int = 20
-    lr: float = 1e-4
-    batch_size: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    augment: bool = True
-    seed: int = 0
-    num_threads: int | None = None
-    progress: bool = True
-    device: str = "cpu"
+# D-BR's official settings (SEED_NOTES section 2.3); the rest as the trainer's defaults.
+D_BR_DEFAULTS = {"epochs": 20, "lr": 1e-4, "schedule": "constant"}
 
-    def train_config(self) -> TrainConfig:
-        """The same options as a constant-lr TrainConfig (which validates them)."""
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-                           weight_decay=self.weight_decay, schedule="constant", augment=self.augment,
-                           seed=self.seed, num_threads=self.num_threads, progress=self.progress, device=self.device)
+
+def unlearn_relearn_config(**overrides) -> TrainConfig:
+    """A TrainConfig with D-BR's unlearn/relearn defaults, any option overridable."""
+    return TrainConfig(**{**D_BR_DEFAULTS, **overrides})
 
 
 def unlearn_relearn(model: nn.Module, normalisation: Normalisation, dataset: Dataset, flags: np.ndarray,
-                    config: UnlearnRelearnConfig | None = None,
+                    config: TrainConfig | None = None,
                     callback: Callable[[int, nn.Module], None] | None = None) -> tuple[nn.Module, list[dict]]:
     """A repaired copy of `model` (the input is left untouched) and the per-epoch losses.
 
     `callback(epoch, model)` runs after each epoch, for monitoring only: nothing it sees picks the result.
     """
-    config = config or UnlearnRelearnConfig()
-    train_config = config.train_config()
+    config = config or unlearn_relearn_config()
     kept, flagged = kept_and_flagged(dataset, flags)
     if len(batch_slices(len(flagged), config.batch_size)) == 0:
         raise InputError(f"unlearning needs at least 2 flagged samples, got {len(flagged)}")
@@ -65,13 +51,15 @@ def unlearn_relearn(model: nn.Module, normalisation: Normalisation, dataset: Dat
         generator = torch.Generator().manual_seed(config.seed)
         optimizer = torch.optim.SGD(repaired.parameters(), lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
-        scheduler = make_scheduler(optimizer, train_config, 1)
+        # Stepped once per batch of both passes, so a cosine schedule spans the whole run.
+        steps = len(batch_slices(len(flagged), config.batch_size)) + len(batch_slices(len(kept), config.batch_size))
+        scheduler = make_scheduler(optimizer, config, config.epochs * steps)
         for epoch in range(1, config.epochs + 1):
             unlearn = train_epoch(repaired, dataset.x[flagged], labels[flagged], optimizer=optimizer,
-                                  scheduler=scheduler, normalisation=normalisation, config=train_config,
+                                  scheduler=scheduler, normalisation=normalisation, config=config,
                                   generator=generator, description=f"unlearn {epoch}/{config.epochs}", ascend=True)
             relearn = train_epoch(repaired, dataset.x[kept], labels[kept], optimizer=optimizer,
-                                  scheduler=scheduler, normalisation=normalisation, config=train_config,
+                                  scheduler=scheduler, normalisation=normalisation, config=config,
                                   generator=generator, description=f"relearn {epoch}/{config.epochs}")
             history.append({"epoch": epoch, "unlearn_loss": unlearn["loss"], "unlearn_acc": unlearn["train_acc"],
                             "relearn_loss": relearn["loss"], "relearn_acc": relearn["train_acc"]})
