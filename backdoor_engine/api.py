@@ -139,9 +139,17 @@ class ScanReport:
     features: object
 
 
-def scan(dataset: Dataset, model, normalisation, *, method: str = "flare", out_dir=None, batch_size: int = 256,
-         store=None, kernel_backend: str = "auto", progress: bool = True, **params) -> ScanReport:
-    """Extract every sample's BN minima in one pass, run the detector, and write the report to out_dir."""
+METHODS = ("flare", "vbd")
+
+
+def scan(dataset: Dataset, model=None, normalisation=None, *, method: str = "flare", out_dir=None,
+         batch_size: int = 256, store=None, kernel_backend: str = "auto", progress: bool = True,
+         **params) -> ScanReport:
+    """Run a detector over `dataset` and write the report to out_dir (when given).
+
+    "flare": extract every sample's BN minima from the suspect `model` in one pass, then cluster.
+    "vbd": needs no suspect model (it trains its own simple models): the same as `extract_triggers`.
+    """
     import time
 
     from .engine import extract_features
@@ -149,8 +157,12 @@ def scan(dataset: Dataset, model, normalisation, *, method: str = "flare", out_d
     from .report import build_report, write_report
     from .report.figures import condensed_tree_png, subspace_search_png
 
-    if method != "flare":
-        raise InputError(f"method: only 'flare' is available so far, got {method!r}")
+    if method not in METHODS:
+        raise InputError(f"method: expected one of {METHODS}, got {method!r}")
+    if method == "vbd":
+        return extract_triggers(dataset, out_dir=out_dir, progress=progress, **params)
+    if model is None or normalisation is None:
+        raise InputError("method 'flare' scans with the suspect model: pass the model and its normalisation")
     timings = {}
     t0 = time.perf_counter()
     features = extract_features(model, dataset, normalisation, batch_size=batch_size, store=store,
@@ -179,6 +191,53 @@ def scan(dataset: Dataset, model, normalisation, *, method: str = "flare", out_d
         figures.append(("Condensed tree of the chosen subspace", condensed_tree_png(detector.condensed_tree_, marks)))
     report = write_report(out_dir, detection, dataset, timings_s=timings, figures=figures)
     return ScanReport(report, detection, features)
+
+
+def extract_triggers(dataset: Dataset, *, out_dir=None, progress: bool = True, **params) -> ScanReport:
+    """VBD: find the poisoned classes with no clean data and no suspect model, extract each class's trigger
+    (mask and pattern), flag the samples carrying it. With out_dir: report.json / samples.csv / report.html
+    plus trigger_class<c>.png and mask_class<c>.png per trigger and triggers.npz (label, mask, pattern)."""
+    from .methods.vbd import Vbd
+    from .report import build_report, write_report
+
+    vbd = Vbd(**params)
+    detection = vbd.fit(dataset.x, dataset.y, num_classes=dataset.num_classes, progress=progress)
+    timings = dict(detection.diagnostics["timings_s"])
+    if out_dir is None:
+        return ScanReport(build_report(detection, dataset, timings_s=timings), detection, None)
+    figures = _write_trigger_files(out_dir, vbd, detection, dataset)
+    notes = [detection.diagnostics["explanation"]] if "explanation" in detection.diagnostics else []
+    report = write_report(out_dir, detection, dataset, timings_s=timings, figures=figures, notes=notes)
+    return ScanReport(report, detection, None)
+
+
+def _write_trigger_files(out_dir, vbd, detection, dataset: Dataset) -> list[tuple[str, bytes]]:
+    """Per kept trigger: its PNGs and a panel for the HTML (pattern, mask, flagged samples outlined); all
+    triggers' arrays in triggers.npz. Returns the HTML figures."""
+    from .atomic import atomic_write
+    from .report.figures import mask_png, trigger_panel_png, trigger_png
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures, arrays = [], {}
+    for label, trigger in sorted(vbd.triggers_.items()):
+        for name, png in ((f"trigger_class{label}.png", trigger_png(trigger.pixels, trigger.mask)),
+                          (f"mask_class{label}.png", mask_png(trigger.mask))):
+            with atomic_write(out_dir / name) as f:
+                f.write(png)
+        arrays.update({f"mask_{label}": trigger.mask.astype(np.uint8), f"pattern_{label}": trigger.pattern,
+                       f"pixels_{label}": trigger.pixels})
+        shown = np.flatnonzero(detection.flags & (dataset.y == label))
+        shown = shown[np.argsort(-detection.scores[shown], kind="stable")][:14]
+        titles = [f"{dataset.ids[i]} p={detection.scores[i]:.2f}" for i in shown]
+        state = "detector kept" if trigger.detector_kept else "detector dropped (training accuracy below the bar)"
+        title = (f"Trigger of class {label}: model {trigger.arch}, KS p={trigger.p_value:.2g}, "
+                 f"ASR {100 * trigger.asr:.0f}%, {state}, {trigger.n_flagged} flagged")
+        figures.append((title, trigger_panel_png(trigger.pixels, trigger.mask, dataset.x[shown], titles)))
+    if arrays:
+        with atomic_write(out_dir / "triggers.npz") as f:
+            np.savez(f, **arrays)
+    return figures
 
 
 def flags_from_report(dataset: Dataset, report_path: str | os.PathLike) -> np.ndarray:

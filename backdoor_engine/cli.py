@@ -1,4 +1,4 @@
-"""`backdoor-engine` command line: poison | train | eval | scan | demo (DESIGN.md section 3)."""
+"""`backdoor-engine` command line: poison | train | eval | scan | triggers | purify | demo (DESIGN.md section 3)."""
 
 from __future__ import annotations
 
@@ -147,26 +147,56 @@ def cmd_scan(args) -> int:
     from .data.sources import open_dataset
     from .models.checkpoint import load_checkpoint
 
-    model, meta = load_checkpoint(args.model)
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda: no CUDA device is available here")
-        model = model.cuda()
-    dataset = open_dataset(args.data)
     params = dict(_parse_param(p) for p in args.param)
-    params.update(reduce=args.reduce, random_state=args.seed)
-    result = scan(dataset, model, meta["normalisation"], method=args.method, out_dir=args.out,
+    model = normalisation = None
+    if args.method == "vbd":
+        if args.model:
+            print("backdoor-engine scan: note: --method vbd trains its own simple models; --model is not used",
+                  file=sys.stderr)
+        params.update(seed=0 if args.seed is None else args.seed)
+    else:
+        if not args.model:
+            raise InputError("--method flare scans with the suspect model: --model MODEL.pt is required")
+        model, meta = load_checkpoint(args.model)
+        normalisation = meta["normalisation"]
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise InputError("--device cuda: no CUDA device is available here")
+            model = model.cuda()
+        params.update(reduce=args.reduce, random_state=42 if args.seed is None else args.seed)
+    dataset = open_dataset(args.data)
+    result = scan(dataset, model, normalisation, method=args.method, out_dir=args.out,
                   batch_size=args.batch_size, store=args.store, progress=not args.json, **params)
+    _print_scan_result(result, args)
+    return 0
+
+
+def cmd_triggers(args) -> int:
+    from .api import extract_triggers
+    from .data.sources import open_dataset
+
+    params = dict(_parse_param(p) for p in args.param)
+    params.update(seed=args.seed)
+    dataset = open_dataset(args.data)
+    result = extract_triggers(dataset, out_dir=args.out, progress=not args.json, **params)
+    _print_scan_result(result, args)
+    return 0
+
+
+def _print_scan_result(result, args) -> None:
     if args.json:
         print(json.dumps(result.report))
     else:
         summary = {k: result.report[k] for k in ("method", "n_samples", "n_flagged", "timings_s")}
         summary.update({k: result.report[k] for k in ("metrics",) if k in result.report})
+        if result.report["method"] == "vbd":
+            summary["poisoned_classes"] = result.report["diagnostics"]["poisoned_classes"]
         print(json.dumps(summary, indent=2))
+        if "explanation" in result.report["diagnostics"]:
+            print(result.report["diagnostics"]["explanation"])
         print(f"report: {args.out}/report.html")
-    return 0
 
 
 def cmd_purify(args) -> int:
@@ -256,23 +286,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one-line JSON, no progress bar")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("scan", help="scan a dataset for poisoned samples with a suspect model",
-                       description="Extract BN-minima of every sample in one pass, detect, and write "
-                                   "OUT/report.json, OUT/samples.csv and OUT/report.html.")
+    p = sub.add_parser("scan", help="scan a dataset for poisoned samples",
+                       description="flare: extract BN-minima of every sample with the suspect model in one pass, "
+                                   "cluster, detect. vbd: train simple models, extract triggers, detect (no suspect "
+                                   "model). Writes OUT/report.json, OUT/samples.csv and OUT/report.html.")
     p.add_argument("--data", required=True, help=DATA_HELP)
-    p.add_argument("--model", required=True, help="checkpoint .pt written by `train` (the suspect model)")
-    p.add_argument("--method", default="flare", choices=["flare"], help="detector [flare]")
+    p.add_argument("--model", help="checkpoint .pt written by `train` (the suspect model; flare only)")
+    p.add_argument("--method", default="flare", choices=["flare", "vbd"], help="detector [flare]")
     p.add_argument("--out", required=True, help="output folder for the report")
     p.add_argument("--reduce", default="channel", choices=["channel", "layer"],
                    help="FLARE features: one column per BN channel (paper) or per BN layer (official code) [channel]")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the forward pass runs [cpu]")
-    p.add_argument("--seed", type=int, default=42, help="UMAP random state (official: 42) [42]")
+    p.add_argument("--seed", type=int, default=None,
+                   help="flare: UMAP random state [official 42]; vbd: seed of splits and training [official 0]")
     p.add_argument("--batch-size", type=int, default=256, help="extraction batch size [256]")
     p.add_argument("--store", help="feature store folder: an interrupted scan resumes from its last finished chunk")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="detector parameter, repeatable (e.g. xi=0.02, min_cluster_size=100, noise_rule=nearest)")
     p.add_argument("--json", action="store_true", help="print the whole report.json, no progress output")
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("triggers", help="VBD: find poisoned classes, extract their triggers, flag the samples",
+                       description="The variance-based defense: needs no suspect model and no clean data (it trains "
+                                   "its own simple models). Writes OUT/report.json (with each trigger's mask, "
+                                   "pattern, KS p-value, ASR and chosen model), OUT/samples.csv, OUT/report.html, "
+                                   "OUT/trigger_class<c>.png, OUT/mask_class<c>.png and OUT/triggers.npz.")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--out", required=True, help="output folder for the report")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits, training and detector alphas [0]")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="VBD parameter, repeatable (e.g. poison_epochs=20, detector_epochs=20, "
+                        "poison_archs='[\"64P\"]'); see the README")
+    p.add_argument("--json", action="store_true", help="print the whole report.json, no progress output")
+    p.set_defaults(func=cmd_triggers)
 
     p = sub.add_parser("purify", help="repair after a scan: retrain without the flagged samples, or unlearn/relearn",
                        description="FLARE(P) `retrain`: a fresh model of the suspect model's architecture trained "

@@ -105,9 +105,37 @@ def test_badnets_random_pattern_follows_the_seed():
     assert set(np.unique(first.patch)) <= {0, 255}
 
 
+def test_badnets_alpha_blends_the_patch_only():
+    shape = (28, 28, 1)
+    x = images(shape)
+    out = build("badnets", shape, pattern="square", alpha=0.2).apply(x)
+    expected = np.clip(np.rint(0.8 * x[:, -3:, -3:].astype(np.float64) + 0.2 * 255), 0, 255)
+    np.testing.assert_array_equal(out[:, -3:, -3:], expected)
+    out[:, -3:, -3:] = x[:, -3:, -3:]
+    np.testing.assert_array_equal(out, x)
+
+
+def test_badnets_per_class_slots_tile_from_the_bottom_right_without_overlap():
+    shape = (28, 28, 1)
+    attack = build("badnets", shape, pattern="square", position="per-class")
+    x = np.zeros((10, *shape), np.uint8)
+    out = attack.apply(x, labels=np.arange(10))
+    boxes = [tuple(np.argwhere(o[..., 0] == 255).min(0)) for o in out]
+    # 9 slots fit in a 28-pixel row: classes 0..8 along the bottom row right to left, class 9 one row up.
+    assert boxes[:9] == [(25, 25 - 3 * k) for k in range(9)]
+    assert boxes[9] == (22, 25)
+    assert all((o == 255).sum() == 9 for o in out)
+    with pytest.raises(InputError, match="labels"):
+        attack.apply(x)
+    with pytest.raises(InputError, match="no free"):
+        build("badnets", (8, 8, 1), pattern="square", position="per-class").apply(x[:1, :8, :8], labels=np.array([4]))
+
+
 @pytest.mark.parametrize(
     "params, field",
     [
+        ({"alpha": 0}, "alpha"),
+        ({"alpha": 1.5}, "alpha"),
         ({"position": "middle"}, "position"),
         ({"position": (30, 30)}, "position"),
         ({"patch_size": 40}, "patch_size"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -36,6 +36,15 @@ class Detection:
     @property
     def n_flagged(self) -> int:
         return int(self.flags.sum())
+
+
+def checked_params(params_class, params: dict, method: str):
+    """`params_class(**params)`, with unknown names refused by an InputError that lists the known ones."""
+    known = {f.name for f in fields(params_class)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise InputError(f"unknown {method} parameter(s) {unknown}; known: {sorted(known)}")
+    return params_class(**params)
 
 
 def detection_metrics(flags: np.ndarray, poison: np.ndarray) -> dict:

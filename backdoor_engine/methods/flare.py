@@ -13,14 +13,14 @@ Provenance of each default: SEED_NOTES.md section 1 (official code) and DESIGN.m
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from .. import cluster
 from ..engine.layout import FeatureLayout
 from ..errors import InputError
-from .detection import Detection
+from .detection import Detection, checked_params
 
 REDUCTIONS = ("channel", "layer")
 LABELLINGS = ("stability", "official")
@@ -325,11 +325,7 @@ class Flare:
     name = "flare"
 
     def __init__(self, **params):
-        known = {f.name for f in fields(FlareParams)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise InputError(f"unknown FLARE parameter(s) {unknown}; known: {sorted(known)}")
-        self.params = FlareParams(**params)
+        self.params = checked_params(FlareParams, params, "FLARE")
 
     def fit(self, features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None = None,
             *, progress=None) -> Detection:

@@ -117,3 +117,75 @@ def condensed_tree_png(tree, marks: dict[int, tuple[str, str]] | None = None, *,
     if labelled:
         ax.legend(loc="lower right")
     return _to_png(fig)
+
+
+def _mask_outline(ax, mask: np.ndarray, colour: str = "#e02424") -> None:
+    """Outline the mask's pixels along their edges (pixel (r, c) spans [c-0.5, c+0.5] x [r-0.5, r+0.5])."""
+    from matplotlib.collections import LineCollection
+
+    padded = np.pad(np.asarray(mask, bool), 1)
+    segments = []
+    for r, c in np.argwhere(padded[1:-1, 1:-1]):
+        pr, pc = r + 1, c + 1
+        if not padded[pr - 1, pc]:
+            segments.append([(c - 0.5, r - 0.5), (c + 0.5, r - 0.5)])
+        if not padded[pr + 1, pc]:
+            segments.append([(c - 0.5, r + 0.5), (c + 0.5, r + 0.5)])
+        if not padded[pr, pc - 1]:
+            segments.append([(c - 0.5, r - 0.5), (c - 0.5, r + 0.5)])
+        if not padded[pr, pc + 1]:
+            segments.append([(c + 0.5, r - 0.5), (c + 0.5, r + 0.5)])
+    ax.add_collection(LineCollection(segments, colors=colour, linewidths=1.2))
+
+
+def _show(ax, image: np.ndarray, title: str) -> None:
+    gray = image.shape[-1] == 1
+    ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None, vmin=0, vmax=255,
+              interpolation="nearest")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def _on_checkerboard(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The pattern where the mask is set, a grey checkerboard (transparency) elsewhere."""
+    height, width, channels = pixels.shape
+    rows, cols = np.indices((height, width))
+    checker = np.where((rows + cols) % 2 == 0, 150, 110).astype(np.uint8)[:, :, None].repeat(channels, axis=2)
+    return np.where(np.asarray(mask, bool)[:, :, None], pixels, checker)
+
+
+def _mask_image(mask: np.ndarray, channels: int) -> np.ndarray:
+    return (np.asarray(mask, bool)[:, :, None] * 255).astype(np.uint8).repeat(channels, axis=2)
+
+
+def trigger_png(pixels: np.ndarray, mask: np.ndarray) -> bytes:
+    """An extracted trigger on its own, its mask outlined."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(2.6, 2.6))
+    _show(ax, _on_checkerboard(pixels, mask), "pattern")
+    _mask_outline(ax, mask)
+    return _to_png(fig)
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """The binary trigger mask (white = trigger pixel)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(2.6, 2.6))
+    _show(ax, _mask_image(mask, 1), "mask")
+    return _to_png(fig)
+
+
+def trigger_panel_png(pixels: np.ndarray, mask: np.ndarray, samples: np.ndarray, titles: list[str],
+                      *, columns: int = 8) -> bytes:
+    """The pattern and the mask, then flagged samples with the mask's pixels outlined in red (the paper's Fig. 5)."""
+    plt = _pyplot()
+    tiles = [(_on_checkerboard(pixels, mask), "extracted pattern"), (_mask_image(mask, pixels.shape[-1]), "mask")]
+    tiles += list(zip(samples, titles))
+    n_rows = (len(tiles) + columns - 1) // columns
+    fig, axes = plt.subplots(n_rows, columns, figsize=(1.6 * columns, 1.8 * n_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, title) in zip(axes.flat, tiles):
+        _show(ax, image, title)
+        _mask_outline(ax, mask)
+    return _to_png(fig)

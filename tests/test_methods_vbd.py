@@ -1,0 +1,120 @@
+"""VBD on real Fashion-MNIST with a small budget (one simple model, few epochs): the poisoned class is
+found, the mask sits on the trigger, the poisoned samples are flagged; plus each stage's contract."""
+
+import numpy as np
+import pytest
+import torch
+
+from backdoor_engine import api
+from backdoor_engine.data.fashion_mnist import load_fashion_mnist
+from backdoor_engine.errors import InputError
+from backdoor_engine.methods.detection import detection_metrics
+from backdoor_engine.methods.vbd import Vbd, VbdParams, choose_triggers, mask_box, stratified_split
+
+SMALL = dict(poison_archs=("10-10P",), poison_epochs=10, detector_epochs=8, ssl_start_epoch=3, ssl_stop_epoch=6)
+
+
+@pytest.fixture(scope="module")
+def poisoned():
+    train = load_fashion_mnist("train").subset(np.arange(4000))
+    spec = api.PoisonSpec(attack="badnets", mode="a2o", rate=0.1, target=2, seed=0,
+                          params={"pattern": "square", "position": "top-left"})
+    dataset, _ = api.poison(train, spec)
+    return dataset
+
+
+@pytest.fixture(scope="module")
+def fitted(poisoned):
+    vbd = Vbd(**SMALL)
+    return vbd, vbd.fit(poisoned.x, poisoned.y, num_classes=10)
+
+
+def test_finds_the_class_the_mask_and_the_samples(poisoned, fitted):
+    vbd, detection = fitted
+    assert detection.diagnostics["poisoned_classes"] == [2]
+    trigger = vbd.triggers_[2]
+    # The mask covers most of the 3x3 trigger and stays within 2 pixels of it: the 3x3 blur widens the gradient mask
+    # by a pixel, and on Fashion-MNIST's constant black background the variance step cannot trim it back.
+    mask = trigger.mask.astype(bool)
+    assert mask[:3, :3].mean() >= 0.75, mask_box(trigger.mask)
+    assert not mask[5:].any() and not mask[:, 5:].any(), mask_box(trigger.mask)
+    assert trigger.p_value < 0.01 and trigger.asr >= 0.33 and trigger.detector_kept
+    metrics = detection_metrics(detection.flags, poisoned.poison)
+    assert metrics["tpr"] >= 0.95 and metrics["fpr"] <= 0.01, metrics
+    # Only samples labelled with a detected class are ever flagged, and scores rank them.
+    assert (poisoned.y[detection.flags] == 2).all()
+    assert detection.scores[detection.flags].min() >= 0.5 > detection.scores[~detection.flags].max(initial=0)
+
+
+def test_diagnostics_explain_every_stage(fitted):
+    vbd, detection = fitted
+    d = detection.diagnostics
+    assert [m["arch"] for m in d["models"]] == ["10-10P"] and 0 < d["models"][0]["train_accuracy"] <= 1
+    assert len(d["class_tests"]) == 10
+    assert any(c["label"] == 2 and c["passed"] for c in d["candidates"])
+    (trigger,) = d["triggers"]
+    assert np.asarray(trigger["mask"]).shape == (28, 28) and np.asarray(trigger["pattern_pixels"]).shape == (28, 28, 1)
+    assert set(d["timings_s"]) == {"simple_models", "triggers", "detectors"}
+    assert "explanation" not in d
+
+
+def test_same_seed_same_flags(poisoned, fitted):
+    _, detection = fitted
+    torch.rand(7)  # the global generator's state must not matter (the detector's dropout once drew from it)
+    again = Vbd(**SMALL).fit(poisoned.x, poisoned.y, num_classes=10)
+    np.testing.assert_array_equal(again.flags, detection.flags)
+
+
+def test_nothing_found_is_said_not_silent(poisoned):
+    # ks_alpha=0: no class can pass the test, as on data without a static trigger.
+    detection = Vbd(**{**SMALL, "poison_epochs": 1, "ks_alpha": 0.0}).fit(poisoned.x, poisoned.y, num_classes=10)
+    assert not detection.flags.any() and detection.diagnostics["poisoned_classes"] == []
+    assert "No class was found poisoned" in detection.diagnostics["explanation"]
+    assert "static triggers" in detection.diagnostics["explanation"]
+
+
+def test_stratified_split_keeps_class_shares():
+    y = np.repeat(np.arange(3), [100, 50, 10])
+    train, detect = stratified_split(y, 0.8, np.random.default_rng(0))
+    assert np.bincount(y[train]).tolist() == [80, 40, 8]
+    assert len(np.intersect1d(train, detect)) == 0 and len(train) + len(detect) == len(y)
+
+
+def _trigger(label, model, asr, score, mask_pixels=4):
+    from backdoor_engine.methods.vbd import Trigger
+
+    mask = np.zeros((10, 10))
+    mask.flat[:mask_pixels] = 1
+    return Trigger(label, model, "64P", mask, np.zeros((1, 10, 10), np.float32), np.zeros((10, 10, 1), np.uint8),
+                   1e-5, asr, score)
+
+
+def test_choose_triggers_keeps_the_best_scoring_pattern_past_the_asr_bar():
+    chosen = choose_triggers([_trigger(0, 0, 0.9, 0.4), _trigger(0, 1, 0.5, 0.6), _trigger(0, 2, 0.2, 0.9),
+                              _trigger(3, 0, 0.1, 0.9)], VbdParams())
+    assert list(chosen) == [0] and chosen[0].model_index == 1
+
+
+def test_a_large_mask_needs_a_high_asr_unless_official():
+    # 6 of 100 pixels: over the 5% bar, so the ASR must reach 0.9; 5 pixels is not over it.
+    large, strong, small = _trigger(1, 0, 0.6, 0.5, 6), _trigger(2, 0, 0.95, 0.5, 6), _trigger(3, 0, 0.6, 0.5, 5)
+    assert sorted(choose_triggers([large, strong, small], VbdParams())) == [2, 3]
+    assert sorted(choose_triggers([large, strong, small], VbdParams(large_mask_fraction=None))) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"colour": 1}, "unknown VBD parameter"),
+    ({"poison_archs": ("64Q",)}, "simple model arch"),
+    ({"detector_alpha": (0.0, 1.0)}, "detector_alpha"),
+    ({"min_top_n": 30}, "min_top_n"),
+    ({"poison_train_fraction": 1.0}, "poison_train_fraction"),
+    ({"large_mask_fraction": 1.5}, "large_mask_fraction"),
+])
+def test_bad_parameters_are_named(params, match):
+    with pytest.raises(InputError, match=match):
+        Vbd(**params)
+
+
+def test_bad_labels_are_named(poisoned):
+    with pytest.raises(InputError, match="labels must be in"):
+        Vbd(**SMALL).fit(poisoned.x, poisoned.y + 5, num_classes=10)
