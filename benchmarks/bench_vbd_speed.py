@@ -24,7 +24,7 @@ from torch import nn
 
 from backdoor_engine import api
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
-from backdoor_engine.engine.input_gradients import margin_gradients, margin_gradients_per_sample
+from backdoor_engine.engine.input_gradients import margin_gradients_per_sample
 from backdoor_engine.methods import vbd as vbd_module
 from backdoor_engine.methods.detection import detection_metrics
 from backdoor_engine.models.preprocess import fit_normalisation
@@ -49,10 +49,8 @@ def bench_gradients(inputs: vbd_module.Inputs, n: int, reps: int) -> list[dict]:
         model = poison_model(arch, in_channels=1, input_size=(28, 28), num_classes=10)
         model = model.to(memory_format=torch.channels_last).eval()
         folded = model.folded().to(memory_format=torch.channels_last)
-        batched = median_seconds(lambda: torch.cat([margin_gradients(folded, x[s:s + 1024], 0)
-                                                    for s in range(0, n, 1024)]), reps)
-        unfolded = median_seconds(lambda: torch.cat([margin_gradients(model, x[s:s + 1024], 0)
-                                                     for s in range(0, n, 1024)]), reps)
+        batched = median_seconds(lambda: vbd_module.chunked_gradients(folded, x, 0), reps)
+        unfolded = median_seconds(lambda: vbd_module.chunked_gradients(model, x, 0), reps)
         per_sample = median_seconds(lambda: margin_gradients_per_sample(folded, x, 0), max(1, reps // 2))
         rows.append({"arch": arch, "n_maps": n, "batched_folded_maps_per_s": round(n / batched),
                      "batched_unfolded_maps_per_s": round(n / unfolded), "per_sample_maps_per_s": round(n / per_sample),

@@ -1,0 +1,50 @@
+"""VBD development study (not the benchmark): every candidate pattern of stages 1-4, with its ASR and mask size,
+on development settings unlike the benchmark's (a different 10k subset and seed, other targets and trigger
+positions), to see what separates real triggers from patterns of clean classes. The large-mask guard's defaults
+(VbdParams.large_mask_fraction / large_mask_min_asr) were chosen from this output. ks_alpha=0.05 lets more clean
+classes reach stage 3, so more false candidates are seen; the detectors are irrelevant here (1 epoch).
+
+    python benchmarks/vbd_dev_study.py d4-clean d3-grid-a0.2-t9 d2-square-a0.1-t7 > dev.log
+"""
+
+import json
+import sys
+import time
+
+import numpy as np
+
+from backdoor_engine import api
+from backdoor_engine.data.fashion_mnist import load_fashion_mnist
+from backdoor_engine.methods.vbd import Vbd
+
+DEV = {
+    "d1-random-a2o-t5": dict(mode="a2o", target=5, params=dict(pattern="random", position=[12, 3])),
+    "d2-square-a0.1-t7": dict(mode="a2o", target=7, params=dict(pattern="square", position=[3, 20], alpha=0.1)),
+    "d3-grid-a0.2-t9": dict(mode="a2o", target=9, params=dict(pattern="checkerboard", position="bottom-left",
+                                                              alpha=0.2)),
+    "d4-clean": None,
+    "d5-square-a2a": dict(mode="a2a", target=0, params=dict(pattern="square", position="per-class", alpha=0.5)),
+}
+
+
+def main(names):
+    train = load_fashion_mnist("train")
+    train = train.subset(np.sort(np.random.default_rng(1).choice(len(train), 10000, replace=False)))
+    for name in names:
+        if DEV[name] is None:
+            data, poison = train, np.zeros(len(train), bool)
+        else:
+            data, _ = api.poison(train, api.PoisonSpec(attack="badnets", rate=0.1, seed=1, **DEV[name]))
+            poison = data.poison.astype(bool)
+        started = time.time()
+        detection = Vbd(seed=1, detector_epochs=1, ks_alpha=0.05).fit(data.x, data.y, num_classes=10)
+        poisoned_labels = set(data.y[poison].tolist())
+        for c in detection.diagnostics["candidates"]:
+            print(json.dumps(dict(dev=name, label=c["label"], true=c["label"] in poisoned_labels, arch=c["arch"],
+                                  asr=round(c["asr"], 3), p=c["p_value"], mask=c["mask_pixels"], box=c["mask_box"])),
+                  flush=True)
+        print(name, "done", round(time.time() - started), "s", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
