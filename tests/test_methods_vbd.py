@@ -106,6 +106,7 @@ def test_a_large_mask_needs_a_high_asr_unless_official():
     ({"colour": 1}, "unknown VBD parameter"),
     ({"poison_archs": ("64Q",)}, "simple model arch"),
     ({"detector_alpha": (0.0, 1.0)}, "detector_alpha"),
+    ({"detector_alpha": (0.5,)}, "detector_alpha"),
     ({"min_top_n": 30}, "min_top_n"),
     ({"poison_train_fraction": 1.0}, "poison_train_fraction"),
     ({"large_mask_fraction": 1.5}, "large_mask_fraction"),

@@ -91,8 +91,7 @@ class VbdParams:
             raise InputError(f"min_top_n must be in [2, top_n={self.top_n}], got {self.min_top_n}")
         if self.large_mask_fraction is not None and not 0 < self.large_mask_fraction < 1:
             raise InputError(f"large_mask_fraction must be None or in (0, 1), got {self.large_mask_fraction}")
-        low, high = self.detector_alpha
-        if len(self.detector_alpha) != 2 or not 0 < low <= high <= 1:
+        if len(self.detector_alpha) != 2 or not 0 < self.detector_alpha[0] <= self.detector_alpha[1] <= 1:
             raise InputError(f"detector_alpha must be (low, high) with 0 < low <= high <= 1, got {self.detector_alpha}")
         if not 0 <= self.ssl_start_epoch <= self.ssl_stop_epoch:
             raise InputError("ssl_start_epoch must be >= 0 and <= ssl_stop_epoch")
