@@ -20,18 +20,20 @@ def class_margin(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return own - others.amax(dim=1)
 
 
-def _check_eval(model: nn.Module) -> None:
+def _checked_classes(model: nn.Module, inputs: torch.Tensor, classes: torch.Tensor | int) -> torch.Tensor:
+    """One class id per sample (an int applies to all); refuses a model in training mode."""
     if model.training:
         # Train-mode BatchNorm mixes samples: the summed-margin trick would no longer be per sample.
         raise InputError("margin_gradients needs the model in eval mode (model.eval())")
+    if isinstance(classes, int):
+        return torch.full((len(inputs),), classes, dtype=torch.long, device=inputs.device)
+    return classes
 
 
 def margin_gradients(model: nn.Module, inputs: torch.Tensor, classes: torch.Tensor | int) -> torch.Tensor:
     """d margin_c / d input for every sample of `inputs` (N x C x H x W), returned with the input's shape.
     `classes`: one class for all samples, or one per sample. Model parameters get no gradient."""
-    _check_eval(model)
-    if isinstance(classes, int):
-        classes = torch.full((len(inputs),), classes, dtype=torch.long, device=inputs.device)
+    classes = _checked_classes(model, inputs, classes)
     x = inputs.detach().requires_grad_(True)
     with torch.enable_grad():
         margin = class_margin(model(x), classes)
@@ -41,9 +43,7 @@ def margin_gradients(model: nn.Module, inputs: torch.Tensor, classes: torch.Tens
 
 def margin_gradients_per_sample(model: nn.Module, inputs: torch.Tensor, classes: torch.Tensor | int) -> torch.Tensor:
     """The straightforward reference: one forward and backward per sample (benchmarks and tests only)."""
-    _check_eval(model)
-    if isinstance(classes, int):
-        classes = torch.full((len(inputs),), classes, dtype=torch.long, device=inputs.device)
+    classes = _checked_classes(model, inputs, classes)
     out = torch.empty_like(inputs)
     for i in range(len(inputs)):
         x = inputs[i : i + 1].detach().requires_grad_(True)

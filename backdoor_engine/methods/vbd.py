@@ -381,6 +381,7 @@ def _train_detector(poison: nn.Module, trigger: Trigger, inputs: Inputs, y: np.n
         pseudo_batches = iter(_batches(len(target_maps), params.batch_size, generator, False)) if pseudo is not None \
             else None
         correct = seen = 0
+        detector.train()  # pseudo-labelling at the end of the previous epoch left it in eval mode
         for batch in _batches(len(negatives), params.batch_size, generator, True):
             alpha = torch.from_numpy(alpha_rng.uniform(*params.detector_alpha, len(batch)).astype(np.float32))
             patched = paste(inputs(negatives[batch]), pattern_t, mask_t, alpha)
@@ -392,7 +393,6 @@ def _train_detector(poison: nn.Module, trigger: Trigger, inputs: Inputs, y: np.n
                     break  # official: the epoch ends when the pseudo-labelled batches run out
                 maps.append(target_maps[extra])
                 targets.append(pseudo[extra])
-            detector.train()
             logits = detector(torch.cat(maps)).squeeze(1)
             target = torch.cat(targets)
             loss = nn.functional.binary_cross_entropy_with_logits(logits, target)

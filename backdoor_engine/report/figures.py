@@ -41,19 +41,22 @@ def embedding_png(embedding: np.ndarray, flags: np.ndarray, truth: np.ndarray | 
     return _to_png(fig)
 
 
-def montage_png(images: np.ndarray, titles: list[str], *, columns: int = 8) -> bytes:
-    """A grid of uint8 N x H x W x C images with a caption under each."""
+def _image_grid(images, titles: list[str], *, columns: int, cell: tuple[float, float], fontsize: int):
+    """A figure with uint8 H x W x C images in rows of `columns`, a caption above each; returns (fig, used axes)."""
     plt = _pyplot()
-    n = max(len(images), 1)
-    rows = (n + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(1.5 * columns, 1.7 * rows), squeeze=False)
+    rows = (max(len(images), 1) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(cell[0] * columns, cell[1] * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, title in zip(axes.flat, images, titles):
-        gray = image.shape[-1] == 1
-        ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None, vmin=0, vmax=255,
-                  interpolation="nearest")
-        ax.set_title(title, fontsize=7)
+    used = list(axes.flat[:len(images)])
+    for ax, image, title in zip(used, images, titles):
+        _show(ax, image, title, fontsize)
+    return fig, used
+
+
+def montage_png(images: np.ndarray, titles: list[str], *, columns: int = 8) -> bytes:
+    """A grid of uint8 N x H x W x C images with a caption under each."""
+    fig, _ = _image_grid(images, titles, columns=columns, cell=(1.5, 1.7), fontsize=7)
     return _to_png(fig)
 
 
@@ -138,11 +141,11 @@ def _mask_outline(ax, mask: np.ndarray, colour: str = "#e02424") -> None:
     ax.add_collection(LineCollection(segments, colors=colour, linewidths=1.2))
 
 
-def _show(ax, image: np.ndarray, title: str) -> None:
+def _show(ax, image: np.ndarray, title: str, fontsize: int = 8) -> None:
     gray = image.shape[-1] == 1
     ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None, vmin=0, vmax=255,
               interpolation="nearest")
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=fontsize)
     ax.axis("off")
 
 
@@ -178,14 +181,9 @@ def mask_png(mask: np.ndarray) -> bytes:
 def trigger_panel_png(pixels: np.ndarray, mask: np.ndarray, samples: np.ndarray, titles: list[str],
                       *, columns: int = 8) -> bytes:
     """The pattern and the mask, then flagged samples with the mask's pixels outlined in red (the paper's Fig. 5)."""
-    plt = _pyplot()
-    tiles = [(_on_checkerboard(pixels, mask), "extracted pattern"), (_mask_image(mask, pixels.shape[-1]), "mask")]
-    tiles += list(zip(samples, titles))
-    n_rows = (len(tiles) + columns - 1) // columns
-    fig, axes = plt.subplots(n_rows, columns, figsize=(1.6 * columns, 1.8 * n_rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (image, title) in zip(axes.flat, tiles):
-        _show(ax, image, title)
+    images = [_on_checkerboard(pixels, mask), _mask_image(mask, pixels.shape[-1]), *samples]
+    fig, used = _image_grid(images, ["extracted pattern", "mask", *titles], columns=columns, cell=(1.6, 1.8),
+                            fontsize=8)
+    for ax in used:
         _mask_outline(ax, mask)
     return _to_png(fig)
