@@ -94,7 +94,7 @@ def test_string_ids_and_a_model_without_batchnorm_for_logits_only():
 
 def test_bad_inputs_are_refused_by_name():
     model, dataset = tiny_model(), tiny_dataset(n=4)
-    with pytest.raises(InputError, match="dataset must be a backdoor_engine.data.Dataset"):
+    with pytest.raises(InputError, match="must be a backdoor_engine.data.Dataset"):
         extract_features(model, dataset.x, NORMALISATION)
     with pytest.raises(InputError, match="batch_size must be an integer >= 1"):
         extract_features(model, dataset, NORMALISATION, batch_size=0)

@@ -41,7 +41,7 @@ def load_image_folder(root: str | os.PathLike, *, image_size: int | tuple[int, i
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise InputError(f"{root}: not a directory")
-    size = _checked_size(image_size)
+    size = checked_image_size(image_size)
     if channels not in (None, 1, 3):
         raise InputError(f"channels: expected 1, 3 or None, got {channels!r}")
     entries = sorted(os.scandir(root), key=lambda entry: entry.name)
@@ -53,7 +53,7 @@ def load_image_folder(root: str | os.PathLike, *, image_size: int | tuple[int, i
 
     candidates = []
     for label, class_name in enumerate(class_names):
-        for relative in _visible_files(root, class_name):
+        for relative, _ in listed_files(root, class_name):
             extension = os.path.splitext(relative)[1].lower()
             if extension in IMAGE_EXTENSIONS:
                 candidates.append((relative, label))
@@ -65,7 +65,7 @@ def load_image_folder(root: str | os.PathLike, *, image_size: int | tuple[int, i
     for relative, label in tqdm(candidates, desc="decoding images", unit="image", disable=not progress):
         path = os.path.join(root, relative)
         try:
-            pixels = _decode(path, size, channels)
+            pixels = decode_image(path, size, channels)
         except Exception as error:  # untrusted files: any decoder failure means "corrupt", not a crash
             skipped.append((path, f"unreadable image: {type(error).__name__}: {error}"))
             continue
@@ -76,7 +76,7 @@ def load_image_folder(root: str | os.PathLike, *, image_size: int | tuple[int, i
                              f"{images[0].shape[1]}x{images[0].shape[0]}; pass image_size to resize all images")
         images.append(pixels)
         labels.append(label)
-        ids.append(PurePath(relative).as_posix())
+        ids.append(relative)
     if not images:
         raise InputError(f"{root}: no readable PNG/JPEG images found ({len(skipped)} files skipped)")
 
@@ -121,7 +121,7 @@ def write_image_folder(dataset: Dataset, root: str | os.PathLike,
         raise
 
 
-def _checked_size(image_size) -> tuple[int, int] | None:
+def checked_image_size(image_size) -> tuple[int, int] | None:
     if image_size is None:
         return None
     size = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else tuple(image_size)
@@ -130,19 +130,24 @@ def _checked_size(image_size) -> tuple[int, int] | None:
     return int(size[0]), int(size[1])
 
 
-def _visible_files(root: str, class_name: str) -> list[str]:
-    """Paths relative to root of the non-hidden files under root/class_name, in a stable order."""
+def listed_files(root: str, class_name: str) -> list[tuple[str, tuple[int, int]]]:
+    """(path relative to root with forward slashes, (size, mtime_ns)) of the non-hidden files under
+    root/class_name, in a stable order: folder by folder, names sorted."""
     found = []
     for directory, subdirectories, names in os.walk(os.path.join(root, class_name)):
         subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
-        found.extend(os.path.relpath(os.path.join(directory, name), root)
-                     for name in sorted(names) if not name.startswith("."))
+        for name in sorted(names):
+            if not name.startswith("."):
+                path = os.path.join(directory, name)
+                stat = os.stat(path)
+                found.append((PurePath(os.path.relpath(path, root)).as_posix(), (stat.st_size, stat.st_mtime_ns)))
     return found
 
 
-def _decode(path: str, size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
-    """H x W (grey) or H x W x 3 (colour) uint8 pixels of the image at path."""
-    with Image.open(path, formats=_DECODERS) as image:
+def decode_image(file, size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
+    """H x W (grey) or H x W x 3 (colour) uint8 pixels of the PNG/JPEG image in `file` (a path or a
+    binary file object); only the PNG and JPEG decoders may run on these untrusted bytes."""
+    with Image.open(file, formats=_DECODERS) as image:
         image.load()
         if image.mode.startswith("I;16"):
             # Pillow clips 16-bit values at 255 when converting to L; scale them to 8 bits instead.

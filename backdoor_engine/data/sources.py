@@ -1,4 +1,4 @@
-"""open_dataset: one string (a CLI --data value) names any supported dataset source."""
+"""open_dataset / open_source: one string (a CLI --data value) names any supported dataset source."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import os
 import warnings
 
 from backdoor_engine.data.cifar import find_cifar10_binary_dir, load_cifar10_binary, load_foolbox_cifar10_samples
-from backdoor_engine.data.dataset import Dataset, load_npz
+from backdoor_engine.data.dataset import Dataset, load_npz, make_dataset
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
+from backdoor_engine.data.folder_source import ImageFolderSource
 from backdoor_engine.data.image_folder import load_image_folder
+from backdoor_engine.data.source import ArraySource, Source
+from backdoor_engine.data.tar_shards import TarShardSource
 from backdoor_engine.errors import InputError
 
 _SPLITS = ("train", "test")
@@ -20,6 +23,7 @@ def describe_sources() -> str:
     return "\n".join((
         "  PATH.npz               dataset npz (x uint8 NxHxWxC, y int64; optional ids, poison)",
         "  DIR                    image folder DIR/<class>/<image>.png|jpg, or CIFAR-10 binary batches",
+        "  DIR | PATH.tar         WebDataset-style tar shards (DIR/*.tar): members <key>.png|jpg + <key>.cls",
         "  cifar10:DIR[:test]     CIFAR-10 binary version in DIR (or DIR/cifar-10-batches-bin)",
         "  fashion-mnist[:test]   Fashion-MNIST from the Debian package dataset-fashion-mnist",
         "  cifar10-samples        the 20 real CIFAR-10 test images shipped with foolbox",
@@ -42,19 +46,55 @@ def open_dataset(spec: str | os.PathLike, *, image_size: int | tuple[int, int] |
     if text.lower().endswith(".npz"):
         _refuse_resize(image_size, text)
         return load_npz(text)
+    if _is_tar_shards(text):
+        return read_all(TarShardSource(text, image_size=image_size))
     if os.path.isdir(text):
         if find_cifar10_binary_dir(text) is not None:
             _refuse_resize(image_size, text)
             return load_cifar10_binary(text, "train")
         result = load_image_folder(text, image_size=image_size)
-        if result.skipped:
-            shown = "\n".join(f"  {path}: {reason}" for path, reason in result.skipped[:_SKIPPED_SHOWN])
-            more = len(result.skipped) - _SKIPPED_SHOWN
-            warnings.warn(f"{text}: skipped {len(result.skipped)} file(s):\n{shown}"
-                          + (f"\n  ... and {more} more" if more > 0 else ""), stacklevel=2)
+        _warn_skipped(text, result.skipped)
         return result.dataset
     raise InputError(f"unknown dataset source {text!r} (not a named set, an existing directory or a .npz path); "
                      f"accepted:\n{describe_sources()}")
+
+
+def open_source(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
+                channels: int | None = None) -> Source:
+    """The source `spec` names, streamed: image folders and tar shards are listed now and decoded
+    range by range (`image_size`, `channels`: every image's output shape); any other spec is
+    loaded into memory by `open_dataset` and wrapped."""
+    text = os.fspath(spec)
+    if _is_tar_shards(text):
+        return TarShardSource(text, image_size=image_size, channels=channels)
+    if os.path.isdir(text) and find_cifar10_binary_dir(text) is None:
+        source = ImageFolderSource(text, image_size=image_size, channels=channels)
+        _warn_skipped(text, source.listing_skipped)
+        return source
+    return ArraySource(open_dataset(text, image_size=image_size))
+
+
+def read_all(source: Source) -> Dataset:
+    """Every readable sample of `source` in memory (unreadable ones warned about and left out)."""
+    batch = source.read(0, len(source))
+    _warn_skipped(getattr(source, "root", "source"), source.listing_skipped + batch.failures)
+    if not len(batch.kept):
+        raise InputError(f"{source.description}: no sample could be read")
+    return make_dataset(batch.x, source.y[batch.kept], ids=source.ids[batch.kept])
+
+
+def _is_tar_shards(text: str) -> bool:
+    if text.lower().endswith(".tar"):
+        return True
+    return os.path.isdir(text) and any(name.endswith(".tar") for name in os.listdir(text))
+
+
+def _warn_skipped(where: str, skipped: list[tuple[str, str]]) -> None:
+    if skipped:
+        shown = "\n".join(f"  {path}: {reason}" for path, reason in skipped[:_SKIPPED_SHOWN])
+        more = len(skipped) - _SKIPPED_SHOWN
+        warnings.warn(f"{where}: skipped {len(skipped)} file(s):\n{shown}"
+                      + (f"\n  ... and {more} more" if more > 0 else ""), stacklevel=3)
 
 
 def _path_and_split(rest: str) -> tuple[str, str]:

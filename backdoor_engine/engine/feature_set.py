@@ -17,8 +17,8 @@ CAPTURES = ("bn_minima", "penultimate", "logits")
 class FeatureSet:
     """Per-sample features keyed by id; a capture that was not asked for is None.
 
-    bn_minima: [N, layout.num_columns] float32, the per-channel BN minima of every BatchNorm2d
-    (`layout.per_layer(bn_minima)` is the official one-column-per-layer feature).
+    bn_minima: [N, layout.num_columns] float32 (float16 from a float16 store), the per-channel BN
+    minima of every BatchNorm2d (`layout.per_layer(bn_minima)` is the official one-column-per-layer feature).
     penultimate: [N, D] float32 input of the classifier head; logits: [N, K] float32.
     metadata: fingerprints of model and dataset, preprocessing and run settings, timings.
     """
@@ -40,8 +40,10 @@ class FeatureSet:
             raise InputError("bn_minima and its layout come together: give both or neither")
         for name in CAPTURES:
             values = getattr(self, name)
-            if values is not None and (values.ndim != 2 or values.shape[0] != n or values.dtype != np.float32):
-                raise InputError(f"{name} must be float32 [N={n}, columns], got {values.dtype} {values.shape}")
+            if values is not None and (values.ndim != 2 or values.shape[0] != n
+                                       or values.dtype not in (np.float32, np.float16)):
+                raise InputError(f"{name} must be float32 or float16 [N={n}, columns], got {values.dtype} "
+                                 f"{values.shape}")
         if self.bn_minima is not None and self.bn_minima.shape[1] != self.layout.num_columns:
             raise InputError(f"bn_minima has {self.bn_minima.shape[1]} columns, its layout "
                              f"{self.layout.num_columns}")

@@ -1,0 +1,137 @@
+"""Sources: datasets read range by range, so a scan never holds every image in memory.
+
+A source knows its samples' ids and labels up front (from a file listing or a shard index) and
+decodes images only when a range is read. Ids are stable across runs (paths, shard/key names), so
+a feature store written by one run is resumed by the next. A sample that cannot be decoded is not
+an error: the range comes back without it and the failure is listed with its id and the reason.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from backdoor_engine.data.dataset import Dataset
+from backdoor_engine.errors import InputError
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The readable samples of one range: pixels x [m, H, W, C] uint8 and their source positions
+    `kept` [m]; `failures` lists (id, reason) of the samples of the range that could not be read."""
+
+    x: np.ndarray
+    kept: np.ndarray
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+class BatchBuilder:
+    """Collects the decoded samples of one range into a Batch; a sample whose decoding raises, or
+    that decodes to another size, becomes a failure with its reason instead of an error."""
+
+    def __init__(self, image_shape: tuple[int, int, int], capacity: int):
+        self.image_shape = image_shape
+        self.x = np.empty((capacity, *image_shape), np.uint8)
+        self.kept, self.failures = [], []
+
+    def add(self, position: int, sample_id, decode) -> None:
+        """Decode one sample by calling `decode()` (H x W or H x W x C uint8 pixels)."""
+        height, width, channels = self.image_shape
+        try:
+            pixels = decode()
+        except Exception as error:  # untrusted bytes: any decoder failure means "corrupt", not a crash
+            self.failures.append((str(sample_id), f"unreadable image: {type(error).__name__}: {error}"))
+            return
+        if pixels.shape[:2] != (height, width):
+            self.failures.append((str(sample_id), f"image is {pixels.shape[1]}x{pixels.shape[0]} (WxH), expected "
+                                  f"{width}x{height}; pass image_size to resize every image"))
+            return
+        self.x[len(self.kept)] = pixels.reshape(height, width, channels)
+        self.kept.append(position)
+
+    def batch(self) -> Batch:
+        return Batch(self.x[:len(self.kept)], np.array(self.kept, dtype=np.int64), self.failures)
+
+
+class Source(ABC):
+    """Samples with stable ids and labels; pixels decoded on demand, every image H x W x C.
+
+    Subclasses set `ids` [N], `y` [N] int64, `image_shape` (H, W, C), `class_names` and
+    `listing_skipped` ((path, reason) of files left out before any decoding, e.g. a wrong extension).
+    `poison` (0/1 ground truth, metrics only) is None unless the source carries it.
+    """
+
+    ids: np.ndarray
+    y: np.ndarray
+    image_shape: tuple[int, int, int]
+    class_names: tuple[str, ...] = ()
+    listing_skipped: list[tuple[str, str]] = []
+    poison: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_classes(self) -> int:
+        return max(len(self.class_names), int(self.y.max()) + 1)
+
+    @abstractmethod
+    def read(self, start: int, stop: int) -> Batch:
+        """Decode samples [start, stop)."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A hash that changes when the samples (ids, labels, files) change; a resume compares it."""
+
+    @property
+    def description(self) -> str:
+        return f"{type(self).__name__}(n={len(self)}, image_shape={self.image_shape})"
+
+    def images(self, positions) -> np.ndarray:
+        """Pixels of the samples at `positions` (for a report's montage); an unreadable one is black."""
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.zeros((len(positions), *self.image_shape), np.uint8)
+        for row, position in enumerate(positions.tolist()):
+            batch = self.read(position, position + 1)
+            if len(batch.kept):
+                out[row] = batch.x[0]
+        return out
+
+    def check_range(self, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= len(self):
+            raise InputError(f"range [{start}, {stop}) is outside this source's {len(self)} samples")
+
+
+class ArraySource(Source):
+    """An in-memory Dataset seen as a source (nothing to decode, nothing fails)."""
+
+    def __init__(self, dataset: Dataset):
+        if not isinstance(dataset, Dataset):
+            raise InputError(f"dataset: expected a Dataset, got {type(dataset).__name__}")
+        self.dataset = dataset
+        self.ids, self.y, self.poison = dataset.ids, dataset.y, dataset.poison
+        self.image_shape = dataset.image_shape
+        self.listing_skipped = []
+
+    def read(self, start: int, stop: int) -> Batch:
+        self.check_range(start, stop)
+        return Batch(self.dataset.x[start:stop], np.arange(start, stop, dtype=np.int64))
+
+    def images(self, positions) -> np.ndarray:
+        return self.dataset.x[np.asarray(positions, dtype=np.int64)]
+
+    def fingerprint(self) -> str:
+        from backdoor_engine.engine.fingerprint import dataset_fingerprint
+
+        return dataset_fingerprint(self.dataset)
+
+
+def as_source(data) -> Source:
+    """A Source as is; a Dataset wrapped in an ArraySource."""
+    if isinstance(data, Source):
+        return data
+    if isinstance(data, Dataset):
+        return ArraySource(data)
+    raise InputError(f"data must be a backdoor_engine.data.Dataset or Source, got {type(data).__name__}")

@@ -1,0 +1,196 @@
+"""WebDataset-style tar shards as a Source, and a writer for them.
+
+A shard is a plain (uncompressed) tar whose members are grouped into samples by key, WebDataset's
+convention: "dir/n01440764_10026.jpg" and "dir/n01440764_10026.cls" are the image and the label
+of sample "dir/n01440764_10026" (the key is the member path up to the first dot of its file name).
+The label member holds the class id as decimal text. The index (where each image's bytes lie) is
+built once from the tar headers, so a range is read by seeking, never by unpacking a shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import posixpath
+import secrets
+import shutil
+import tarfile
+
+import numpy as np
+from PIL import Image
+
+from backdoor_engine.data.dataset import Dataset
+from backdoor_engine.data.image_folder import checked_image_size, decode_image
+from backdoor_engine.data.source import Batch, BatchBuilder, Source
+from backdoor_engine.errors import InputError
+
+IMAGE_SUFFIXES = ("png", "jpg", "jpeg")
+LABEL_SUFFIX = "cls"
+
+
+class TarShardSource(Source):
+    """Every sample of the shards `path` names: a .tar file, or a directory whose *.tar files are
+    taken in sorted name order. Ids are "<shard file name>/<key>". Every image comes out image_size
+    with `channels` channels; unset, both come from the first readable image. Samples without an
+    image or a readable label are listed in `listing_skipped`; undecodable images fail on read."""
+
+    def __init__(self, path: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
+                 channels: int | None = None):
+        path = os.path.abspath(os.fspath(path))
+        if os.path.isdir(path):
+            names = sorted(name for name in os.listdir(path) if name.endswith(".tar") and not name.startswith("."))
+            self.shards = tuple(os.path.join(path, name) for name in names)
+        elif os.path.isfile(path) and path.endswith(".tar"):
+            self.shards = (path,)
+        else:
+            raise InputError(f"{path}: expected a .tar shard or a directory of .tar shards")
+        if not self.shards:
+            raise InputError(f"{path}: no .tar shards in this directory")
+        if channels not in (None, 1, 3):
+            raise InputError(f"channels: expected 1, 3 or None, got {channels!r}")
+        self._size, self._channels = checked_image_size(image_size), channels
+        self.listing_skipped = []
+        ids, labels, where = [], [], []
+        for shard_index, shard in enumerate(self.shards):
+            for key, label, offset, size in self._index_shard(shard):
+                ids.append(f"{os.path.basename(shard)}/{key}")
+                labels.append(label)
+                where.append((shard_index, offset, size))
+        if not ids:
+            raise InputError(f"{path}: no sample with both an image ({', '.join(IMAGE_SUFFIXES)}) and a "
+                             f".{LABEL_SUFFIX} label in {len(self.shards)} shard(s)")
+        self.ids = np.array(ids, dtype=str)
+        self.y = np.array(labels, dtype=np.int64)
+        self._where = np.array(where, dtype=np.int64)  # (shard, data offset, size) per sample
+        self.image_shape = self._first_image_shape()
+
+    def read(self, start: int, stop: int) -> Batch:
+        self.check_range(start, stop)
+        builder = BatchBuilder(self.image_shape, stop - start)
+        open_shard, file = None, None
+        try:
+            for position in range(start, stop):
+                shard, offset, size = (int(v) for v in self._where[position])
+                if shard != open_shard:
+                    if file is not None:
+                        file.close()
+                    file, open_shard = open(self.shards[shard], "rb"), shard
+                file.seek(offset)
+                data = file.read(size)
+                builder.add(position, self.ids[position], lambda: self._decode(data, self.image_shape[2]))
+        finally:
+            if file is not None:
+                file.close()
+        return builder.batch()
+
+    def fingerprint(self) -> str:
+        """Hash of each shard's name, size and modification time, and of the index (ids, labels,
+        offsets) and the output shape; the image bytes are not read."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"tar-shards|{self.image_shape}|{self._size}|{self._channels}".encode())
+        for shard in self.shards:
+            stat = os.stat(shard)
+            digest.update(f"{os.path.basename(shard)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        for array in (self.ids, self.y, self._where):
+            digest.update(f"{array.dtype.str}|{array.shape}".encode())
+            digest.update(np.ascontiguousarray(array))
+        return digest.hexdigest()
+
+    def _decode(self, data: bytes, channels: int | None) -> np.ndarray:
+        return decode_image(io.BytesIO(data), self._size, channels)
+
+    def _first_image_shape(self) -> tuple[int, int, int]:
+        if self._size is not None and self._channels is not None:
+            return (*self._size, self._channels)
+        for position in range(len(self.ids)):
+            shard, offset, size = (int(v) for v in self._where[position])
+            with open(self.shards[shard], "rb") as file:
+                file.seek(offset)
+                try:
+                    pixels = self._decode(file.read(size), self._channels)
+                except Exception:  # noqa: BLE001 - listed as a failure when its range is read
+                    continue
+            return (*pixels.shape[:2], 1 if pixels.ndim == 2 else 3)
+        raise InputError(f"none of the {len(self.ids)} images in the shards can be decoded")
+
+    def _index_shard(self, shard: str) -> list[tuple[str, int, int, int]]:
+        """(key, label, data offset, size) of each complete sample of one shard, in member order."""
+        images, labels, order = {}, {}, []
+        name = os.path.basename(shard)
+        try:
+            with tarfile.open(shard, mode="r:") as tar:  # "r:" refuses compression: members must be seekable
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    directory, base = posixpath.split(member.name)
+                    stem, _, suffix = base.partition(".")
+                    key, suffix = posixpath.join(directory, stem), suffix.lower()
+                    if key not in images and key not in labels:
+                        order.append(key)
+                    if suffix in IMAGE_SUFFIXES:
+                        images[key] = (member.offset_data, member.size)
+                    elif suffix == LABEL_SUFFIX:
+                        labels[key] = _label(tar.extractfile(member).read(64))
+        except tarfile.ReadError as error:
+            # A truncated or foreign file: keep what was indexed before the damage, list the shard.
+            self.listing_skipped.append((shard, f"not a readable uncompressed tar from member {len(order)} on: "
+                                                f"{error}"))
+        samples = []
+        for key in order:
+            label = labels.get(key)
+            if key not in images or not isinstance(label, int):
+                reason = ("no image member" if key not in images else f"no .{LABEL_SUFFIX} member" if key not in labels
+                          else f".{LABEL_SUFFIX} is not a class id >= 0: {label}")
+                self.listing_skipped.append((f"{name}/{key}", reason))
+                continue
+            samples.append((key, label, *images[key]))
+        return samples
+
+
+def _label(text: bytes) -> int | str:
+    """The class id in a label member, or the text itself (for the skip reason) when it is not one."""
+    stripped = text.strip()
+    return int(stripped) if stripped.isdigit() else repr(stripped[:20])
+
+
+def write_tar_shards(dataset: Dataset, directory: str | os.PathLike, *, shard_size: int = 10000,
+                     image_format: str = "png") -> list[str]:
+    """Write `dataset` as shards `directory/shard-000000.tar` ... (`shard_size` samples each), every
+    sample an image member "<key>.png" (or .jpg, quality 95) and a "<key>.cls" label, keys the
+    zero-padded row numbers. Built in a temporary folder and renamed into place; returns the paths."""
+    if not isinstance(dataset, Dataset):
+        raise InputError(f"dataset: expected a Dataset, got {type(dataset).__name__}")
+    if image_format not in ("png", "jpg"):
+        raise InputError(f"image_format: expected 'png' or 'jpg', got {image_format!r}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise InputError(f"shard_size: expected an integer >= 1, got {shard_size!r}")
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.lexists(directory):
+        raise InputError(f"{directory}: already exists")
+    staging = os.path.join(os.path.dirname(directory), f".{os.path.basename(directory)}.tmp-{secrets.token_hex(4)}")
+    os.mkdir(staging)
+    width = len(str(len(dataset) - 1))
+    names = []
+    try:
+        for shard, start in enumerate(range(0, len(dataset), shard_size)):
+            names.append(f"shard-{shard:06d}.tar")
+            with tarfile.open(os.path.join(staging, names[-1]), mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for row in range(start, min(start + shard_size, len(dataset))):
+                    image = dataset.x[row]
+                    buffer = io.BytesIO()
+                    Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(
+                        buffer, format="PNG" if image_format == "png" else "JPEG", quality=95)
+                    _add(tar, f"{row:0{width}d}.{image_format}", buffer.getvalue())
+                    _add(tar, f"{row:0{width}d}.{LABEL_SUFFIX}", str(int(dataset.y[row])).encode())
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [os.path.join(directory, name) for name in names]
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
