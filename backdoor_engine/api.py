@@ -142,32 +142,60 @@ class ScanReport:
 METHODS = ("flare", "vbd")
 
 
-def scan(dataset: Dataset, model=None, normalisation=None, *, method: str = "flare", out_dir=None,
-         batch_size: int = 256, store=None, kernel_backend: str = "auto", progress: bool = True,
-         **params) -> ScanReport:
-    """Run a detector over `dataset` and write the report to out_dir (when given).
+def scan(dataset, model=None, normalisation=None, *, method: str = "flare", out_dir=None,
+         batch_size: int = 256, store=None, kernel_backend: str = "auto", workers: int = 0, dtype: str = "float32",
+         executor: str = "local", checkpoint=None, actors: int = 2, progress: bool = True, **params) -> ScanReport:
+    """Run a detector over `dataset` (a Dataset, or a Source streamed from disk) and write the report
+    to out_dir (when given).
 
-    "flare": extract every sample's BN minima from the suspect `model` in one pass, then cluster.
+    "flare": extract every sample's BN minima from the suspect `model` in one pass (`workers`
+    processes decode ahead; with `store`, features go to disk in `dtype` and are memory-mapped back),
+    then cluster: every row up to `exact_max_samples`, beyond that a stratified sample with the rest
+    assigned by kNN vote (methods.flare_sampled). Unreadable images are skipped and listed.
+    executor="ray": the extraction runs on `actors` Ray Data actors, each loading `checkpoint` (the
+    file `model` was loaded from) into the feature store `store` (required); clustering stays here.
     "vbd": needs no suspect model (it trains its own simple models): the same as `extract_triggers`.
     """
     import time
 
+    from .data.source import Source, SourceRows, as_source
     from .engine import extract_features
-    from .methods.flare import Flare
+    from .methods.flare_sampled import SampledFlare
     from .report import build_report, write_report
-    from .report.figures import condensed_tree_png, subspace_search_png
+    from .report.figures import condensed_tree_png, embedding_png, subspace_search_png
 
     if method not in METHODS:
         raise InputError(f"method: expected one of {METHODS}, got {method!r}")
     if method == "vbd":
+        if isinstance(dataset, Source):
+            from .data.sources import read_all
+
+            dataset = read_all(dataset)
         return extract_triggers(dataset, out_dir=out_dir, progress=progress, **params)
     if model is None or normalisation is None:
         raise InputError("method 'flare' scans with the suspect model: pass the model and its normalisation")
+    detector = SampledFlare(**params)  # parameters checked before the long extraction
+    source = as_source(dataset)
     timings = {}
     t0 = time.perf_counter()
-    features = extract_features(model, dataset, normalisation, batch_size=batch_size, store=store,
-                                backend=kernel_backend, progress=progress)
+    if executor == "ray":
+        from .engine.ray_executor import extract_features_ray
+
+        if checkpoint is None or store is None:
+            raise InputError("executor 'ray': give the checkpoint file (each actor loads it) and a feature store")
+        features = extract_features_ray(checkpoint, source, store=store, actors=actors, batch_size=batch_size,
+                                        backend=kernel_backend, dtype=dtype, progress=progress)
+    elif executor == "local":
+        features = extract_features(model, source, normalisation, batch_size=batch_size, store=store,
+                                    backend=kernel_backend, workers=workers, dtype=dtype,
+                                    memory_map=store is not None, progress=progress)
+    else:
+        raise InputError(f"executor: expected 'local' or 'ray', got {executor!r}")
     timings["extract"] = time.perf_counter() - t0
+    skipped = source.listing_skipped + features.metadata["skipped"]
+    skipped_ids = {sample_id for sample_id, _ in features.metadata["skipped"]}
+    kept = np.arange(len(source)) if not skipped_ids else np.flatnonzero(~np.isin(source.ids, list(skipped_ids)))
+    rows = dataset if isinstance(dataset, Dataset) and not skipped_ids else SourceRows(source, kept)
 
     def report_step(step):
         if progress:
@@ -177,19 +205,35 @@ def scan(dataset: Dataset, model=None, normalisation=None, *, method: str = "fla
                   f"{step.seconds:.1f} s)", flush=True)
 
     t0 = time.perf_counter()
-    detector = Flare(**params)
-    detection = detector.fit(features.bn_minima, features.layout, y=dataset.y, progress=report_step)
+    detection = detector.fit(features.bn_minima, features.layout, y=features.y, progress=report_step)
     timings["detect"] = time.perf_counter() - t0
+    notes = []
+    if skipped:
+        shown = "; ".join(f"{sample_id}: {reason}" for sample_id, reason in skipped[:5])
+        notes.append(f"{len(skipped)} file(s) or sample(s) could not be read and were skipped (all listed in "
+                     f"report.json under skipped): {shown}{' ...' if len(skipped) > 5 else ''}")
+    sampled = detection.diagnostics["sampled"]
+    if sampled["n_sample"] < sampled["n_rows"]:
+        notes.append(f"FLARE clustered a stratified sample of {sampled['n_sample']:,} of the {sampled['n_rows']:,} "
+                     f"samples; every other sample took the flag of most of its {sampled['assign_k']} nearest "
+                     "sample rows (score = the flagged share)")
     if out_dir is None:
-        return ScanReport(build_report(detection, dataset, timings_s=timings), detection, features)
+        report = build_report(detection, rows, timings_s=timings)
+        report["skipped"] = [{"id": sample_id, "reason": reason} for sample_id, reason in skipped]
+        return ScanReport(report, detection, features)
+    flare = detector.flare_
     figures = [("Stable-subspace search", subspace_search_png(detection.diagnostics["steps"]))]
-    if detector.condensed_tree_ is not None:
+    if detection.embedding is None and flare.embedding_ is not None:
+        truth = None if rows.poison is None else rows.poison[detector.sample_]
+        figures.append(("2-D embedding of the clustered sample", embedding_png(flare.embedding_, flare.flags_, truth)))
+    if flare.condensed_tree_ is not None:
         d = detection.diagnostics
         marks = {d["split"]["node"]: ("#3b6fb6", "stable cluster (subspace test)")}
         if d.get("flagged_node") is not None:
             marks[d["flagged_node"]] = ("#d64545", "flagged: the more stable cluster")
-        figures.append(("Condensed tree of the chosen subspace", condensed_tree_png(detector.condensed_tree_, marks)))
-    report = write_report(out_dir, detection, dataset, timings_s=timings, figures=figures)
+        figures.append(("Condensed tree of the chosen subspace", condensed_tree_png(flare.condensed_tree_, marks)))
+    report = write_report(out_dir, detection, rows, timings_s=timings, figures=figures, notes=notes,
+                          extra={"skipped": [{"id": sample_id, "reason": reason} for sample_id, reason in skipped]})
     return ScanReport(report, detection, features)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -144,7 +145,8 @@ def cmd_eval(args) -> int:
 
 def cmd_scan(args) -> int:
     from .api import scan
-    from .data.sources import open_dataset
+    from .data.source import ArraySource
+    from .data.sources import open_dataset, open_source
     from .models.checkpoint import load_checkpoint
 
     params = dict(_parse_param(p) for p in args.param)
@@ -166,9 +168,25 @@ def cmd_scan(args) -> int:
                 raise InputError("--device cuda: no CUDA device is available here")
             model = model.cuda()
         params.update(reduce=args.reduce, random_state=42 if args.seed is None else args.seed)
-    dataset = open_dataset(args.data)
-    result = scan(dataset, model, normalisation, method=args.method, out_dir=args.out,
-                  batch_size=args.batch_size, store=args.store, progress=not args.json, **params)
+    if args.method == "vbd":
+        data, store = open_dataset(args.data), args.store
+    else:
+        # Image folders and tar shards stream from disk at the model's input shape; a feature store
+        # (default OUT/features) keeps memory bounded and lets an interrupted scan resume.
+        data = open_source(args.data, image_size=tuple(meta["input_size"]), channels=meta["in_channels"])
+        streamed = not isinstance(data, ArraySource)
+        data = data if streamed else data.dataset
+        store = args.store or (os.path.join(args.out, "features") if streamed else None)
+        if streamed and not args.json:
+            print(f"scan: streaming {len(data):,} samples from {args.data}; features stored in {store}",
+                  file=sys.stderr)
+    if args.executor == "ray":
+        if args.method != "flare":
+            raise InputError("--executor ray runs FLARE's extraction; vbd trains its own models locally")
+        store = store or os.path.join(args.out, "features")
+    result = scan(data, model, normalisation, method=args.method, out_dir=args.out, batch_size=args.batch_size,
+                  store=store, workers=args.workers, dtype=args.dtype, executor=args.executor,
+                  checkpoint=args.model, actors=args.actors, progress=not args.json, **params)
     _print_scan_result(result, args)
     return 0
 
@@ -248,6 +266,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engine.prefetch import default_workers
+
     parser = argparse.ArgumentParser(prog="backdoor-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -300,9 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help="flare: UMAP random state [official 42]; vbd: seed of splits and training [official 0]")
     p.add_argument("--batch-size", type=int, default=256, help="extraction batch size [256]")
-    p.add_argument("--store", help="feature store folder: an interrupted scan resumes from its last finished chunk")
+    p.add_argument("--store", help="feature store folder: an interrupted scan resumes from its last finished chunk "
+                                   "[OUT/features for image folders and tar shards, none for in-memory sets]")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help=f"processes decoding images ahead of the model (image folders, tar shards) "
+                        f"[{default_workers()} here: one per core beyond the first, at most 8]")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="where extraction runs: this process, or Ray Data actors on the cluster `ray` connects to "
+                        "(RAY_ADDRESS; a local one otherwise; needs the ray extra) [local]")
+    p.add_argument("--actors", type=int, default=2, help="Ray actors, one model each (--executor ray) [2]")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="feature store precision; float16 halves its size [float32]")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="detector parameter, repeatable (e.g. xi=0.02, min_cluster_size=100, noise_rule=nearest)")
+                   help="detector parameter, repeatable (e.g. xi=0.02, min_cluster_size=100, noise_rule=nearest, "
+                        "exact_max_samples=100000, sample_size=50000)")
     p.add_argument("--json", action="store_true", help="print the whole report.json, no progress output")
     p.set_defaults(func=cmd_scan)
 

@@ -93,3 +93,58 @@ def test_purify_refuses_a_report_of_another_dataset(tmp_path, poisoned_and_model
     assert main(["purify", "--data", str(poisoned), "--model", str(model), "--report", str(report),
                  "--out", str(out)]) == 2
     assert "another dataset" in capsys.readouterr().err
+
+
+def _append_corrupt_sample(shard):
+    import io
+    import tarfile
+
+    with tarfile.open(shard, "a") as tar:
+        for name, data in (("zzzz.png", b"\x89PNG\r\n\x1a\n truncated"), ("zzzz.cls", b"3")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_streamed_scan_of_tar_shards_flags_what_the_in_memory_scan_flags_and_lists_the_corrupt_file(
+        tmp_path, poisoned_and_model, capsys):
+    from backdoor_engine.data import write_tar_shards
+
+    poisoned, model = poisoned_and_model
+    dataset = load_npz(poisoned)
+    shards = write_tar_shards(dataset, tmp_path / "shards", shard_size=600)
+    _append_corrupt_sample(shards[-1])
+    settings = ["--param", "max_dropped_layers=1", "--param", "min_cluster_size=50", "--json"]
+    assert main(["scan", "--data", str(poisoned), "--model", str(model), "--out", str(tmp_path / "a"), *settings]) == 0
+    assert main(["scan", "--data", str(tmp_path / "shards"), "--model", str(model), "--out", str(tmp_path / "b"),
+                 "--workers", "1", "--dtype", "float32", *settings]) == 0
+    capsys.readouterr()
+    in_memory = json.loads((tmp_path / "a" / "report.json").read_text())
+    streamed = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert streamed["n_samples"] == 1500
+    assert streamed["skipped"] == [{"id": "shard-000002.tar/zzzz", "reason": streamed["skipped"][0]["reason"]}]
+    assert "unreadable image" in streamed["skipped"][0]["reason"]
+    # Lossless PNG shards, the same model: the same samples flagged, named by shard and key.
+    assert sorted(int(name.split("/")[1]) for name in streamed["flagged"]) == sorted(in_memory["flagged"])
+    assert (tmp_path / "b" / "features" / "manifest.json").exists()
+    assert "could not be read and were skipped" in (tmp_path / "b" / "report.html").read_text()
+
+
+def test_a_streamed_image_folder_scan_clusters_a_sample_and_says_so(tmp_path, poisoned_and_model, capsys):
+    from backdoor_engine.data import write_image_folder
+
+    poisoned, model = poisoned_and_model
+    write_image_folder(load_npz(poisoned), tmp_path / "folder")
+    out = tmp_path / "r"
+    assert main(["scan", "--data", str(tmp_path / "folder"), "--model", str(model), "--out", str(out), "--json",
+                 "--dtype", "float16", "--param", "max_dropped_layers=1", "--param", "min_cluster_size=50",
+                 "--param", "exact_max_samples=1000", "--param", "sample_size=1000"]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_samples"] == 1500 and report["skipped"] == []
+    assert report["diagnostics"]["sampled"]["n_sample"] == 1000
+    page = (out / "report.html").read_text()
+    assert "clustered a stratified sample of 1,000 of the 1,500" in page
+    assert "2-D embedding of the clustered sample" in page
+    rows = list(csv.DictReader((out / "samples.csv").open()))
+    assert len(rows) == 1500 and all(0.0 <= float(r["score"]) <= 1.0 for r in rows)

@@ -55,6 +55,10 @@ class Dataset:
         """(H, W, C) of every image."""
         return tuple(int(s) for s in self.x.shape[1:])
 
+    def images(self, rows) -> np.ndarray:
+        """Pixels of the samples at `rows` (what report writers ask of any sample table)."""
+        return self.x[np.asarray(rows, dtype=np.int64)]
+
     def subset(self, index) -> Dataset:
         """The samples at `index` (integer positions, a boolean mask of length N, or a slice)."""
         if isinstance(index, slice):

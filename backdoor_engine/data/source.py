@@ -8,6 +8,7 @@ an error: the range comes back without it and the failure is listed with its id 
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -126,6 +127,47 @@ class ArraySource(Source):
         from backdoor_engine.engine.fingerprint import dataset_fingerprint
 
         return dataset_fingerprint(self.dataset)
+
+
+class SourceRange(Source):
+    """Rows [start, stop) of another source, as a source of their own (one scale-out work item)."""
+
+    def __init__(self, source: Source, start: int, stop: int):
+        source.check_range(start, stop)
+        self.source, self.start = source, int(start)
+        self.ids, self.y = source.ids[start:stop], source.y[start:stop]
+        self.poison = None if source.poison is None else source.poison[start:stop]
+        self.image_shape, self.listing_skipped = source.image_shape, []
+
+    def read(self, start: int, stop: int) -> Batch:
+        self.check_range(start, stop)
+        batch = self.source.read(self.start + start, self.start + stop)
+        return Batch(batch.x, batch.kept - self.start, batch.failures)
+
+    def fingerprint(self) -> str:
+        """The range and its rows' ids and labels (pixels unread, as the streamed sources do)."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{type(self.source).__name__}|{self.image_shape}|{self.start}|{len(self)}".encode())
+        for array in (self.ids, self.y):
+            digest.update(f"{array.dtype.str}".encode())
+            digest.update(np.ascontiguousarray(array))
+        return digest.hexdigest()
+
+
+class SourceRows:
+    """The rows of `source` a scan kept (positions into the source, in order), seen as a table:
+    ids, y, poison and, on demand, images; what the report writers read instead of a Dataset."""
+
+    def __init__(self, source: Source, positions: np.ndarray):
+        self.source, self.positions = source, np.asarray(positions, dtype=np.int64)
+        self.ids, self.y = source.ids[self.positions], source.y[self.positions]
+        self.poison = None if source.poison is None else source.poison[self.positions]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def images(self, rows) -> np.ndarray:
+        return self.source.images(self.positions[np.asarray(rows, dtype=np.int64)])
 
 
 def as_source(data) -> Source:

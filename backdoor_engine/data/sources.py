@@ -62,8 +62,8 @@ def open_dataset(spec: str | os.PathLike, *, image_size: int | tuple[int, int] |
 def open_source(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
                 channels: int | None = None) -> Source:
     """The source `spec` names, streamed: image folders and tar shards are listed now and decoded
-    range by range (`image_size`, `channels`: every image's output shape); any other spec is
-    loaded into memory by `open_dataset` and wrapped."""
+    range by range (`image_size`, `channels`: every image's output shape, e.g. the model's input);
+    any other spec is loaded into memory by `open_dataset` as it is and wrapped."""
     text = os.fspath(spec)
     if _is_tar_shards(text):
         return TarShardSource(text, image_size=image_size, channels=channels)
@@ -71,7 +71,7 @@ def open_source(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | 
         source = ImageFolderSource(text, image_size=image_size, channels=channels)
         _warn_skipped(text, source.listing_skipped)
         return source
-    return ArraySource(open_dataset(text, image_size=image_size))
+    return ArraySource(open_dataset(text))
 
 
 def read_all(source: Source) -> Dataset:

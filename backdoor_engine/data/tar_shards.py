@@ -98,7 +98,7 @@ class TarShardSource(Source):
         return digest.hexdigest()
 
     def _decode(self, data: bytes, channels: int | None) -> np.ndarray:
-        return decode_image(io.BytesIO(data), self._size, channels)
+        return decode_image(_MemberBytes(data), self._size, channels)
 
     def _first_image_shape(self) -> tuple[int, int, int]:
         if self._size is not None and self._channels is not None:
@@ -146,6 +146,14 @@ class TarShardSource(Source):
                 continue
             samples.append((key, label, *images[key]))
         return samples
+
+
+class _MemberBytes(io.BytesIO):
+    """A member's bytes; its repr (which decoder errors quote) does not carry a memory address, so
+    the reason a sample was skipped reads the same in every run and every process."""
+
+    def __repr__(self) -> str:
+        return "<image member bytes>"
 
 
 def _label(text: bytes) -> int | str:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from backdoor_engine import __version__
 from backdoor_engine.data import Dataset
-from backdoor_engine.data.source import Source, as_source
+from backdoor_engine.data.source import ArraySource, Source, as_source
 from backdoor_engine.engine.feature_set import FeatureSet
 from backdoor_engine.engine.feature_store import (
     DEFAULT_CHUNK_SIZE,
@@ -49,7 +49,8 @@ def extract_features(model: nn.Module, data: Dataset | Source, normalisation: No
     capture: any of "bn_minima", "penultimate", "logits". backend: the bn_minima kernel ("auto",
     "cpp", "torch"). head: the module whose input/output are the penultimate features/logits.
     The data is processed in chunks of `chunk_size` rows, batches of `batch_size` within each;
-    `workers` processes decode the batches ahead of the model (0: decode in this process).
+    `workers` processes decode the batches ahead of the model (0: decode in this process; an
+    in-memory Dataset has nothing to decode and never uses them).
     A sample its source cannot decode is left out and listed in metadata["skipped"] (id, reason).
     With `store` (a directory), every finished chunk is written there in `dtype` ("float32" or
     "float16") and a rerun with the same model, data and settings skips the finished chunks
@@ -90,8 +91,8 @@ def extract_features(model: nn.Module, data: Dataset | Source, normalisation: No
     try:
         with torch.no_grad(), _memory_format(model, channels_last), probes:
             columns = _columns_of_one_sample(run_batch, source)
-            run = functools.partial(_run_chunks, run_batch, source, batch_size=batch_size, workers=workers,
-                                    progress=progress)
+            run = functools.partial(_run_chunks, run_batch, source, batch_size=batch_size,
+                                    workers=0 if isinstance(source, ArraySource) else workers, progress=progress)
             if store is None:
                 return _extract_in_memory(run, source, columns, probes.layout, chunk_size, metadata)
             return _extract_into_store(run, source, columns, probes.layout, chunk_size, metadata, store, dtype,

@@ -70,12 +70,14 @@ img{{max-width:100%}}.note{{background:#fff8e1;border-left:4px solid #f0b429;pad
 
 def write_report(out_dir: str | Path, detection: Detection, dataset: Dataset, *, timings_s: dict,
                  figures: list[tuple[str, bytes]] = (), notes: list[str] = (), include_scores: bool = False,
-                 montage_size: int = 32) -> dict:
-    """Write the three report files; returns the report dict (what report.json holds). `notes` are shown
-    at the top of the HTML (e.g. why nothing was flagged)."""
+                 montage_size: int = 32, extra: dict | None = None) -> dict:
+    """Write the three report files; returns the report dict (what report.json holds). `dataset` is any
+    sample table (ids, y, poison, images(rows)): a Dataset or the kept rows of a streamed source.
+    `notes` are shown at the top of the HTML (e.g. why nothing was flagged); `extra` adds top-level
+    report fields (e.g. the skipped files)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = build_report(detection, dataset, timings_s=timings_s, include_scores=include_scores)
+    report = {**build_report(detection, dataset, timings_s=timings_s, include_scores=include_scores), **(extra or {})}
     all_figures = []
     if detection.embedding is not None:
         all_figures.append(("2-D embedding", embedding_png(detection.embedding, detection.flags, dataset.poison)))
@@ -84,7 +86,7 @@ def write_report(out_dir: str | Path, detection: Detection, dataset: Dataset, *,
     if len(shown):
         titles = [f"{dataset.ids[i]} y={dataset.y[i]}" + ("" if detection.scores is None else
                                                           f" s={detection.scores[i]:.3g}") for i in shown]
-        all_figures.append(("Most suspicious samples", montage_png(dataset.x[shown], titles)))
+        all_figures.append(("Most suspicious samples", montage_png(dataset.images(shown), titles)))
     write_json_atomic(out_dir / "report.json", report)
     with atomic_write(out_dir / "samples.csv", "w") as f:
         f.write(samples_csv(detection, dataset))

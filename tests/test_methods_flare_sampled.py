@@ -1,0 +1,110 @@
+"""FLARE at scale: stratified sample, projection, FAISS assignment, and agreement with FLARE on every row."""
+
+import numpy as np
+import pytest
+
+from backdoor_engine.cluster.assign import ReferenceIndex, vote
+from backdoor_engine.cluster.projection import fit_projection, project_rows
+from backdoor_engine.engine import FeatureLayout
+from backdoor_engine.errors import InputError
+from backdoor_engine.methods.flare import Flare, subspace_matrix
+from backdoor_engine.methods.flare_sampled import SampledFlare, stratified_sample, subspace_columns
+
+LAYOUT = FeatureLayout(("bn1", "bn2", "bn3"), (4, 4, 4))
+
+
+def planted(n_clean, n_poison, seed=0):
+    """A clean blob labelled 0-3 and an all-to-one poison blob relabelled 0, rows shuffled."""
+    rng = np.random.default_rng(seed)
+    features = np.vstack([rng.normal(0, 1, (n_clean, 12)), rng.normal(0, 1, (n_poison, 12)) + 6.0])
+    truth = np.r_[np.zeros(n_clean, bool), np.ones(n_poison, bool)]
+    labels = np.r_[rng.integers(0, 4, n_clean), np.zeros(n_poison, int)]
+    order = rng.permutation(len(truth))
+    return features[order].astype(np.float32), truth[order], labels[order]
+
+
+def test_a_stratified_sample_keeps_every_label_share_and_is_seeded():
+    y = np.r_[np.zeros(700, int), np.ones(200, int), np.full(100, 2)]
+    sample = stratified_sample(y, len(y), 100, 3)
+    assert np.bincount(y[sample]).tolist() == [70, 20, 10]
+    assert np.all(np.diff(sample) > 0)
+    assert np.array_equal(sample, stratified_sample(y, len(y), 100, 3))
+    assert not np.array_equal(sample, stratified_sample(y, len(y), 100, 4))
+    # Rounding: the sizes still add up, the largest remainders get the extra rows.
+    assert len(stratified_sample(y, len(y), 33, 0)) == 33
+    assert np.array_equal(stratified_sample(y, len(y), 5000, 0), np.arange(1000))
+
+
+@pytest.mark.parametrize("reduce", ["channel", "layer"])
+def test_subspace_columns_of_a_chunk_equal_the_detectors_subspace_matrix(reduce):
+    features = np.random.default_rng(0).normal(size=(30, 12)).astype(np.float32)
+    for dropped in range(3):
+        expected = subspace_matrix(features, LAYOUT, dropped, reduce)
+        assert np.array_equal(subspace_columns(LAYOUT, dropped, reduce)(features), expected)
+
+
+def test_projections_applied_in_chunks_equal_one_application_and_keep_distances():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(500, 300)).astype(np.float32)
+    for kind in ("pca", "random"):
+        projection = fit_projection(X[:200], kind, 64, random_state=0)
+        assert np.allclose(project_rows(X, projection, chunk_rows=77), projection.apply(X), atol=1e-5)
+    # Johnson-Lindenstrauss at 256 dimensions: pairwise distances kept within about 20%.
+    projected = fit_projection(X, "random", 256, random_state=0).apply(X)
+    original = np.linalg.norm(X[:100, None] - X[None, 100:200], axis=2)
+    kept = np.linalg.norm(projected[:100, None] - projected[None, 100:200], axis=2)
+    assert np.abs(kept / original - 1).max() < 0.25
+    assert fit_projection(X[:, :10], "pca", 64).kind == "identity"
+    with pytest.raises(InputError, match="projection must be one of"):
+        fit_projection(X, "umap", 8)
+
+
+def test_the_reference_index_finds_the_exact_neighbours_flat_and_nearly_all_with_ivf():
+    rng = np.random.default_rng(0)
+    reference, queries = rng.normal(size=(3000, 16)).astype(np.float32), rng.normal(size=(400, 16)).astype(np.float32)
+    exact = np.argsort(((queries[:, None] - reference[None]) ** 2).sum(2), axis=1)[:, :5]
+    assert np.array_equal(ReferenceIndex(reference, index="flat").search(queries, 5)[:, 0], exact[:, 0])
+    ivf = ReferenceIndex(reference, index="ivf", nlist=50, nprobe=10)
+    found = ivf.search(queries, 5)
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(found, exact)])
+    assert ivf.kind == "ivf" and recall >= 0.85
+    assert np.array_equal(ReferenceIndex(reference, index="ivf", nlist=50, nprobe=50).search(queries, 5), exact)
+    assert vote(np.array([[True, False, True, True]])).tolist() == [0.75]
+
+
+@pytest.fixture(scope="module")
+def planted_exact_and_sampled(tmp_path_factory):
+    features, truth, labels = planted(9000, 1000)
+    # float16 and memory-mapped, as the feature store hands a large scan's features over.
+    path = tmp_path_factory.mktemp("features") / "bn_minima.npy"
+    np.save(path, features.astype(np.float16))
+    stored = np.load(path, mmap_mode="r")
+    exact = Flare().fit(stored.astype(np.float32), LAYOUT, y=labels)
+    sampled = SampledFlare(sample_size=2500, exact_max_samples=0)
+    return truth, exact, sampled, sampled.fit(stored, LAYOUT, y=labels, chunk_rows=999)
+
+
+def test_flags_fit_on_a_sample_agree_with_flare_on_every_row(planted_exact_and_sampled):
+    truth, exact, sampled, detection = planted_exact_and_sampled
+    assert (detection.flags == exact.flags).mean() >= 0.99
+    tpr = (detection.flags & truth).sum() / truth.sum()
+    fpr = (detection.flags & ~truth).sum() / (~truth).sum()
+    assert tpr >= 0.98 and fpr <= 0.01
+    assert len(sampled.sample_) == 2500 and np.array_equal(detection.flags[sampled.sample_], sampled.flare_.flags_)
+    info = detection.diagnostics["sampled"]
+    assert info["n_rows"] == 10000 and info["index"] == "flat" and info["sample_disagreement"] <= 25
+    assert detection.scores[truth].mean() > 0.9 and detection.scores[~truth].mean() < 0.05
+
+
+def test_a_sample_with_nothing_flagged_flags_nothing_and_a_full_sample_is_plain_flare():
+    features = np.random.default_rng(1).normal(size=(3000, 12)).astype(np.float32)
+    labels = np.random.default_rng(2).integers(0, 4, 3000)
+    detection = SampledFlare(sample_size=1000, exact_max_samples=2000).fit(features, LAYOUT, y=labels)
+    assert not detection.flags.any() and not detection.scores.any()
+    small, truth, small_labels = planted(900, 100)
+    whole = SampledFlare(sample_size=100, exact_max_samples=1000).fit(small, LAYOUT, y=small_labels)
+    assert np.array_equal(whole.flags, Flare().fit(small, LAYOUT, y=small_labels).flags)
+    with pytest.raises(InputError, match="unknown FLARE parameter"):
+        SampledFlare(sample_sise=10)
+    with pytest.raises(InputError, match="knn_index"):
+        SampledFlare(knn_index="hnsw")
