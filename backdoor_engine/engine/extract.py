@@ -12,7 +12,7 @@ import functools
 import os
 import time
 from collections.abc import Iterable
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 
 import numpy as np
 import torch
@@ -162,7 +162,8 @@ def _run_chunks(run_batch, source: Source, chunks, buffers_for, chunk_done, *, b
     batches = read_ahead(source, ranges, workers=workers)
     rows = sum(stop - start for _, start, stop in chunks)
     began = time.perf_counter()
-    with tqdm(total=rows, disable=not progress, desc="extract", unit="img") as bar:
+    # closing() stops the decode workers however the loop ends (a model error, a KeyboardInterrupt).
+    with closing(batches), tqdm(total=rows, disable=not progress, desc="extract", unit="img") as bar:
         for index, start, stop in chunks:
             buffers = buffers_for(start, stop)
             kept = np.zeros(stop - start, bool)
@@ -177,7 +178,6 @@ def _run_chunks(run_batch, source: Source, chunks, buffers_for, chunk_done, *, b
                         buffers[name][rows_in_chunk] = values.cpu().numpy()
                 bar.update(len(batch.kept) + len(batch.failures))
             chunk_done(index, start, stop, buffers, kept, failures)
-    batches.close()
     seconds = time.perf_counter() - began
     return {"extracted_samples": rows, "extract_seconds": seconds,
             "images_per_second": rows / seconds if rows else None}

@@ -125,6 +125,7 @@ class SampledFlare:
         self.assigned_share_ = None
         if len(self.sample_) == n:
             self.flags_ = fitted.flags
+            diagnostics["sampled"]["timings_s"] = timings
             fitted.diagnostics = diagnostics
             return fitted
         # With nothing flagged in the sample every vote is 0: no search needed.
