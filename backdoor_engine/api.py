@@ -192,7 +192,7 @@ def scan(dataset, model=None, normalisation=None, *, method: str = "flare", out_
     else:
         raise InputError(f"executor: expected 'local' or 'ray', got {executor!r}")
     timings["extract"] = time.perf_counter() - t0
-    skipped = source.listing_skipped + features.metadata["skipped"]
+    skipped = [*source.listing_skipped, *features.metadata["skipped"]]
     skipped_ids = {sample_id for sample_id, _ in features.metadata["skipped"]}
     kept = np.arange(len(source)) if not skipped_ids else np.flatnonzero(~np.isin(source.ids, list(skipped_ids)))
     rows = dataset if isinstance(dataset, Dataset) and not skipped_ids else SourceRows(source, kept)

@@ -68,7 +68,7 @@ class Source(ABC):
     y: np.ndarray
     image_shape: tuple[int, int, int]
     class_names: tuple[str, ...] = ()
-    listing_skipped: list[tuple[str, str]] = []
+    listing_skipped: tuple[tuple[str, str], ...] | list[tuple[str, str]] = ()
     poison: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -114,7 +114,7 @@ class ArraySource(Source):
         self.dataset = dataset
         self.ids, self.y, self.poison = dataset.ids, dataset.y, dataset.poison
         self.image_shape = dataset.image_shape
-        self.listing_skipped = []
+        self.listing_skipped = ()
 
     def read(self, start: int, stop: int) -> Batch:
         self.check_range(start, stop)
@@ -137,7 +137,7 @@ class SourceRange(Source):
         self.source, self.start = source, int(start)
         self.ids, self.y = source.ids[start:stop], source.y[start:stop]
         self.poison = None if source.poison is None else source.poison[start:stop]
-        self.image_shape, self.listing_skipped = source.image_shape, []
+        self.image_shape, self.listing_skipped = source.image_shape, ()
 
     def read(self, start: int, stop: int) -> Batch:
         self.check_range(start, stop)

@@ -77,7 +77,7 @@ def open_source(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | 
 def read_all(source: Source) -> Dataset:
     """Every readable sample of `source` in memory (unreadable ones warned about and left out)."""
     batch = source.read(0, len(source))
-    _warn_skipped(getattr(source, "root", "source"), source.listing_skipped + batch.failures)
+    _warn_skipped(source.description, [*source.listing_skipped, *batch.failures])
     if not len(batch.kept):
         raise InputError(f"{source.description}: no sample could be read")
     return make_dataset(batch.x, source.y[batch.kept], ids=source.ids[batch.kept])
