@@ -111,3 +111,17 @@ def test_a_streaming_scan_killed_at_random_points_finishes_with_every_sample_exa
     for name in CAPTURE:
         assert np.array_equal(getattr(resumed, name), getattr(fresh, name)), name
     assert not list(store.glob(".*.tmp"))
+
+
+def test_a_float16_store_saturates_values_beyond_its_range_instead_of_storing_infinities(tmp_path):
+    model, dataset = tiny_setup(n=12)
+    header = {"n_samples": 12, "chunk_size": 12, "columns": {"bn_minima": 2}, "ids_dtype": dataset.ids.dtype,
+              "layout": None, "normalisation": {}, "head": None, "model_fingerprint": "m", "dataset_fingerprint": "d"}
+    with FeatureStore.create_or_resume(tmp_path / "s", dtype="float16", **header) as store:
+        values = np.zeros((12, 2), np.float32)
+        values[0] = (-1e6, 70000.0)
+        values[1] = (-123.456, 0.5)
+        store.write_chunk(0, dataset.ids, dataset.y, {"bn_minima": values})
+    stored = FeatureStore.open(tmp_path / "s").read_chunk(0, "bn_minima")
+    assert stored.dtype == np.float16 and np.isfinite(stored).all()
+    assert stored[0].tolist() == [-65504.0, 65504.0] and stored[1].tolist() == [np.float16(-123.456), 0.5]
