@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import numpy as np
 
 from backdoor_engine.data.image_folder import IMAGE_EXTENSIONS, checked_image_size, decode_image, listed_files
-from backdoor_engine.data.source import Batch, BatchBuilder, Source
+from backdoor_engine.data.source import Batch, BatchBuilder, Source, content_digest, output_shape
 from backdoor_engine.errors import InputError
 
 
@@ -52,7 +51,8 @@ class ImageFolderSource(Source):
         self.y = np.array(labels, dtype=np.int64)
         self._stats = np.array(stats, dtype=np.int64).reshape(-1, 2)  # (size, mtime_ns) per file
         self._size, self._channels = size, channels
-        self.image_shape = self._first_image_shape()
+        self.image_shape = output_shape(size, channels, len(self.ids), lambda position: decode_image(
+            os.path.join(self.root, self.ids[position]), size, channels), self.root)
 
     def read(self, start: int, stop: int) -> Batch:
         self.check_range(start, stop)
@@ -66,21 +66,5 @@ class ImageFolderSource(Source):
     def fingerprint(self) -> str:
         """Hash of ids, labels, each file's size and modification time, and the output shape (the
         pixels are not read: hashing a million files would cost as much as scanning them)."""
-        digest = hashlib.blake2b(digest_size=16)
-        digest.update(f"image-folder|{self.image_shape}|{self._size}|{self._channels}".encode())
-        for array in (self.ids, self.y, self._stats):
-            digest.update(f"{array.dtype.str}|{array.shape}".encode())
-            digest.update(np.ascontiguousarray(array))
-        return digest.hexdigest()
-
-    def _first_image_shape(self) -> tuple[int, int, int]:
-        """(H, W, C): image_size and channels when given; otherwise those of the first readable image."""
-        if self._size is not None and self._channels is not None:
-            return (*self._size, self._channels)
-        for relative in self.ids:
-            try:
-                pixels = decode_image(os.path.join(self.root, relative), self._size, self._channels)
-            except Exception:  # noqa: BLE001 - listed as a failure when its range is read
-                continue
-            return (*pixels.shape[:2], 1 if pixels.ndim == 2 else 3)
-        raise InputError(f"{self.root}: none of the {len(self.ids)} image files can be decoded")
+        return content_digest(f"image-folder|{self.image_shape}|{self._size}|{self._channels}",
+                              (self.ids, self.y, self._stats))

@@ -146,12 +146,8 @@ class SourceRange(Source):
 
     def fingerprint(self) -> str:
         """The range and its rows' ids and labels (pixels unread, as the streamed sources do)."""
-        digest = hashlib.blake2b(digest_size=16)
-        digest.update(f"{type(self.source).__name__}|{self.image_shape}|{self.start}|{len(self)}".encode())
-        for array in (self.ids, self.y):
-            digest.update(f"{array.dtype.str}".encode())
-            digest.update(np.ascontiguousarray(array))
-        return digest.hexdigest()
+        return content_digest(f"{type(self.source).__name__}|{self.image_shape}|{self.start}|{len(self)}",
+                              (self.ids, self.y))
 
 
 class SourceRows:
@@ -168,6 +164,33 @@ class SourceRows:
 
     def images(self, rows) -> np.ndarray:
         return self.source.images(self.positions[np.asarray(rows, dtype=np.int64)])
+
+
+def content_digest(header: str, arrays) -> str:
+    """blake2b-128 of `header`, then each array's dtype, shape and bytes in order: what a source's
+    fingerprint hashes (its listing, not its pixels)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(header.encode())
+    for array in arrays:
+        digest.update(f"{array.dtype.str}|{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array))
+    return digest.hexdigest()
+
+
+def output_shape(size: tuple[int, int] | None, channels: int | None, count: int, decode_at,
+                 where: str) -> tuple[int, int, int]:
+    """(H, W, C) every image of a source comes out as: `size` and `channels` when both are given,
+    otherwise those of the first of its `count` samples that `decode_at(position)` decodes (one that
+    cannot be decoded fails later, when its range is read)."""
+    if size is not None and channels is not None:
+        return (*size, channels)
+    for position in range(count):
+        try:
+            pixels = decode_at(position)
+        except Exception:  # noqa: BLE001 - listed as a failure when its range is read
+            continue
+        return (*pixels.shape[:2], 1 if pixels.ndim == 2 else 3)
+    raise InputError(f"{where}: none of the {count} images can be decoded")
 
 
 def as_source(data) -> Source:

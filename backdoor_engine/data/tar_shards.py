@@ -9,7 +9,6 @@ built once from the tar headers, so a range is read by seeking, never by unpacki
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import posixpath
@@ -22,7 +21,7 @@ from PIL import Image
 
 from backdoor_engine.data.dataset import Dataset
 from backdoor_engine.data.image_folder import checked_image_size, decode_image
-from backdoor_engine.data.source import Batch, BatchBuilder, Source
+from backdoor_engine.data.source import Batch, BatchBuilder, Source, content_digest, output_shape
 from backdoor_engine.errors import InputError
 
 IMAGE_SUFFIXES = ("png", "jpg", "jpeg")
@@ -63,7 +62,8 @@ class TarShardSource(Source):
         self.ids = np.array(ids, dtype=str)
         self.y = np.array(labels, dtype=np.int64)
         self._where = np.array(where, dtype=np.int64)  # (shard, data offset, size) per sample
-        self.image_shape = self._first_image_shape()
+        self.image_shape = output_shape(self._size, channels, len(self.ids), lambda position: self._decode(
+            self._member_bytes(position), channels), path)
 
     def read(self, start: int, stop: int) -> Batch:
         self.check_range(start, stop)
@@ -87,32 +87,19 @@ class TarShardSource(Source):
     def fingerprint(self) -> str:
         """Hash of each shard's name, size and modification time, and of the index (ids, labels,
         offsets) and the output shape; the image bytes are not read."""
-        digest = hashlib.blake2b(digest_size=16)
-        digest.update(f"tar-shards|{self.image_shape}|{self._size}|{self._channels}".encode())
-        for shard in self.shards:
-            stat = os.stat(shard)
-            digest.update(f"{os.path.basename(shard)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-        for array in (self.ids, self.y, self._where):
-            digest.update(f"{array.dtype.str}|{array.shape}".encode())
-            digest.update(np.ascontiguousarray(array))
-        return digest.hexdigest()
+        stats = [(os.path.basename(shard), os.stat(shard)) for shard in self.shards]
+        shards = "".join(f"{name}|{stat.st_size}|{stat.st_mtime_ns}" for name, stat in stats)
+        return content_digest(f"tar-shards|{self.image_shape}|{self._size}|{self._channels}{shards}",
+                              (self.ids, self.y, self._where))
 
     def _decode(self, data: bytes, channels: int | None) -> np.ndarray:
         return decode_image(_MemberBytes(data), self._size, channels)
 
-    def _first_image_shape(self) -> tuple[int, int, int]:
-        if self._size is not None and self._channels is not None:
-            return (*self._size, self._channels)
-        for position in range(len(self.ids)):
-            shard, offset, size = (int(v) for v in self._where[position])
-            with open(self.shards[shard], "rb") as file:
-                file.seek(offset)
-                try:
-                    pixels = self._decode(file.read(size), self._channels)
-                except Exception:  # noqa: BLE001 - listed as a failure when its range is read
-                    continue
-            return (*pixels.shape[:2], 1 if pixels.ndim == 2 else 3)
-        raise InputError(f"none of the {len(self.ids)} images in the shards can be decoded")
+    def _member_bytes(self, position: int) -> bytes:
+        shard, offset, size = (int(v) for v in self._where[position])
+        with open(self.shards[shard], "rb") as file:
+            file.seek(offset)
+            return file.read(size)
 
     def _index_shard(self, shard: str) -> list[tuple[str, int, int, int]]:
         """(key, label, data offset, size) of each complete sample of one shard, in member order."""

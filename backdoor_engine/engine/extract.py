@@ -122,11 +122,7 @@ def _extract_in_memory(run, source: Source, columns: dict[str, int], layout, chu
 
 def _extract_into_store(run, source: Source, columns: dict[str, int], layout, chunk_size: int, metadata: dict,
                         store: str | os.PathLike, dtype: str, memory_map: bool) -> FeatureSet:
-    with FeatureStore.create_or_resume(
-            store, n_samples=len(source), chunk_size=chunk_size, columns=columns, ids_dtype=source.ids.dtype,
-            layout=layout, normalisation=metadata["normalisation"], head=metadata["head"],
-            model_fingerprint=metadata["model_fingerprint"], dataset_fingerprint=metadata["dataset_fingerprint"],
-            dtype=dtype) as feature_store:
+    with open_store(store, source, columns, layout, metadata, chunk_size, dtype) as feature_store:
 
         def new_buffers(start: int, stop: int) -> dict[str, np.ndarray]:
             return {name: np.empty((stop - start, count), np.float32) for name, count in columns.items()}
@@ -141,6 +137,18 @@ def _extract_into_store(run, source: Source, columns: dict[str, int], layout, ch
     metadata["skipped"] = stored.metadata["skipped"]
     return FeatureSet(stored.ids, stored.y, stored.layout, stored.bn_minima, stored.penultimate, stored.logits,
                       metadata)
+
+
+def open_store(store: str | os.PathLike, source: Source, columns: dict[str, int], layout, metadata: dict,
+               chunk_size: int, dtype: str) -> FeatureStore:
+    """The feature store for extracting `source`, new or resumed, its header taken from the extraction's
+    `metadata` (normalisation, head, model and dataset fingerprints): every executor writes the same
+    header, so a store begun by one is resumed by another."""
+    return FeatureStore.create_or_resume(
+        store, n_samples=len(source), chunk_size=chunk_size, columns=columns, ids_dtype=source.ids.dtype,
+        layout=layout, normalisation=metadata["normalisation"], head=metadata["head"],
+        model_fingerprint=metadata["model_fingerprint"], dataset_fingerprint=metadata["dataset_fingerprint"],
+        dtype=dtype)
 
 
 def _chunks(n_samples: int, chunk_size: int, skip: Iterable[int]) -> list[tuple[int, int, int]]:

@@ -13,6 +13,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from itertools import islice
 
 from backdoor_engine.data.source import Batch, Source
 from backdoor_engine.errors import InputError
@@ -36,16 +37,11 @@ def read_ahead(source: Source, ranges: Iterable[tuple[int, int]], *, workers: in
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_install, initargs=(source,))
     try:
-        pending, remaining = deque(), iter(ranges)
-        for start, stop in remaining:
-            pending.append(pool.submit(_read, start, stop))
-            if len(pending) == depth:
-                break
+        remaining = iter(ranges)
+        pending = deque(pool.submit(_read, start, stop) for start, stop in islice(remaining, depth))
         while pending:
             batch = pending.popleft().result()
-            for start, stop in remaining:
-                pending.append(pool.submit(_read, start, stop))
-                break
+            pending.extend(pool.submit(_read, start, stop) for start, stop in islice(remaining, 1))
             yield batch
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

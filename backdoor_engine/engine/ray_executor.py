@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from backdoor_engine.data import Dataset
 from backdoor_engine.data.source import Source, SourceRange, as_source
-from backdoor_engine.engine.extract import extract_features
+from backdoor_engine.engine.extract import extract_features, open_store
 from backdoor_engine.engine.feature_set import FeatureSet
 from backdoor_engine.engine.feature_store import DEFAULT_CHUNK_SIZE, FeatureStore, check_feature_dtype
 from backdoor_engine.errors import InputError
@@ -56,12 +56,10 @@ def extract_features_ray(checkpoint: str | os.PathLike, data: Dataset | Source, 
     context.print_on_execution_start = progress
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    with FeatureStore.create_or_resume(
-            store, n_samples=len(source), chunk_size=chunk_size,
-            columns={name: getattr(first, name).shape[1] for name in first.captured}, ids_dtype=source.ids.dtype,
-            layout=first.layout, normalisation=first.metadata["normalisation"], head=first.metadata["head"],
-            model_fingerprint=first.metadata["model_fingerprint"], dataset_fingerprint=source.fingerprint(),
-            dtype=dtype) as feature_store:
+    columns = {name: getattr(first, name).shape[1] for name in first.captured}
+    # The first rows' metadata carries the model's fingerprint and settings; the dataset is the whole source.
+    metadata = {**first.metadata, "dataset_fingerprint": source.fingerprint()}
+    with open_store(store, source, columns, first.layout, metadata, chunk_size, dtype) as feature_store:
         pending = [index for index in range(feature_store.num_chunks) if index not in feature_store.finished_chunks]
         if pending:
             items = [{"index": index} for index in pending]

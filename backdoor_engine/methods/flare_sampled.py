@@ -132,9 +132,10 @@ class SampledFlare:
         if fitted.flags.any():
             began = time.perf_counter()
             columns = subspace_columns(layout, self.flare_.subspace_, self.flare_.params.reduce)
-            projection = fit_projection(columns(sample), self.sampled.projection,
-                                        self.sampled.projection_components, seed)
-            index = ReferenceIndex(projection.apply(columns(sample)), index=self.sampled.knn_index,
+            sample_columns = columns(sample)
+            projection = fit_projection(sample_columns, self.sampled.projection, self.sampled.projection_components,
+                                        seed)
+            index = ReferenceIndex(projection.apply(sample_columns), index=self.sampled.knn_index,
                                    nprobe=self.sampled.nprobe, random_state=seed)
             timings["index"] = time.perf_counter() - began
             began = time.perf_counter()
