@@ -48,56 +48,35 @@ def test_hand_tree_start_and_walk(hand_tree):
     assert cluster.lambda_gaps(hand_tree, 10, depth=1) == [Split(10, 11, 1.0, 6, 1.0)]
 
 
-@pytest.mark.parametrize(
-    "xi, depth, child",
-    [
-        (1.5, 3, 13),  # first step already exceeds xi
-        (0.5, 3, 13),
-        (2.0, 3, None),  # strictly greater: a gap equal to xi is not a drop
-        (0.9, 1, 13),
-        (2.5, 3, None),  # no step exceeds; the walk stops at a childless sample instead of crashing
-    ],
-)
-def test_hand_tree_first_large_drop(hand_tree, xi, depth, child):
-    split = cluster.first_large_drop(hand_tree, 11, xi, depth)
-    assert (split.child if split else None) == child
-
-
-def test_second_step_drop_can_be_a_single_sample():
+def test_second_step_of_the_walk_can_be_a_single_sample():
     # Root 10 -> 11 (9 samples) at 1; 11 -> 12 (5) and 13 (4) at 1.2; 12's samples leave at 4..6.
     rows = [(10, 11, 1.0, 9), (10, 9, 1.0, 1), (11, 12, 1.2, 5), (11, 13, 1.2, 4)]
     rows += [(12, sample, 4.0 + 0.5 * sample, 1) for sample in range(5)]
     rows += [(13, sample, 2.0, 1) for sample in range(5, 9)]
     tree = tree_from_rows(rows)
     # Gap 0.2 at the first step, then 12 (born at 1.2) first loses sample 0 at 4: gap 2.8.
-    assert cluster.first_large_drop(tree, 11, 1.0, 3) == Split(
-        parent=12, child=0, lambda_val=4.0, child_size=1, gap=2.8
-    )
-    assert cluster.first_large_drop(tree, 11, 1.0, 1) is None
+    first, second = cluster.lambda_gaps(tree, 11, depth=3)
+    assert first.child == 12 and first.gap == pytest.approx(0.2)
+    assert second == Split(parent=12, child=0, lambda_val=4.0, child_size=1, gap=pytest.approx(2.8))
 
 
-def test_relative_xi_is_unchanged_by_rescaling_and_absolute_is_not(hand_tree):
+def test_gaps_relative_to_the_lambda_range_are_unchanged_by_rescaling(hand_tree):
     scaled = tree_from_rows(HAND_ROWS, lambda_scale=10.0)
-    # lambda range 7 - 0.5 = 6.5; the first gap (2.0) is 0.3077 of it.
+    # lambda range 7 - 0.5 = 6.5; the first gap (2.0) is 0.3077 of it, in either unit.
     assert cluster.lambda_range(hand_tree) == 6.5
-    for tree in (hand_tree, scaled):
-        assert cluster.first_large_drop(tree, 11, 0.30, 3, xi_mode="relative").child == 13
-        assert cluster.first_large_drop(tree, 11, 0.31, 3, xi_mode="relative") is None
-    assert cluster.first_large_drop(hand_tree, 11, 2.5, 3) is None
-    assert cluster.first_large_drop(scaled, 11, 2.5, 3).child == 13
+    relative = [[step.gap / cluster.lambda_range(tree) for step in cluster.lambda_gaps(tree, 11, 3)]
+                for tree in (hand_tree, scaled)]
+    np.testing.assert_allclose(relative[0], relative[1])
+    assert relative[0][0] == pytest.approx(2.0 / 6.5)
 
 
 def test_bad_arguments_are_named(hand_tree):
     with pytest.raises(InputError, match="node 99 is not in the condensed tree"):
         cluster.lambda_gaps(hand_tree, 99, 3)
-    with pytest.raises(InputError, match="xi_mode must be one of"):
-        cluster.first_large_drop(hand_tree, 11, 0.1, 3, xi_mode="percent")
     with pytest.raises(InputError, match="start must be an integer"):
         cluster.lambda_gaps(hand_tree, None, 3)
     with pytest.raises(InputError, match="depth must be"):
-        cluster.first_large_drop(hand_tree, 11, 0.1, 0)
-    with pytest.raises(InputError, match="xi must be"):
-        cluster.first_large_drop(hand_tree, 11, float("nan"), 3)
+        cluster.lambda_gaps(hand_tree, 11, 0)
     with pytest.raises(InputError, match="one length"):
         CondensedTree([10, 10], [1], [0.5], [1])
 
@@ -165,7 +144,7 @@ def official_first_large_drop(tree: CondensedTree, node, xi, depth):
     return None
 
 
-def test_first_large_drop_follows_the_official_loop(real_clusterer):
+def test_the_walk_stops_where_the_official_loop_does(real_clusterer):
     tree = CondensedTree.from_hdbscan(real_clusterer)
     start = cluster.largest_first_level_cluster(tree)
     gaps = [step.gap for step in cluster.lambda_gaps(tree, start, depth=4)]
@@ -173,8 +152,8 @@ def test_first_large_drop_follows_the_official_loop(real_clusterer):
     # Thresholds at, just under and just over every gap, where strictness and order matter.
     for xi in [0.0] + [g * f for g in gaps for f in (0.999, 1.0, 1.001)]:
         for depth in (1, 2, 3, 4):
-            split = cluster.first_large_drop(tree, start, xi, depth)
-            assert (split.child if split else None) == official_first_large_drop(tree, start, xi, depth)
+            drop = next((step.child for step in cluster.lambda_gaps(tree, start, depth) if step.gap > xi), None)
+            assert drop == official_first_large_drop(tree, start, xi, depth)
 
 
 def test_hand_tree_children_persistence_and_members(hand_tree):

@@ -116,8 +116,39 @@ def test_unknown_and_unavailable_backends_are_named():
 
 def test_available_backends_lists_the_cpu_libraries_in_auto_order():
     available = cluster.available_backends()
-    assert set(available) == {"umap", "hdbscan", "knn"}
+    assert set(available) == {"umap", "hdbscan", "tsne", "dbscan", "knn", "knn_search"}
     assert "umap-learn" in available["umap"] and "hdbscan" in available["hdbscan"]
     assert available["knn"][0] == ("torch" if torch.cuda.is_available() else "faiss")
     if not torch.cuda.is_available():
         assert "cuml" not in available["umap"] + available["hdbscan"]
+
+
+def test_knn_search_finds_the_exact_neighbours_of_queries_in_a_reference():
+    reference, queries = clustered(500, 6, seed=4), clustered(80, 6, seed=5)
+    distances = ((queries[:, None].astype(np.float64) - reference[None]) ** 2).sum(axis=2)
+    found = cluster.knn_search(reference, queries, 4, index="flat")
+    assert found.dtype == np.int64 and found.shape == (80, 4)
+    np.testing.assert_allclose(np.take_along_axis(distances, found, axis=1), np.sort(distances, axis=1)[:, :4],
+                               rtol=1e-4)
+    # Every cell visited: IVF is exact too.
+    np.testing.assert_array_equal(cluster.knn_search(reference, queries, 4, index="ivf", nlist=8, nprobe=8), found)
+
+
+def test_reference_index_takes_ivf_from_the_measured_size_on():
+    assert cluster.ReferenceIndex(clustered(100, 3, seed=0)).kind == "flat"
+    assert cluster.ReferenceIndex(clustered(cluster.assign.IVF_MIN_REFERENCE, 3, seed=0)).kind == "ivf"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"index": "hnsw"}, "index must be one of"),
+        ({"backend": "torch"}, "knn_search backend must be 'auto' or one of"),
+        ({"index": "ivf", "nlist": 8, "nprobe": 9}, r"nprobe must be in \[1, 8\]"),
+        ({"k": 101}, r"k must be in \[1, 100\]"),
+    ],
+)
+def test_knn_search_bad_arguments_are_named(kwargs, message):
+    reference = clustered(100, 3, seed=0)
+    with pytest.raises(InputError, match=message):
+        cluster.knn_search(reference, reference[:5], **{"k": 3, **kwargs})

@@ -10,7 +10,7 @@ from kernel_tolerance import FLOAT32_EPS, assert_close_to_reference, batchnorm_i
 
 from backdoor_engine import _ext
 from backdoor_engine.errors import InputError
-from backdoor_engine.kernels import bn_minima, bn_minima_for_layer, bn_minima_reference, reduce_layer
+from backdoor_engine.kernels import bn_minima, bn_minima_for_layer, bn_minima_reference
 
 SHAPES = [(1, 1, 1, 1), (2, 1, 4, 4), (3, 5, 7, 7), (2, 13, 1, 1), (4, 3, 1, 9), (5, 17, 11, 13), (8, 24, 16, 16)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -114,15 +114,6 @@ def test_gradient_tracking_input_is_accepted():
     x, mean, var = batchnorm_input((2, 3, 4, 4), torch.float32, torch.contiguous_format)
     out = bn_minima(x.requires_grad_(), mean, var, 1e-5)
     assert_close_to_reference(out, x, mean, var, 1e-5)
-
-
-def test_reduce_layer_is_the_official_per_layer_column():
-    x, mean, var = batchnorm_input((6, 9, 5, 5), torch.float32, torch.contiguous_format, seed=3)
-    per_layer = reduce_layer(bn_minima(x, mean, var, 1e-5))
-    official = torch.distributions.Normal(mean[:, None, None], (var + 1e-5).sqrt()[:, None, None]).log_prob(x)
-    assert torch.allclose(per_layer, official.flatten(1).amin(dim=1), rtol=1e-5)
-    with pytest.raises(InputError, match=r"\[N, C\]"):
-        reduce_layer(torch.zeros(4))
 
 
 BAD_INPUTS = [

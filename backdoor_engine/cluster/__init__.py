@@ -1,26 +1,31 @@
 """Clustering primitives, one dispatch point each (DESIGN.md section 5), and the condensed-tree logic.
 
-    umap(X, ...)     backends "cuml" (GPU) | "umap-learn"
-    hdbscan(X, ...)  backends "cuml" (GPU) | "hdbscan" (the library the official FLARE code uses)
-    knn(X, k, ...)   backends "torch" (matmul + topk; on the GPU when CUDA is present) | "faiss" (flat L2)
+    primitive                      backends, in the order backend="auto" tries them
+    umap(X, ...)                   "cuml" (GPU) | "umap-learn"
+    hdbscan(X, ...)                "cuml" (GPU) | "hdbscan" (the library the official FLARE code uses)
+    tsne(X, ...)                   "cuml" (GPU) | "opentsne"
+    dbscan(X, eps, ...)            "cuml" (GPU) | "sklearn" (scikit-learn)
+    knn(X, k)                      "torch" (matmul + topk, on the GPU when present) | "faiss" (flat L2);
+                                   on the CPU faiss first
+    knn_search(ref, queries, k)    "faiss" (flat or IVF index, on the GPU with a faiss GPU build)
 
-backend="auto" takes the first available in that order; naming an unavailable backend raises
-InputError saying why. cuML is imported only when CUDA is present, so the CPU path never loads a
-GPU library; umap-learn and faiss are imported on first use (umap-learn JIT-compiles for ~30 s).
+The table itself, with each backend's module and function, is `backends.TABLE`. "auto" takes the
+first backend that can run here; naming one that cannot raises InputError saying why. Every
+backend's library is imported on its first call, never before: cuML and cupy only when CUDA is
+present, so the CPU path never loads a GPU library; umap-learn JIT-compiles for ~30 s on import.
+The cuML backends take a CUDA torch tensor where it is (DLPack); all results come back as numpy.
 """
 
-import importlib.util
-
 import numpy as np
-import torch
 
+from backdoor_engine.cluster.assign import ReferenceIndex
+from backdoor_engine.cluster.backends import available_backends, choose
 from backdoor_engine.cluster.condensed_tree import (
     CondensedTree,
     Split,
     birth_lambda,
     cluster_children,
     cluster_stabilities,
-    first_large_drop,
     lambda_gaps,
     lambda_range,
     largest_first_level_cluster,
@@ -35,33 +40,25 @@ from backdoor_engine.errors import InputError
 __all__ = [
     "CondensedTree",
     "HDBSCANResult",
+    "ReferenceIndex",
     "Split",
     "available_backends",
     "birth_lambda",
     "cluster_children",
     "cluster_stabilities",
     "cut_single_linkage",
-    "first_large_drop",
+    "dbscan",
     "hdbscan",
     "knn",
+    "knn_search",
     "lambda_gaps",
     "lambda_range",
     "largest_first_level_cluster",
     "members",
     "persistence",
+    "tsne",
     "umap",
 ]
-
-_BACKENDS = {
-    "umap": ("cuml", "umap-learn"),
-    "hdbscan": ("cuml", "hdbscan"),
-    "knn": ("torch", "faiss"),
-}
-
-
-def available_backends() -> dict[str, list[str]]:
-    """For each primitive, the backends this machine can run, in the order "auto" tries them."""
-    return {primitive: [b for b in _preference(primitive) if _unavailable_reason(b) is None] for primitive in _BACKENDS}
 
 
 def umap(
@@ -80,28 +77,16 @@ def umap(
     first); the first n_neighbors columns replace UMAP's own neighbour search. random_state makes a
     run repeatable on one backend (umap-learn then runs single-threaded); None lets it run parallel.
     """
-    data = feature_matrix(X)
+    runner = choose("umap", backend)
+    data = runner.matrix(X)
     if data.shape[0] < 3:
         raise InputError(f"umap needs at least 3 samples, got {data.shape[0]}")
     n_neighbors = integer(n_neighbors, "n_neighbors", 2, data.shape[0] - 1)
     min_dist = real(min_dist, "min_dist", minimum=0.0)
     n_components = integer(n_components, "n_components", 1, data.shape[0] - 2)
-    if random_state is not None:
-        random_state = integer(random_state, "random_state", 0, 2**32 - 1)
     graph = None if knn is None else _checked_knn(knn, data.shape[0], n_neighbors)
-    chosen = _choose("umap", backend)
-    if chosen == "cuml":
-        from backdoor_engine.cluster.cuml_backend import umap_cuml as fit
-    else:
-        from backdoor_engine.cluster.umap_learn_backend import umap_learn as fit
-    return fit(
-        data,
-        n_neighbors=n_neighbors,
-        min_dist=min_dist,
-        n_components=n_components,
-        random_state=random_state,
-        knn=graph,
-    )
+    return runner(data, n_neighbors=n_neighbors, min_dist=min_dist, n_components=n_components,
+                  random_state=_seed(random_state), knn=graph)
 
 
 def hdbscan(X, *, min_cluster_size: int = 100, min_samples: int | None = None, backend: str = "auto") -> HDBSCANResult:
@@ -110,7 +95,8 @@ def hdbscan(X, *, min_cluster_size: int = 100, min_samples: int | None = None, b
     min_samples None means min_cluster_size, as in both libraries. Labels, the condensed tree and
     the single-linkage tree come back as plain arrays (HDBSCANResult).
     """
-    data = feature_matrix(X)
+    runner = choose("hdbscan", backend)
+    data = runner.matrix(X)
     n = data.shape[0]
     if n < 2:
         raise InputError(f"hdbscan needs at least 2 samples, got {n}")
@@ -119,14 +105,47 @@ def hdbscan(X, *, min_cluster_size: int = 100, min_samples: int | None = None, b
         raise InputError(f"min_cluster_size={min_cluster_size} exceeds the number of samples ({n})")
     if min_samples is not None:
         min_samples = integer(min_samples, "min_samples", 1, n)
-    chosen = _choose("hdbscan", backend)
-    if chosen == "cuml":
-        from backdoor_engine.cluster.cuml_backend import hdbscan_cuml
+    return runner(data, min_cluster_size=min_cluster_size, min_samples=min_samples)
 
-        return hdbscan_cuml(data, min_cluster_size=min_cluster_size, min_samples=min_samples)
-    from backdoor_engine.cluster.hdbscan_backend import hdbscan_library
 
-    return hdbscan_library(data, min_cluster_size=min_cluster_size, min_samples=min_samples)
+def tsne(
+    X, *, n_components: int = 2, perplexity: float = 30.0, random_state: int | None = None, backend: str = "auto"
+) -> np.ndarray:
+    """float32 [N, n_components] t-SNE embedding of X [N, D] (euclidean; perplexity 30: both libraries' default).
+
+    Each sample's neighbourhood holds 3 x perplexity others, so N must exceed that. n_components is
+    1 or 2: openTSNE's FFT gradient (its choice from 10k samples on) takes no more, cuML only 2.
+    random_state fixes the initialisation; the parallel optimisation of either library can still
+    vary in the last digits between runs.
+    """
+    runner = choose("tsne", backend)
+    data = runner.matrix(X)
+    n = data.shape[0]
+    perplexity = real(perplexity, "perplexity")
+    if not 0 < perplexity:
+        raise InputError(f"perplexity must be > 0, got {perplexity}")
+    if int(3 * perplexity) > n - 1:
+        raise InputError(f"perplexity={perplexity} needs more than 3 x perplexity = {int(3 * perplexity)} samples, "
+                         f"got {n}")
+    n_components = integer(n_components, "n_components", 1, 2)
+    return runner(data, n_components=n_components, perplexity=perplexity, random_state=_seed(random_state))
+
+
+def dbscan(X, *, eps: float, min_samples: int = 5, backend: str = "auto") -> np.ndarray:
+    """int64 [N] DBSCAN labels of X [N, D], -1 for noise (euclidean; min_samples 5: both libraries' default).
+
+    A sample with at least min_samples samples (itself included) within eps is a core sample;
+    clusters are the core samples linked within eps and the samples within eps of them. Clusters are
+    numbered in the order of their first sample, whatever the backend; a border sample within eps of
+    two clusters joins either (the backend's choice).
+    """
+    runner = choose("dbscan", backend)
+    data = runner.matrix(X)
+    eps = real(eps, "eps")
+    if not 0 < eps < np.inf:
+        raise InputError(f"eps must be a finite number > 0, got {eps}")
+    min_samples = integer(min_samples, "min_samples", 1)
+    return _numbered_by_first_sample(runner(data, eps=eps, min_samples=min_samples))
 
 
 def knn(X, k: int, *, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
@@ -139,47 +158,36 @@ def knn(X, k: int, *, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     torch when faiss is absent. Measured on the 2-core test machine, k=40, faiss vs torch:
     N=20000 D=20 3.3 s vs 3.5 s, D=500 9.1 s vs 10.3 s; N=10000 D=4800 17.5 s vs 19.3 s.
     """
-    data = feature_matrix(X)
-    k = integer(k, "k", 1, data.shape[0])
-    if _choose("knn", backend) == "torch":
-        from backdoor_engine.cluster.knn_torch import knn_torch
-
-        return knn_torch(data, k, device="cuda" if torch.cuda.is_available() else "cpu")
-    from backdoor_engine.cluster.knn_faiss import knn_faiss
-
-    return knn_faiss(data, k)
+    runner = choose("knn", backend)
+    data = feature_matrix(X)  # both backends rank on the host copy (knn_finish)
+    return runner(data, integer(k, "k", 1, data.shape[0]))
 
 
-def _choose(primitive: str, backend: str) -> str:
-    names = _BACKENDS[primitive]
-    if backend == "auto":
-        for name in _preference(primitive):
-            if _unavailable_reason(name) is None:
-                return name
-        raise InputError(f"no {primitive} backend is available: " + "; ".join(_unavailable_reason(n) for n in names))
-    if backend not in names:
-        raise InputError(f"{primitive} backend must be 'auto' or one of {names}, got {backend!r}")
-    reason = _unavailable_reason(backend)
-    if reason is not None:
-        raise InputError(f"{primitive} backend {backend!r} is unavailable: {reason}")
-    return backend
+def knn_search(reference, queries, k: int, *, index: str = "auto", nlist: int | None = None, nprobe: int = 16,
+               random_state: int | None = 42, backend: str = "auto") -> np.ndarray:
+    """int64 [n, k]: the k nearest rows of reference [M, D] to each row of queries [n, D], nearest first.
+
+    index "flat" is exact; "ivf" visits nprobe of nlist cells (default about 4 sqrt(M)); "auto" takes
+    IVF from `assign.IVF_MIN_REFERENCE` reference rows on. To search one reference many times, build
+    `ReferenceIndex(reference, ...)` once and call its `search`.
+    """
+    return ReferenceIndex(reference, index=index, nlist=nlist, nprobe=nprobe, random_state=random_state,
+                          backend=backend).search(queries, k)
 
 
-def _preference(primitive: str) -> tuple[str, ...]:
-    """The order backend="auto" tries: GPU first; knn on the CPU faiss first (measured, see knn)."""
-    if primitive == "knn" and not torch.cuda.is_available():
-        return ("faiss", "torch")
-    return _BACKENDS[primitive]
+def _seed(random_state: int | None) -> int | None:
+    return None if random_state is None else integer(random_state, "random_state", 0, 2**32 - 1)
 
 
-def _unavailable_reason(backend: str) -> str | None:
-    """Why backend cannot run here, or None. Looks modules up without importing them."""
-    module = {"cuml": "cuml", "umap-learn": "umap", "hdbscan": "hdbscan", "faiss": "faiss", "torch": "torch"}[backend]
-    if backend == "cuml" and not torch.cuda.is_available():
-        return "cuml needs CUDA, which is not available on this machine"
-    if importlib.util.find_spec(module) is None:
-        return f"{backend} needs the Python module {module!r}, which is not installed"
-    return None
+def _numbered_by_first_sample(labels: np.ndarray) -> np.ndarray:
+    """Cluster labels renumbered 0, 1, ... in the order of each cluster's first sample; -1 stays."""
+    clustered = labels >= 0
+    found, first = np.unique(labels[clustered], return_index=True)
+    renumber = np.empty(found.size, np.int64)
+    renumber[np.argsort(first, kind="stable")] = np.arange(found.size)
+    out = np.full(labels.shape, -1, np.int64)
+    out[clustered] = renumber[np.searchsorted(found, labels[clustered])]
+    return out
 
 
 def _checked_knn(knn, n: int, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,10 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backdoor_engine.cluster.validation import integer, real
+from backdoor_engine.cluster.validation import integer
 from backdoor_engine.errors import InputError
-
-XI_MODES = ("absolute", "relative")
 
 
 @dataclass(frozen=True)
@@ -102,9 +100,10 @@ def largest_first_level_cluster(tree: CondensedTree) -> int | None:
 
 
 def lambda_gaps(tree: CondensedTree, start: int, depth: int) -> list[Split]:
-    """The walk of the official first_large_drop without its stopping test: from start, at most
-    depth steps, each to the current node's largest child row (sample rows included, first on
-    ties). Stops early at a node without children (the official code crashes there)."""
+    """The walk of the official first_large_drop without its stopping test (methods/flare.py's
+    `walk_for_stable_split` applies one): from start, at most depth steps, each to the current
+    node's largest child row (sample rows included, first on ties). Stops early at a node without
+    children (the official code crashes there)."""
     depth = integer(depth, "depth", 1)
     steps = []
     current = integer(start, "start", 0)
@@ -131,25 +130,6 @@ def lambda_range(tree: CondensedTree) -> float:
     data by s scales every lambda by 1/s, so gaps measured against it do not depend on units."""
     finite = tree.lambda_val[np.isfinite(tree.lambda_val)]
     return float(finite.max() - tree.lambda_val.min()) if finite.size else 0.0
-
-
-def first_large_drop(
-    tree: CondensedTree, start: int, xi: float, depth: int, *, xi_mode: str = "absolute"
-) -> Split | None:
-    """First step of `lambda_gaps(tree, start, depth)` whose gap exceeds the threshold, or None.
-
-    xi_mode "absolute" (default; the official FLARE code, xi=0.02 and depth=3 there): threshold = xi
-    in lambda units, i.e. 1 / UMAP distance, so its meaning changes with the embedding's scale.
-    "relative" (DESIGN section 4): threshold = xi * lambda_range(tree), unchanged by rescaling.
-    """
-    xi = real(xi, "xi", minimum=0.0)
-    if xi_mode not in XI_MODES:
-        raise InputError(f"xi_mode must be one of {XI_MODES}, got {xi_mode!r}")
-    threshold = xi if xi_mode == "absolute" else xi * lambda_range(tree)
-    for step in lambda_gaps(tree, start, depth):
-        if step.gap > threshold:
-            return step
-    return None
 
 
 def cluster_children(tree: CondensedTree, node: int) -> list[int]:

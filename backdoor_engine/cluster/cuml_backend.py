@@ -1,12 +1,32 @@
-"""UMAP and HDBSCAN on the GPU with cuML; imported by the registry only when CUDA is present."""
+"""UMAP, HDBSCAN, t-SNE and DBSCAN on the GPU with cuML; loaded by the backend table only when CUDA is present.
+
+Data in and out goes through `to_device` and `to_host`: a CUDA torch tensor reaches cuML through
+DLPack without a copy, and whatever cuML returns comes back as a numpy array.
+"""
 
 import numpy as np
+import torch
 
 from backdoor_engine.cluster.hdbscan_result import HDBSCANResult, result_from_clusterer
+from backdoor_engine.errors import InputError
+
+
+def to_device(X):
+    """X as a cupy array: a torch tensor (on the GPU) shared through DLPack, anything else copied."""
+    import cupy
+
+    return cupy.from_dlpack(X) if isinstance(X, torch.Tensor) else cupy.asarray(X)
+
+
+def to_host(result, dtype) -> np.ndarray:
+    """A cuML output (numpy or cupy) as a C-contiguous numpy array of `dtype`."""
+    import cupy
+
+    return np.ascontiguousarray(cupy.asnumpy(result), dtype=dtype)
 
 
 def umap_cuml(
-    X: np.ndarray,
+    X,
     *,
     n_neighbors: int,
     min_dist: float,
@@ -25,13 +45,32 @@ def umap_cuml(
         precomputed_knn=knn,
         output_type="numpy",
     )
-    return np.ascontiguousarray(model.fit_transform(X), dtype=np.float32)
+    return to_host(model.fit_transform(to_device(X)), np.float32)
 
 
-def hdbscan_cuml(X: np.ndarray, *, min_cluster_size: int, min_samples: int | None) -> HDBSCANResult:
+def hdbscan_cuml(X, *, min_cluster_size: int, min_samples: int | None) -> HDBSCANResult:
     """cuML HDBSCAN; its condensed and single-linkage trees come in the `hdbscan` library's classes."""
     from cuml.cluster import HDBSCAN
 
     clusterer = HDBSCAN(min_cluster_size=min_cluster_size, min_samples=min_samples, output_type="numpy")
-    clusterer.fit(X)
+    clusterer.fit(to_device(X))
     return result_from_clusterer(clusterer, backend="cuml")
+
+
+def tsne_cuml(X, *, n_components: int, perplexity: float, random_state: int | None) -> np.ndarray:
+    """float32 [N, 2] embedding with cuML's TSNE, its defaults otherwise (FFT gradient, 1000 iterations)."""
+    if n_components != 2:
+        raise InputError(f"cuml's TSNE embeds in 2 dimensions only, got n_components={n_components}: "
+                         "use backend='opentsne'")
+    from cuml.manifold import TSNE
+
+    model = TSNE(n_components=n_components, perplexity=perplexity, random_state=random_state, output_type="numpy")
+    return to_host(model.fit_transform(to_device(X)), np.float32)
+
+
+def dbscan_cuml(X, *, eps: float, min_samples: int) -> np.ndarray:
+    """int64 [N] labels, -1 for noise, with cuML's DBSCAN (euclidean, brute-force neighbours: library default)."""
+    from cuml.cluster import DBSCAN
+
+    model = DBSCAN(eps=eps, min_samples=min_samples, output_type="numpy")
+    return to_host(model.fit_predict(to_device(X)), np.int64)

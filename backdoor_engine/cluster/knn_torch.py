@@ -9,8 +9,10 @@ from backdoor_engine.cluster.knn_finish import centred, finish_neighbours
 _BLOCK_FLOATS = 64 * 1024 * 1024
 
 
-def knn_torch(X: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """k nearest neighbours of every row of float32 X [N, D] among the rows of X (contract: knn_finish)."""
+def knn_torch(X: np.ndarray, k: int, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest neighbours of every row of float32 X [N, D] among the rows of X (contract: knn_finish);
+    device None: the GPU when CUDA is present, else the CPU."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     data = centred(X)
     points = torch.from_numpy(data).to(device)
     squared_norms = (points * points).sum(dim=1)

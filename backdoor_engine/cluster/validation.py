@@ -3,12 +3,16 @@
 import numbers
 
 import numpy as np
+import torch
 
 from backdoor_engine.errors import InputError
 
 
 def feature_matrix(X, name: str = "X") -> np.ndarray:
-    """X as a C-contiguous float32 [N, D] array with N, D >= 1 and every value finite."""
+    """X as a C-contiguous float32 [N, D] array with N, D >= 1 and every value finite (a torch
+    tensor, on any device, is copied to the host)."""
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu()
     try:
         array = np.asarray(X)
     except (TypeError, ValueError, RuntimeError) as error:
@@ -23,6 +27,21 @@ def feature_matrix(X, name: str = "X") -> np.ndarray:
         row, column = np.argwhere(~finite)[0]
         raise InputError(f"{name} must be finite, got {array[row, column]} at row {row}, column {column}")
     return array
+
+
+def device_matrix(X: torch.Tensor, name: str = "X") -> torch.Tensor:
+    """The checks of `feature_matrix` on a tensor where it is (a CUDA tensor stays on its GPU):
+    a C-contiguous float32 [N, D] tensor."""
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise InputError(f"{name} must have shape [N, D] with N, D >= 1, got shape {tuple(X.shape)}")
+    if X.is_complex() or X.dtype == torch.bool:
+        raise InputError(f"{name} must hold real numbers, got dtype {X.dtype}")
+    tensor = X.detach().to(torch.float32).contiguous()
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        row, column = (int(i) for i in torch.nonzero(~finite)[0])
+        raise InputError(f"{name} must be finite, got {tensor[row, column].item()} at row {row}, column {column}")
+    return tensor
 
 
 def integer(value, name: str, minimum: int, maximum: int | None = None) -> int:

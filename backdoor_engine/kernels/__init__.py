@@ -24,8 +24,7 @@ from backdoor_engine.kernels.bn_minima_cpp import (
 
 BN_MINIMA_BACKENDS = ("auto", "torch", "cpp", "triton")
 
-__all__ = ["BN_MINIMA_BACKENDS", "bn_minima", "bn_minima_for_layer", "bn_minima_reference", "bn_minima_torch",
-           "reduce_layer"]
+__all__ = ["BN_MINIMA_BACKENDS", "bn_minima", "bn_minima_for_layer", "bn_minima_reference", "bn_minima_torch"]
 
 
 def bn_minima(
@@ -72,14 +71,6 @@ def bn_minima_for_layer(running_mean: torch.Tensor, running_var: torch.Tensor, e
         return bn_minima(x, running_mean, running_var, eps, backend=backend)
 
     return layer_minima
-
-
-def reduce_layer(per_channel: torch.Tensor) -> torch.Tensor:
-    """One value per sample for a BN layer (the official FLARE column): min over bn_minima's channels."""
-    if not isinstance(per_channel, torch.Tensor) or per_channel.ndim != 2 or per_channel.shape[1] == 0:
-        got = tuple(per_channel.shape) if isinstance(per_channel, torch.Tensor) else type(per_channel).__name__
-        raise InputError(f"reduce_layer expects bn_minima's [N, C] tensor with C >= 1, got {got}")
-    return per_channel.amin(dim=1)
 
 
 def _choose_backend(x: torch.Tensor, backend: str) -> str:
