@@ -1,9 +1,10 @@
-"""`backdoor-engine` command line: poison | train | eval | scan | triggers | purify | demo (DESIGN.md section 3)."""
+"""`backdoor-engine` command line: poison | train | eval | scan | triggers | purify | extract | bench | demo.
+
+How the engine is put together, and how to add a detector or a repair: docs/architecture.md."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ def _parse_param(text: str):
 
 
 def _spec_from_args(args):
-    from .api import PoisonSpec
+    from .data.attacks.harness import PoisonSpec
 
     # `eval` has no --rate: the rate does not change the trigger.
     rate = getattr(args, "rate", PoisonSpec.rate)
@@ -48,9 +49,42 @@ def _add_attack_args(p: argparse.ArgumentParser, *, required: bool) -> None:
                    help="attack parameter, repeatable (e.g. patch_size=4, alpha=0.1); see the README's attack table")
 
 
+MODEL_HELP = ("the model: a checkpoint .pt written by `train`, or torchvision:NAME / timm:NAME (any classifier of "
+              "those libraries, e.g. torchvision:resnet50, torchvision:mobilenet_v2; built without downloading "
+              "anything) with --weights. FLARE reads BatchNorm2d statistics: LayerNorm models (ConvNeXt, ViT, Swin) "
+              "cannot be scanned by it")
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """--model plus what a torchvision/timm model needs besides its architecture name."""
+    p.add_argument("--model", required=required, help=MODEL_HELP)
+    p.add_argument("--weights", help="state dict of a torchvision:/timm: model: .safetensors, or .pt/.pth saved from "
+                                     "model.state_dict() (plain or under 'state_dict'; never unpickled); the number "
+                                     "of classes is read from it")
+    p.add_argument("--input-size", type=int, help="torchvision:/timm: model input side in pixels; images are "
+                                                  "resized to it [224; timm: the model's default]")
+    p.add_argument("--mean", type=float, nargs="+", metavar="M",
+                   help="torchvision:/timm: per-channel mean on the [0, 1] pixel scale [ImageNet 0.485 0.456 0.406]")
+    p.add_argument("--std", type=float, nargs="+", metavar="S",
+                   help="torchvision:/timm: per-channel std on the [0, 1] pixel scale [ImageNet 0.229 0.224 0.225]")
+
+
+def _model_from_args(args, *, allow_random: bool = False):
+    """(model, meta) from the `_add_model_args` flags; meta as models.foreign.load_model returns it.
+    allow_random: a torchvision:/timm: model without --weights is randomly initialised (bench only)."""
+    from .models.foreign import is_foreign_spec, load_model
+
+    weights = getattr(args, "weights", None)
+    if is_foreign_spec(args.model) and weights is None and not allow_random:
+        raise InputError(f"--model {args.model} needs --weights FILE: the state dict of the model you trained "
+                         "(.safetensors or .pt)")
+    return load_model(args.model, weights=weights, input_size=getattr(args, "input_size", None),
+                      mean=getattr(args, "mean", None), std=getattr(args, "std", None))
+
+
 def cmd_poison(args) -> int:
-    from .api import manifest_path, poison, save_poisoned
-    from .data.sources import open_dataset
+    from .data.attacks.harness import manifest_path, poison, save_poisoned
+    from .data.open import open_dataset
 
     if not args.out.endswith(".npz"):
         raise InputError(f"--out must name an .npz file, got {args.out!r}")
@@ -74,7 +108,7 @@ def cmd_poison(args) -> int:
 
 def _spec_beside(data_path: str, explicit_manifest: str | None):
     """The attack manifest named explicitly, else the one `poison` wrote beside an npz, else None."""
-    from .api import PoisonSpec, manifest_path
+    from .data.attacks.harness import PoisonSpec, manifest_path
 
     if explicit_manifest:
         return PoisonSpec.load(explicit_manifest)
@@ -84,51 +118,44 @@ def _spec_beside(data_path: str, explicit_manifest: str | None):
 
 def _spec_recorded_in(meta: dict):
     """The attack a checkpoint's training data carried (recorded by `train`), or None for a clean model."""
-    from .api import PoisonSpec
+    from .data.attacks.harness import PoisonSpec
 
     return PoisonSpec.from_dict(meta["attack"]) if isinstance(meta.get("attack"), dict) else None
 
 
 def cmd_train(args) -> int:
-    from .api import evaluate, save_trained
-    from .data.sources import open_dataset
-    from .models.train import TrainConfig, train_model
+    from .api import train
+    from .models.provenance import save_trained
+    from .data.open import open_dataset
+    from .models.provenance import training_record
+    from .models.train import TrainConfig
 
     if not args.out.endswith(".pt"):
         raise InputError(f"--out must name a .pt checkpoint, got {args.out!r}")
     dataset = open_dataset(args.data)
     spec = _spec_beside(str(args.data), args.poison_manifest)
+    eval_data = open_dataset(args.eval_data) if args.eval_data else None  # a bad path fails before training
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                          augment=not args.no_augment, **({"lr": args.lr} if args.lr is not None else {}))
-    t0 = time.perf_counter()
-    trained = train_model(dataset.x, dataset.y, arch=args.arch, num_classes=dataset.num_classes, config=config)
-    seconds = time.perf_counter() - t0
-    extra = {"train": {"data": str(args.data), "n_samples": len(dataset), "seconds": round(seconds, 1),
-                       "config": dataclasses.asdict(config),
-                       "history": trained.history}}
-    if spec is not None:
-        extra["attack"] = spec.to_dict()
-    summary = {"out": args.out, "arch": args.arch, "epochs": args.epochs, "train_seconds": round(seconds, 1)}
-    if args.eval_data:
-        metrics = evaluate(trained.model, trained.normalisation, open_dataset(args.eval_data), spec,
-                           num_classes=dataset.num_classes)
-        extra["eval"] = {"data": str(args.eval_data), **metrics}
-        summary.update(metrics)
-    save_trained(args.out, trained.model, trained.normalisation, arch=args.arch, trained_on=dataset, extra=extra)
-    print(json.dumps(summary))
+    trained = train(dataset, arch=args.arch, config=config)
+    record = training_record(config, trained.history, data=str(args.data), n_samples=len(dataset))
+    metrics = save_trained(args.out, trained.model, trained.normalisation, arch=args.arch, trained_on=dataset,
+                           extra={"train": record}, attack=spec, eval_data=eval_data,
+                           eval_source=args.eval_data and str(args.eval_data))
+    print(json.dumps({"out": args.out, "arch": args.arch, "epochs": args.epochs, "train_seconds": record["seconds"],
+                      **metrics}))
     return 0
 
 
 def cmd_eval(args) -> int:
     from .api import evaluate
-    from .data.sources import open_dataset
-    from .models.checkpoint import load_checkpoint
+    from .data.open import open_dataset
 
-    model, meta = load_checkpoint(args.model)
+    model, meta = _model_from_args(args)
     if args.attack:
         spec = _spec_from_args(args)
     elif args.poison_manifest:
-        from .api import PoisonSpec
+        from .data.attacks.harness import PoisonSpec
 
         spec = PoisonSpec.load(args.poison_manifest)
     else:
@@ -145,60 +172,62 @@ def cmd_eval(args) -> int:
 
 def cmd_scan(args) -> int:
     from .api import scan
-    from .data.source import ArraySource
-    from .data.sources import open_dataset, open_source
-    from .models.checkpoint import load_checkpoint
+    from .data.dataset import ArraySource
+    from .data.open import open_source
+    from .methods import get_detector
 
+    detector = get_detector(args.method)
     params = dict(_parse_param(p) for p in args.param)
-    model = normalisation = None
-    if args.method == "vbd":
-        if args.model:
-            print("backdoor-engine scan: note: --method vbd trains its own simple models; --model is not used",
-                  file=sys.stderr)
-        params.update(seed=0 if args.seed is None else args.seed)
-    else:
+    if args.seed is not None:
+        if detector.seed_param is None:
+            raise InputError(f"--seed: method {args.method!r} draws nothing at random")
+        params[detector.seed_param] = args.seed
+    detector(**params)  # parameters checked before the model and the data are read
+    model = meta = None
+    if detector.needs_model():
         if not args.model:
-            raise InputError("--method flare scans with the suspect model: --model MODEL.pt is required")
-        model, meta = load_checkpoint(args.model)
-        normalisation = meta["normalisation"]
+            raise InputError(f"--method {args.method} reads the suspect model's activations: --model is required")
+        model, meta = _model_from_args(args)
         if args.device == "cuda":
             import torch
 
             if not torch.cuda.is_available():
                 raise InputError("--device cuda: no CUDA device is available here")
             model = model.cuda()
-        params.update(reduce=args.reduce, random_state=42 if args.seed is None else args.seed)
-    if args.method == "vbd":
-        data, store = open_dataset(args.data), args.store
-    else:
-        # Image folders and tar shards stream from disk at the model's input shape; a feature store
-        # (default OUT/features) keeps memory bounded and lets an interrupted scan resume.
-        data = open_source(args.data, image_size=tuple(meta["input_size"]), channels=meta["in_channels"])
-        streamed = not isinstance(data, ArraySource)
-        data = data if streamed else data.dataset
-        store = args.store or (os.path.join(args.out, "features") if streamed else None)
-        if streamed and not args.json:
-            print(f"scan: streaming {len(data):,} samples from {args.data}; features stored in {store}",
-                  file=sys.stderr)
-    if args.executor == "ray":
-        if args.method != "flare":
-            raise InputError("--executor ray runs FLARE's extraction; vbd trains its own models locally")
-        store = store or os.path.join(args.out, "features")
-    result = scan(data, model, normalisation, method=args.method, out_dir=args.out, batch_size=args.batch_size,
-                  store=store, workers=args.workers, dtype=args.dtype, executor=args.executor,
-                  checkpoint=args.model, actors=args.actors, progress=not args.json, **params)
+    elif args.model:
+        print(f"backdoor-engine scan: note: --method {args.method} needs no suspect model; --model is not used",
+              file=sys.stderr)
+    if args.executor == "ray" and (meta is None or ":" in str(args.model)):
+        raise InputError("--executor ray runs the suspect model's pass on actors that load our checkpoint file: "
+                         f"it serves methods that read a model ({args.method!r} does not) and .pt checkpoints only")
+    # Image folders and tar shards stream from disk (at the model's input shape when there is a model); a
+    # feature store (default OUT/features) keeps memory bounded and lets an interrupted scan resume.
+    data = open_source(args.data, image_size=None if meta is None else tuple(meta["input_size"]),
+                       channels=None if meta is None else meta["in_channels"])
+    streamed = not isinstance(data, ArraySource)
+    data = data if streamed else data.dataset
+    store = args.store or (os.path.join(args.out, "features") if meta is not None
+                           and (streamed or args.executor == "ray") else None)
+    if streamed and not args.json:
+        print(f"scan: streaming {len(data):,} samples from {args.data}"
+              + (f"; features stored in {store}" if store else ""), file=sys.stderr)
+    result = scan(data, model, None if meta is None else meta["normalisation"], method=args.method,
+                  out_dir=args.out, batch_size=args.batch_size, store=store, workers=args.workers, dtype=args.dtype,
+                  executor=args.executor, checkpoint=args.model, actors=args.actors,
+                  head="head" if meta is None else meta.get("head", "head"), progress=not args.json, **params)
     _print_scan_result(result, args)
     return 0
 
 
 def cmd_triggers(args) -> int:
     from .api import extract_triggers
-    from .data.sources import open_dataset
+    from .data.open import open_source
 
     params = dict(_parse_param(p) for p in args.param)
     params.update(seed=args.seed)
-    dataset = open_dataset(args.data)
-    result = extract_triggers(dataset, out_dir=args.out, progress=not args.json, **params)
+    data = open_source(args.data)
+    result = extract_triggers(data.dataset if hasattr(data, "dataset") else data, out_dir=args.out,
+                              progress=not args.json, **params)
     _print_scan_result(result, args)
     return 0
 
@@ -209,52 +238,67 @@ def _print_scan_result(result, args) -> None:
     else:
         summary = {k: result.report[k] for k in ("method", "n_samples", "n_flagged", "timings_s")}
         summary.update({k: result.report[k] for k in ("metrics",) if k in result.report})
-        if result.report["method"] == "vbd":
-            summary["poisoned_classes"] = result.report["diagnostics"]["poisoned_classes"]
+        # A detector that names suspect classes (VBD) gets them in the summary.
+        summary.update({k: result.report["diagnostics"][k] for k in ("poisoned_classes",)
+                        if k in result.report["diagnostics"]})
         print(json.dumps(summary, indent=2))
         if "explanation" in result.report["diagnostics"]:
             print(result.report["diagnostics"]["explanation"])
         print(f"report: {args.out}/report.html")
 
 
+def _purify_params(args) -> dict:
+    """--param KEY=VALUE plus the shorthands --epochs / --lr / --seed; each name may be given once."""
+    params = {}
+    for text in args.param:
+        key, value = _parse_param(text)
+        if key in params:
+            raise InputError(f"--param {key} is given twice")
+        params[key] = value
+    for key in ("epochs", "lr", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            if key in params:
+                raise InputError(f"{key} is given both as --{key} and as --param {key}=...")
+            params[key] = value
+    return params
+
+
 def cmd_purify(args) -> int:
-    from .api import evaluate, flags_from_report, save_trained
-    from .data.sources import open_dataset
+    from .api import purify
+    from .models.provenance import save_trained
+    from .report.reading import flags_from_report
+    from .data.open import open_dataset
     from .models.checkpoint import load_checkpoint
-    from .models.train import TrainConfig
-    from .purify import retrain_on_kept, unlearn_relearn, unlearn_relearn_config
+    from .models.provenance import repair_record
+    from .params import provenance_of
+    from .purify import get_repair
 
     if not args.out.endswith(".pt"):
         raise InputError(f"--out must name a .pt checkpoint, got {args.out!r}")
+    # Strategy, options and declared inputs are checked before any dataset or model is read.
+    strategy = get_repair(args.strategy)
+    params = _purify_params(args)
+    strategy.params(params)
+    strategy.check_declared(has_flags=args.report is not None, has_aux=args.aux is not None, has_arch=True)
     dataset = open_dataset(args.data)
-    flags = flags_from_report(dataset, args.report)
+    flags = None if args.report is None else flags_from_report(dataset, args.report)
+    aux = None if args.aux is None else open_dataset(args.aux)
+    eval_data = None if args.eval_data is None else open_dataset(args.eval_data)
     model, meta = load_checkpoint(args.model)
-    options = {"seed": args.seed, **({"epochs": args.epochs} if args.epochs is not None else {}),
-               **({"lr": args.lr} if args.lr is not None else {})}
     t0 = time.perf_counter()
-    if args.strategy == "retrain":
-        config = TrainConfig(**options)
-        result = retrain_on_kept(dataset, flags, arch=meta["arch"], config=config)
-        repaired, normalisation, history = result.model, result.normalisation, result.history
-    else:
-        config = unlearn_relearn_config(**options)
-        repaired, history = unlearn_relearn(model, meta["normalisation"], dataset, flags, config)
-        normalisation = meta["normalisation"]
+    repaired = purify(model, meta["normalisation"], dataset, flags, strategy=args.strategy, aux=aux,
+                      arch=meta["arch"], **params)
     seconds = time.perf_counter() - t0
-    extra = {"purify": {"strategy": args.strategy, "data": str(args.data), "report": str(args.report),
-                        "model": str(args.model), "n_removed_or_unlearned": int(flags.sum()),
-                        "seconds": round(seconds, 1), "config": dataclasses.asdict(config), "history": history}}
-    if isinstance(meta.get("attack"), dict):
-        extra["attack"] = meta["attack"]
-    summary = {"out": args.out, "strategy": args.strategy, "n_flagged": int(flags.sum()),
-               "seconds": round(seconds, 1)}
-    if args.eval_data:
-        metrics = evaluate(repaired, normalisation, open_dataset(args.eval_data), _spec_recorded_in(meta),
-                           num_classes=meta["num_classes"])
-        extra["eval"] = {"data": str(args.eval_data), **metrics}
-        summary.update(metrics)
-    save_trained(args.out, repaired, normalisation, arch=meta["arch"], trained_on=dataset, extra=extra)
-    print(json.dumps(summary))
+    n_flagged = 0 if flags is None else int(flags.sum())
+    record = repair_record(repaired, strategy=args.strategy, data=str(args.data), report=args.report,
+                           model=str(args.model), n_flagged=n_flagged, seconds=seconds,
+                           provenance=provenance_of(strategy.Params), aux=args.aux)
+    metrics = save_trained(args.out, repaired.model, repaired.normalisation, arch=meta["arch"], trained_on=dataset,
+                           extra={"purify": record}, attack=_spec_recorded_in(meta), eval_data=eval_data,
+                           eval_source=args.eval_data)
+    print(json.dumps({"out": args.out, "strategy": args.strategy, "n_flagged": n_flagged,
+                      "seconds": round(seconds, 1), **metrics}))
     return 0
 
 
@@ -263,6 +307,116 @@ def cmd_demo(args) -> int:
 
     run_demo(Path(args.out), epochs=args.epochs, seed=args.seed)
     return 0
+
+
+def _device_from_args(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here")
+    return torch.device(name)
+
+
+def cmd_extract(args) -> int:
+    from .data.dataset import ArraySource
+    from .data.open import open_source
+    from .engine import extract_features
+    from .engine.export import write_capture_npz
+
+    capture = tuple(name.strip() for name in args.capture.split(",") if name.strip())
+    model, meta = _model_from_args(args)
+    model = model.to(_device_from_args(args.device))
+    data = open_source(args.data, image_size=tuple(meta["input_size"]), channels=meta["in_channels"])
+    if isinstance(data, ArraySource):
+        data = data.dataset
+    store = os.path.join(args.out, "features")
+    if not args.json:
+        print(f"extract: {len(data):,} samples from {args.data}; features stored in {store}", file=sys.stderr)
+    features = extract_features(model, data, meta["normalisation"], batch_size=args.batch_size, capture=capture,
+                                store=store, head=meta["head"], workers=args.workers, dtype=args.dtype,
+                                progress=not args.json)
+    files = write_capture_npz(features, args.out)
+    seconds = features.metadata.get("extract_seconds")
+    print(json.dumps({"out": args.out, "store": store, "files": files, "n_samples": len(features),
+                      "skipped": len(features.metadata.get("skipped", [])),
+                      "columns": {name: int(getattr(features, name).shape[1]) for name in features.captured},
+                      "extract_seconds": None if seconds is None else round(seconds, 2),
+                      "images_per_second": features.metadata.get("images_per_second")},
+                     indent=None if args.json else 2))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from .bench import device_description, reference_input_shape, run_benchmark, synthetic_images
+    from .report import versions
+
+    if (args.arch is None) == (args.model is None):
+        raise InputError("give one of --arch NAME (a registered architecture, random weights) or --model M")
+    for flag, value in (("--images", args.images), ("--repeats", args.repeats), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
+    device = _device_from_args(args.device)
+    if args.arch is not None:
+        from .models.registry import build_model
+
+        if args.weights or args.mean or args.std:
+            raise InputError("--weights, --mean and --std apply to --model; --arch benchmarks random weights")
+        channels, side = reference_input_shape(args.arch)
+        side = args.input_size or side
+        with torch.random.fork_rng(devices=[]):  # the same random model every run, the caller's RNG untouched
+            torch.manual_seed(0)
+            model = build_model(args.arch, num_classes=10, in_channels=channels, input_size=side)
+        meta = {"in_channels": channels, "input_size": [side, side], "head": "head", "normalisation": None}
+    else:
+        model, meta = _model_from_args(args, allow_random=True)
+    height, width = meta["input_size"]
+    if args.data:
+        from .data.open import open_source
+
+        source = open_source(args.data, image_size=(height, width), channels=meta["in_channels"])
+        images = source.read(0, min(args.images, len(source))).x
+        if not len(images):
+            raise InputError(f"--data {args.data}: none of its first {args.images} images could be read")
+    else:
+        images = synthetic_images(args.images, height, width, meta["in_channels"], seed=0)
+    normalisation = meta["normalisation"]
+    if normalisation is None:
+        from .models.preprocess import fit_normalisation
+
+        normalisation = fit_normalisation(images)
+    model = model.to(device).eval()
+    result = run_benchmark(model, normalisation, images, batch_size=args.batch_size, repeats=args.repeats,
+                           head=meta["head"], cluster_rows=args.cluster_rows)
+    rates = result["images_per_s"]
+    out = {"model": args.arch or args.model, "weights": args.weights, "device": device_description(device),
+           "threads": torch.get_num_threads(), "batch_size": args.batch_size, "images": len(images),
+           "repeats": args.repeats, "input_size": [height, width], "in_channels": meta["in_channels"],
+           "data": args.data or "synthetic",
+           "plain_images_per_s": round(rates["plain"], 2), "engine_images_per_s": round(rates["engine"], 2),
+           "official_style_images_per_s": round(rates["official"], 2),
+           "engine_vs_plain": round(result["engine_vs_plain"], 4),
+           "engine_vs_official": round(result["engine_vs_official"], 4),
+           "seconds": {name: [round(t, 4) for t in times] for name, times in result["seconds"].items()}}
+    if "cluster_seconds" in result:
+        out.update(cluster_rows=result["cluster_rows"], cluster_seconds=round(result["cluster_seconds"], 2),
+                   cluster_stages_s={k: round(v, 2) for k, v in result["cluster_stages_s"].items()})
+    out["versions"] = {**versions(), **_model_library_versions(args.model)}
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
+def _model_library_versions(spec) -> dict:
+    import importlib.metadata
+
+    library = str(spec).partition(":")[0] if spec and ":" in str(spec) else None
+    try:
+        return {library: importlib.metadata.version(library)} if library in ("torchvision", "timm") else {}
+    except importlib.metadata.PackageNotFoundError:
+        return {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="benign accuracy (BA) and attack success rate (ASR) of a checkpoint")
-    p.add_argument("--model", required=True, help="checkpoint .pt written by `train`")
+    _add_model_args(p, required=True)
     p.add_argument("--data", default="fashion-mnist:test", help="clean test set [fashion-mnist:test]; " + DATA_HELP)
     _add_attack_args(p, required=False)
     p.add_argument("--seed", type=int, default=0, help="attack seed (must match the poisoning run) [0]")
@@ -306,19 +460,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one-line JSON, no progress bar")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("scan", help="scan a dataset for poisoned samples",
-                       description="flare: extract BN-minima of every sample with the suspect model in one pass, "
-                                   "cluster, detect. vbd: train simple models, extract triggers, detect (no suspect "
-                                   "model). Writes OUT/report.json, OUT/samples.csv and OUT/report.html.")
+    from .methods import available_detectors, get_detector
+
+    methods = available_detectors()
+    p = sub.add_parser("scan", help="scan a dataset for poisoned samples with any registered detector",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run a detector over a dataset: what it reads from the suspect model is "
+                                   "extracted in one pass (streamed for image folders and tar shards), then it "
+                                   "fits. Writes OUT/report.json, OUT/samples.csv and OUT/report.html (plus the "
+                                   "method's own files). Architecture: docs/architecture.md.",
+                       epilog="Registered methods, with every parameter (--param KEY=VALUE), its default and "
+                              "where that default comes from:\n\n"
+                              + "\n\n".join(get_detector(name).describe() for name in methods))
     p.add_argument("--data", required=True, help=DATA_HELP)
-    p.add_argument("--model", help="checkpoint .pt written by `train` (the suspect model; flare only)")
-    p.add_argument("--method", default="flare", choices=["flare", "vbd"], help="detector [flare]")
+    _add_model_args(p, required=False)
+    p.add_argument("--method", default="flare", choices=methods, help="registered detector [flare]")
     p.add_argument("--out", required=True, help="output folder for the report")
-    p.add_argument("--reduce", default="channel", choices=["channel", "layer"],
-                   help="FLARE features: one column per BN channel (paper) or per BN layer (official code) [channel]")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the forward pass runs [cpu]")
     p.add_argument("--seed", type=int, default=None,
-                   help="flare: UMAP random state [official 42]; vbd: seed of splits and training [official 0]")
+                   help="the method's seed parameter (flare: UMAP random_state, official 42; vbd: seed, official 0)")
     p.add_argument("--batch-size", type=int, default=256, help="extraction batch size [256]")
     p.add_argument("--store", help="feature store folder: an interrupted scan resumes from its last finished chunk "
                                    "[OUT/features for image folders and tar shards, none for in-memory sets]")
@@ -332,8 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                    help="feature store precision; float16 halves its size [float32]")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="detector parameter, repeatable (e.g. xi=0.02, min_cluster_size=100, noise_rule=nearest, "
-                        "exact_max_samples=100000, sample_size=50000)")
+                   help="detector parameter, repeatable, checked against the method's parameters (listed below), "
+                        "e.g. reduce=layer, xi=0.02, min_cluster_size=100, sample_size=50000")
     p.add_argument("--json", action="store_true", help="print the whole report.json, no progress output")
     p.set_defaults(func=cmd_scan)
 
@@ -351,18 +511,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole report.json, no progress output")
     p.set_defaults(func=cmd_triggers)
 
-    p = sub.add_parser("purify", help="repair after a scan: retrain without the flagged samples, or unlearn/relearn",
-                       description="FLARE(P) `retrain`: a fresh model of the suspect model's architecture trained "
-                                   "on the samples the scan kept. FLARE(R) `unlearn-relearn`: each epoch, gradient "
-                                   "ascent on the flagged samples then cross-entropy on the kept ones, starting "
-                                   "from the suspect model. The last epoch is kept; no test data picks it.")
+    from .purify import available_repairs, broken_repairs, get_repair
+
+    repairs, broken = available_repairs(), broken_repairs()
+    p = sub.add_parser("purify", help="repair after a scan with any registered strategy (retrain, unlearn-relearn, ...)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Repair a suspect model from the scan's flags (--report), a small clean auxiliary\n"
+                                   "set (--aux) or neither, as the strategy declares. The last epoch is kept; no test\n"
+                                   "data picks it. The checkpoint records the strategy, its settings and where each\n"
+                                   "default comes from.",
+                       epilog="Registered strategies, with every parameter (--param KEY=VALUE), its default and "
+                              "where that default comes from:\n\n"
+                              + "\n\n".join(get_repair(name).describe() for name in repairs)
+                              + "".join(f"\n\n{name}: plugin failed to load ({why})" for name, why in broken.items()))
     p.add_argument("--data", required=True, help="the scanned dataset; " + DATA_HELP)
     p.add_argument("--model", required=True, help="the suspect checkpoint that was scanned")
-    p.add_argument("--report", required=True, help="the scan's report.json (or its folder)")
-    p.add_argument("--strategy", default="retrain", choices=["retrain", "unlearn-relearn"], help="[retrain]")
-    p.add_argument("--epochs", type=int, default=None, help="epochs [retrain 10, unlearn-relearn 20]")
-    p.add_argument("--lr", type=float, default=None, help="learning rate [retrain 0.05 cosine, unlearn-relearn 1e-4]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", help="the scan's report.json (or its folder); for strategies that use flags")
+    # A broken plugin stays a valid choice so that asking for it names its load error.
+    p.add_argument("--strategy", default="retrain", choices=[*repairs, *broken],
+                   help="registered repair strategy (listed below) [retrain]")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="strategy parameter, repeatable, checked against the strategy's parameters (listed below)")
+    p.add_argument("--epochs", type=int, default=None, help="shorthand for --param epochs=E [the strategy's default]")
+    p.add_argument("--lr", type=float, default=None, help="shorthand for --param lr=LR [the strategy's default]")
+    p.add_argument("--seed", type=int, default=None, help="shorthand for --param seed=S [the strategy's default, 0]")
+    p.add_argument("--aux", help="small clean auxiliary set, for strategies that take one; " + DATA_HELP)
     p.add_argument("--eval-data", help="clean test set: report BA (and ASR from the model's attack record)")
     p.add_argument("--out", required=True, help="output checkpoint .pt")
     p.set_defaults(func=cmd_purify)
@@ -372,6 +545,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="training epochs [demo default]")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("extract", help="the single pass's features (BN minima, penultimate, logits) for other tools",
+                       description="Run the dataset through the model once and write what the detectors read: the "
+                                   "feature store OUT/features (chunked, resumable: rerun to finish an interrupted "
+                                   "run) and one numpy file per capture, OUT/bn_minima.npz (ids, y, bn_minima, "
+                                   "layer_names, layer_channels), OUT/penultimate.npz and OUT/logits.npz (ids, y "
+                                   "and the matrix), readable with np.load(allow_pickle=False).")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    _add_model_args(p, required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--capture", default="bn_minima,penultimate,logits",
+                   help="comma-separated captures; a model without BatchNorm2d has no bn_minima "
+                        "[bn_minima,penultimate,logits]")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where the pass runs [cpu]")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size [256]")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help=f"processes decoding images ahead of the model (image folders, tar shards) "
+                        f"[{default_workers()} here]")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="feature store precision [float32]")
+    p.add_argument("--json", action="store_true", help="one-line JSON summary, no progress output")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("bench", help="extraction throughput on this machine: plain forward vs engine vs official-style",
+                       description="Time, in one process and interleaved (median of --repeats), a plain forward "
+                                   "pass, the engine's single-pass extraction and the official FLARE code's "
+                                   "extractor (a model copy whose BatchNorm2d layers compute the full log-density) "
+                                   "on the same images; optionally the clustering stages. Prints one JSON object: "
+                                   "model, device, threads, batch_size, plain_images_per_s, engine_images_per_s, "
+                                   "official_style_images_per_s, engine_vs_plain, engine_vs_official, versions, ...")
+    p.add_argument("--arch", help="a registered architecture with random weights, at the input it was built for "
+                                  "(small_resnet 1x28x28, the others 3x32x32; --input-size overrides)")
+    _add_model_args(p, required=False)
+    p.add_argument("--data", help="real images (" + DATA_HELP + "), the first --images of them [synthetic, seeded]")
+    p.add_argument("--images", type=int, default=512, help="images per timed run [512]")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per variant; the median is reported [5]")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size [128]")
+    p.add_argument("--cluster-rows", type=int, help="also time UMAP + HDBSCAN (official settings) on this many rows "
+                                                    "of the engine's features, repeated with noise if fewer")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="[auto: cuda when present]")
+    p.add_argument("--json", action="store_true", help="compact one-line JSON (else indented)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

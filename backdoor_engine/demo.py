@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 from . import api
+from .data.attacks import harness
+from .models.provenance import save_trained
 from .atomic import write_json_atomic
 
-DEMO_SPEC = api.PoisonSpec(attack="badnets", mode="a2o", rate=0.1, target=0, seed=0)
+DEMO_SPEC = harness.PoisonSpec(attack="badnets", mode="a2o", rate=0.1, target=0, seed=0)
 DEMO_ARCH = "small_resnet"
 # Measured in benchmarks/RESULTS.md: enough for BA >= 90% and ASR >= 95% on this spec.
 DEMO_EPOCHS = 6
@@ -18,7 +19,8 @@ DEMO_EPOCHS = 6
 
 def run_demo(out: Path, *, epochs: int | None = None, seed: int = 0) -> dict:
     from .data.fashion_mnist import load_fashion_mnist
-    from .models.train import TrainConfig, train_model
+    from .models.provenance import training_record
+    from .models.train import TrainConfig
 
     epochs = epochs or DEMO_EPOCHS
     out.mkdir(parents=True, exist_ok=True)
@@ -26,22 +28,21 @@ def run_demo(out: Path, *, epochs: int | None = None, seed: int = 0) -> dict:
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
 
     print(f"[1/4] poisoning Fashion-MNIST: {spec.attack} {spec.mode} rate {spec.rate} target {spec.target}")
-    poisoned, result = api.poison(train, spec)
+    poisoned, result = harness.poison(train, spec)
     data_path = out / "poisoned.npz"
-    api.save_poisoned(poisoned, result, spec, data_path, source="fashion-mnist")
+    harness.save_poisoned(poisoned, result, spec, data_path, source="fashion-mnist")
 
     print(f"[2/4] training {DEMO_ARCH} for {epochs} epochs on {len(poisoned)} images")
-    t0 = time.perf_counter()
-    trained = train_model(poisoned.x, poisoned.y, arch=DEMO_ARCH, num_classes=poisoned.num_classes,
-                          config=TrainConfig(epochs=epochs, seed=seed))
-    train_seconds = time.perf_counter() - t0
+    config = TrainConfig(epochs=epochs, seed=seed)
+    trained = api.train(poisoned, arch=DEMO_ARCH, config=config)
+    record = training_record(config, trained.history, data=str(data_path), n_samples=len(poisoned))
 
     print("[3/4] measuring benign accuracy and attack success rate on Fashion-MNIST test")
-    metrics = api.evaluate(trained.model, trained.normalisation, test, spec, num_classes=poisoned.num_classes)
+    metrics = save_trained(out / "model.pt", trained.model, trained.normalisation, arch=DEMO_ARCH,
+                               trained_on=poisoned, extra={"train": record}, attack=spec, eval_data=test,
+                               eval_source="fashion-mnist:test")
     summary = {"data": str(data_path), "model": str(out / "model.pt"), "arch": DEMO_ARCH, "epochs": epochs,
-               "train_seconds": round(train_seconds, 1), **metrics}
-    api.save_trained(out / "model.pt", trained.model, trained.normalisation, arch=DEMO_ARCH, trained_on=poisoned,
-                     extra={"attack": spec.to_dict(), "eval": metrics, "train": {"history": trained.history}})
+               "train_seconds": record["seconds"], **metrics}
     write_json_atomic(out / "summary.json", summary)
     print(json.dumps(summary, indent=2))
 

@@ -3,7 +3,8 @@
     python benchmarks/bench_extraction.py --arch small_resnet --n 4096 --reps 5
     python benchmarks/bench_extraction.py --arch resnet18 --n 1024 --reps 3
 
-Variants, timed in one process, interleaved rep by rep (median reported), same batches and threads:
+A thin caller of backdoor_engine.bench (also behind `backdoor-engine bench`, which users run on their own
+hardware). Variants, timed in one process, interleaved rep by rep (median reported), same batches and threads:
   plain      model(x) on the normalised batch: the inference forward the extraction rides on
   engine     extract_features(...): probes on every BN input, compiled kernel ("auto" backend)
   engine_torch  the same with the torch closed-form backend
@@ -15,55 +16,19 @@ Peak RSS of each variant: the rise of the high-water mark over the setup's, in a
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import resource
 import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
-from torch import nn
 
+from backdoor_engine.bench import VARIANTS, make_runner, time_interleaved
 from backdoor_engine.data import load_fashion_mnist, load_foolbox_cifar10_samples, make_dataset
-from backdoor_engine.engine import extract_features
-from backdoor_engine.kernels import bn_minima_reference
-from backdoor_engine.models import build_model, fit_normalisation, to_model_input
-
-VARIANTS = ("plain", "engine", "engine_torch", "official")
-
-
-class OfficialLogLikelihoodBN(nn.BatchNorm2d):
-    """The official extractor's swapped BN: full log-density tensor of its input, min kept, then normal BN."""
-
-    def forward(self, x):
-        with torch.no_grad():
-            self.captured.append(bn_minima_reference(x, self.running_mean, self.running_var, self.eps,
-                                                     dtype=torch.float32))
-        return super().forward(x)
-
-
-def official_copy(model: nn.Module) -> tuple[nn.Module, list]:
-    """Deep copy with every BatchNorm2d swapped (recursively through named_children), as the official code does."""
-    clone = copy.deepcopy(model)
-    captured: list = []
-
-    def swap(module):
-        for name, child in module.named_children():
-            if isinstance(child, nn.BatchNorm2d):
-                new = OfficialLogLikelihoodBN(child.num_features, eps=child.eps)
-                new.load_state_dict(child.state_dict())
-                new.captured = captured
-                new.eval()
-                setattr(module, name, new)
-            else:
-                swap(child)
-
-    swap(clone)
-    return clone.eval(), captured
+from backdoor_engine.models import build_model, fit_normalisation
 
 
 def bench_dataset(arch: str, n: int):
@@ -76,29 +41,6 @@ def bench_dataset(arch: str, n: int):
     reps = -(-n // len(samples))
     x = np.tile(samples.x, (reps, 1, 1, 1))[:n]
     return make_dataset(x, np.tile(samples.y, reps)[:n]), (3, 32)
-
-
-def make_runner(variant, model, dataset, norm, batch_size):
-    batches = [dataset.x[i:i + batch_size] for i in range(0, len(dataset), batch_size)]
-    if variant == "plain":
-        cl = model.to(memory_format=torch.channels_last)
-
-        def run():
-            with torch.no_grad():
-                for b in batches:
-                    cl(to_model_input(b, norm).contiguous(memory_format=torch.channels_last))
-        return run
-    if variant in ("engine", "engine_torch"):
-        backend = "auto" if variant == "engine" else "torch"
-        return lambda: extract_features(model, dataset, norm, batch_size=batch_size, backend=backend, progress=False)
-    official, captured = official_copy(model)
-
-    def run():
-        with torch.no_grad():
-            for b in batches:
-                captured.clear()
-                official(to_model_input(b, norm))
-    return run
 
 
 def main():
@@ -122,15 +64,7 @@ def main():
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
         return
     runners = {v: make_runner(v, model, dataset, norm, args.batch_size) for v in VARIANTS}
-    for run in runners.values():  # warm-up
-        run()
-    times = {v: [] for v in VARIANTS}
-    for rep in range(args.reps):
-        order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[:rep % len(VARIANTS)]
-        for v in order:
-            t0 = time.perf_counter()
-            runners[v]()
-            times[v].append(time.perf_counter() - t0)
+    times = time_interleaved(runners, args.reps, device=torch.device("cpu"))
     median = {v: statistics.median(t) for v, t in times.items()}
     peak = {}
     for v in VARIANTS:

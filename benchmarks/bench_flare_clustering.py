@@ -28,7 +28,7 @@ import torch
 
 from backdoor_engine.data.dataset import load_npz
 from backdoor_engine.engine.feature_store import FeatureStore
-from backdoor_engine.methods.detection import detection_metrics
+from backdoor_engine.detection import detection_metrics
 from backdoor_engine.methods.flare import Flare
 
 CONFIGS = {

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backdoor_engine import api
+from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.engine import extract_features
-from backdoor_engine.methods.detection import detection_metrics
+from backdoor_engine.detection import detection_metrics
 from backdoor_engine.methods.flare import Flare
 from backdoor_engine.models.checkpoint import load_checkpoint
 
@@ -77,8 +77,8 @@ def scanned_set(meta: dict, seed: int):
         train = train.subset(index)
     if not isinstance(meta.get("attack"), dict):
         return train, ("clean", "-")
-    spec = api.PoisonSpec.from_dict(meta["attack"])
-    poisoned, _ = api.poison(train, spec)
+    spec = harness.PoisonSpec.from_dict(meta["attack"])
+    poisoned, _ = harness.poison(train, spec)
     return poisoned, (spec.attack, spec.mode)
 
 

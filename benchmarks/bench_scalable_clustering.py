@@ -45,7 +45,7 @@ def run_one(matrix: str, labels: str, truth: str, config: str, layout: str) -> d
     import torch
 
     from backdoor_engine.engine.layout import FeatureLayout
-    from backdoor_engine.methods.detection import detection_metrics
+    from backdoor_engine.detection import detection_metrics
     from backdoor_engine.methods.flare_sampled import SampledFlare
 
     features = np.load(matrix, mmap_mode="r")

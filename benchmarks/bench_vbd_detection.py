@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backdoor_engine import api
+from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.attacks.badnets import class_slot_origin, patch_origin
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
-from backdoor_engine.methods.detection import detection_metrics
+from backdoor_engine.detection import detection_metrics
 from backdoor_engine.methods.vbd import Vbd
 
 # (pattern, mode, position, alpha): BadNets a2o at several positions, a2a at class slots, Blended a2o.
@@ -87,9 +87,9 @@ def subset(dataset, size: int, seed: int):
 
 def run_case(name: str, train, args) -> dict:
     pattern, mode, position, alpha = CASES[name]
-    spec = api.PoisonSpec(attack="badnets", mode=mode, rate=args.rate, target=args.target, seed=args.seed,
+    spec = harness.PoisonSpec(attack="badnets", mode=mode, rate=args.rate, target=args.target, seed=args.seed,
                           params={"pattern": pattern, "position": position, "alpha": alpha})
-    poisoned, _ = api.poison(train, spec)
+    poisoned, _ = harness.poison(train, spec)
     t0, cpu0 = time.perf_counter(), time.process_time()
     vbd = Vbd(seed=args.seed)
     detection = vbd.fit(poisoned.x, poisoned.y, num_classes=10)

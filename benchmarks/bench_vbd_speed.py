@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from backdoor_engine import api
+from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.engine.input_gradients import margin_gradients_per_sample
 from backdoor_engine.methods import vbd as vbd_module
-from backdoor_engine.methods.detection import detection_metrics
+from backdoor_engine.detection import detection_metrics
 from backdoor_engine.models.preprocess import fit_normalisation
 from backdoor_engine.models.simple_cnn import DEFAULT_POISON_ARCHS, poison_model
 
@@ -99,8 +99,8 @@ def bench_training(inputs: vbd_module.Inputs, y: np.ndarray, steps: int, reps: i
 
 def bench_end_to_end(n: int) -> dict:
     train = load_fashion_mnist("train").subset(np.arange(n))
-    spec = api.PoisonSpec(attack="badnets", mode="a2o", rate=0.1, target=0, seed=0, params={"pattern": "square"})
-    poisoned, _ = api.poison(train, spec)
+    spec = harness.PoisonSpec(attack="badnets", mode="a2o", rate=0.1, target=0, seed=0, params={"pattern": "square"})
+    poisoned, _ = harness.poison(train, spec)
     results = {}
     for name in ("ours", "per_sample_gradients"):
         original = vbd_module.margin_gradients

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from backdoor_engine import api
+from backdoor_engine.data.attacks import harness
+from backdoor_engine.models.provenance import save_trained
 from backdoor_engine.data.attacks import ATTACKS, CLEAN_LABEL_ATTACKS, MODES
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.models.train import TrainConfig, train_model
@@ -42,10 +44,10 @@ def subset(dataset, size: int, seed: int):
 
 
 def run_case(attack, mode, train, test, args, clean_model):
-    spec = api.PoisonSpec(attack=attack, mode=mode, rate=args.rate, target=0, seed=args.seed,
+    spec = harness.PoisonSpec(attack=attack, mode=mode, rate=args.rate, target=0, seed=args.seed,
                           params=dict(steps=args.lc_steps) if attack == "label_consistent" else {})
     t0 = time.perf_counter()
-    poisoned, result = api.poison(train, spec, clean_model=clean_model)
+    poisoned, result = harness.poison(train, spec, clean_model=clean_model)
     poison_s = time.perf_counter() - t0
     t0, cpu0 = time.perf_counter(), time.process_time()
     trained = train_model(poisoned.x, poisoned.y, arch=args.arch, num_classes=10,
@@ -55,7 +57,7 @@ def run_case(attack, mode, train, test, args, clean_model):
     metrics = api.evaluate(trained.model, trained.normalisation, test, spec, num_classes=10)
     if args.models_dir:
         # Kept for the detectors' benchmarks: the same spec rebuilds the poisoned set.
-        api.save_trained(Path(args.models_dir) / f"{attack}-{mode}-{len(train)}-e{args.epochs}.pt", trained.model,
+        save_trained(Path(args.models_dir) / f"{attack}-{mode}-{len(train)}-e{args.epochs}.pt", trained.model,
                          trained.normalisation, arch=args.arch, trained_on=poisoned,
                          extra={"attack": spec.to_dict(), "eval": metrics, "train_size": len(train)})
     return {"attack": attack, "mode": mode, "rate": args.rate, "arch": args.arch, "epochs": args.epochs,

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from backdoor_engine import api
+from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.methods.vbd import Vbd
 
@@ -34,7 +34,7 @@ def main(names):
         if DEV[name] is None:
             data, poison = train, np.zeros(len(train), bool)
         else:
-            data, _ = api.poison(train, api.PoisonSpec(attack="badnets", rate=0.1, seed=1, **DEV[name]))
+            data, _ = harness.poison(train, harness.PoisonSpec(attack="badnets", rate=0.1, seed=1, **DEV[name]))
             poison = data.poison.astype(bool)
         started = time.time()
         detection = Vbd(seed=1, detector_epochs=1, ks_alpha=0.05).fit(data.x, data.y, num_classes=10)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from backdoor_engine.data.dataset import make_dataset, save_npz
 from backdoor_engine.data.fashion_mnist import DEFAULT_ROOT
-from backdoor_engine.data.sources import describe_sources, open_dataset
+from backdoor_engine.data.open import describe_sources, open_dataset
 from backdoor_engine.errors import InputError
 
 
@@ -44,7 +44,7 @@ def test_npz_path(tmp_path):
     path = tmp_path / "set.npz"
     save_npz(make_dataset(np.zeros((3, 4, 4, 1), dtype=np.uint8), [0, 1, 2]), path)
     assert len(open_dataset(path)) == 3 and len(open_dataset(str(path))) == 3
-    with pytest.raises(InputError, match="image folders only"):
+    with pytest.raises(InputError, match="image folders and tar shards only"):
         open_dataset(path, image_size=8)
     with pytest.raises(InputError, match="not found"):
         open_dataset(tmp_path / "absent.npz")

@@ -11,7 +11,6 @@ from backdoor_engine.data import (
     ImageFolderSource,
     TarShardSource,
     load_fashion_mnist,
-    load_image_folder,
     open_dataset,
     open_source,
     write_image_folder,
@@ -33,16 +32,17 @@ def test_an_image_folder_streams_the_pixels_and_ids_the_in_memory_loader_reads(t
     write_image_folder(real_images, root)
     (root / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     (root / "3" / "notes.txt").write_text("not an image")
-    loaded = load_image_folder(root)
+    with pytest.warns(UserWarning, match=r"skipped 2 file\(s\)"):
+        loaded = open_dataset(root)
     source = ImageFolderSource(root)
     assert len(source) == 61 and source.image_shape == (28, 28, 1)
     assert [path.endswith("notes.txt") for path, _ in source.listing_skipped] == [True]
     whole = source.read(0, len(source))
     assert [sample_id for sample_id, _ in whole.failures] == ["3/broken.png"]
     assert "unreadable image" in whole.failures[0][1]
-    assert np.array_equal(source.ids[whole.kept], loaded.dataset.ids)
-    assert np.array_equal(source.y[whole.kept], loaded.dataset.y)
-    assert np.array_equal(whole.x, loaded.dataset.x)
+    assert np.array_equal(source.ids[whole.kept], loaded.ids)
+    assert np.array_equal(source.y[whole.kept], loaded.y)
+    assert np.array_equal(whole.x, loaded.x)
     # Ranges read separately give the same samples as one read.
     parts = [source.read(start, min(start + 7, len(source))) for start in range(0, len(source), 7)]
     assert np.array_equal(np.concatenate([part.kept for part in parts]), whole.kept)
@@ -158,3 +158,27 @@ def test_decoding_ahead_in_worker_processes_gives_the_batches_in_order(tmp_path,
     reader.close()
     with pytest.raises(InputError, match="workers"):
         list(read_ahead(source, ranges, workers=-1))
+
+
+def test_tar_shards_follow_the_folder_rule_rgb_if_any_image_is_colour_and_one_size_unless_resized(tmp_path):
+    from PIL import Image
+
+    def png(pixels):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rng = np.random.default_rng(5)
+    grey, colour = rng.integers(0, 256, (6, 6), np.uint8), rng.integers(0, 256, (6, 6, 3), np.uint8)
+    _tar_with(tmp_path / "a.tar", [("g.png", png(grey)), ("g.cls", b"0"), ("c.png", png(colour)), ("c.cls", b"1")])
+    source = TarShardSource(tmp_path / "a.tar")
+    assert source.image_shape == (6, 6, 3)
+    eager = open_dataset(tmp_path / "a.tar")
+    assert np.array_equal(eager.x, source.read(0, 2).x) and list(eager.ids) == list(source.ids)
+    assert np.array_equal(eager.x[0], np.repeat(grey[..., None], 3, axis=2))
+    _tar_with(tmp_path / "b.tar", [("g.png", png(grey)), ("g.cls", b"0"), ("w.png", png(grey[:, :4])), ("w.cls", b"1")])
+    with pytest.raises(InputError, match=r"b\.tar/w is 4x6 \(WxH\) but b\.tar/g is 6x6.*image_size"):
+        open_dataset(tmp_path / "b.tar")
+    resized = open_dataset(tmp_path / "b.tar", image_size=5)
+    assert resized.image_shape == (5, 5, 1)
+    assert np.array_equal(resized.x, TarShardSource(tmp_path / "b.tar", image_size=5).read(0, 2).x)

@@ -192,7 +192,7 @@ def test_clean_classes_as_separate_blobs_flag_nothing():
 
 
 def test_unknown_parameters_are_named():
-    with pytest.raises(InputError, match=r"unknown FLARE parameter\(s\) \['xii'\]"):
+    with pytest.raises(InputError, match=r"flare: unknown parameter\(s\) xii; known: "):
         Flare(xii=0.02)
     with pytest.raises(InputError, match="pca_components"):
         Flare(pca_components=1)

@@ -104,7 +104,7 @@ def test_a_sample_with_nothing_flagged_flags_nothing_and_a_full_sample_is_plain_
     small, truth, small_labels = planted(900, 100)
     whole = SampledFlare(sample_size=100, exact_max_samples=1000).fit(small, LAYOUT, y=small_labels)
     assert np.array_equal(whole.flags, Flare().fit(small, LAYOUT, y=small_labels).flags)
-    with pytest.raises(InputError, match="unknown FLARE parameter"):
+    with pytest.raises(InputError, match="flare: unknown parameter"):
         SampledFlare(sample_sise=10)
     with pytest.raises(InputError, match="knn_index"):
         SampledFlare(knn_index="hnsw")

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from backdoor_engine import api
+from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.errors import InputError
-from backdoor_engine.methods.detection import detection_metrics
+from backdoor_engine.detection import detection_metrics
 from backdoor_engine.methods.vbd import Vbd, VbdParams, choose_triggers, mask_box, stratified_split
 
 SMALL = dict(poison_archs=("10-10P",), poison_epochs=10, detector_epochs=8, ssl_start_epoch=3, ssl_stop_epoch=6)
@@ -17,9 +17,9 @@ SMALL = dict(poison_archs=("10-10P",), poison_epochs=10, detector_epochs=8, ssl_
 @pytest.fixture(scope="module")
 def poisoned():
     train = load_fashion_mnist("train").subset(np.arange(4000))
-    spec = api.PoisonSpec(attack="badnets", mode="a2o", rate=0.1, target=2, seed=0,
+    spec = harness.PoisonSpec(attack="badnets", mode="a2o", rate=0.1, target=2, seed=0,
                           params={"pattern": "square", "position": "top-left"})
-    dataset, _ = api.poison(train, spec)
+    dataset, _ = harness.poison(train, spec)
     return dataset
 
 
@@ -103,7 +103,7 @@ def test_a_large_mask_needs_a_high_asr_unless_official():
 
 
 @pytest.mark.parametrize("params, match", [
-    ({"colour": 1}, "unknown VBD parameter"),
+    ({"colour": 1}, r"vbd: unknown parameter\(s\) colour"),
     ({"poison_archs": ("64Q",)}, "simple model arch"),
     ({"detector_alpha": (0.0, 1.0)}, "detector_alpha"),
     ({"detector_alpha": (0.5,)}, "detector_alpha"),

@@ -8,7 +8,7 @@ import pytest
 
 from backdoor_engine.data import make_dataset
 from backdoor_engine.errors import InputError
-from backdoor_engine.methods.detection import Detection, detection_metrics
+from backdoor_engine.detection import Detection, detection_metrics
 from backdoor_engine.report import write_report
 
 

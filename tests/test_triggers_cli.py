@@ -63,11 +63,11 @@ def test_scan_method_vbd_gives_the_same_detection(poisoned, triggers_report, tmp
 
 def test_scan_flare_without_a_model_is_a_clear_error(poisoned, tmp_path, capsys):
     assert main(["scan", "--data", str(poisoned), "--out", str(tmp_path / "r")]) == 2
-    assert "--model MODEL.pt is required" in capsys.readouterr().err
+    assert "--model is required" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
 def test_unknown_vbd_parameter_is_named(poisoned, tmp_path, capsys):
     assert main(["triggers", "--data", str(poisoned), "--out", str(tmp_path / "r"), "--param", "colour=3"]) == 2
-    assert "unknown VBD parameter" in capsys.readouterr().err
+    assert "vbd: unknown parameter(s) colour" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -1,7 +1,21 @@
-"""The in-memory dataset and its npz file contract (DESIGN.md section 3)."""
+"""The in-memory dataset, its npz file contract (DESIGN.md section 3), and its two bridges to sources.
+
+- `Dataset`: validated arrays x (N x H x W x C uint8, C = 1 or 3), y, unique ids, optional poison.
+  x may be memory-mapped (see `read_all`); nothing here copies it.
+- `load_npz` / `save_npz`: the npz contract, never unpickling, written atomically.
+- `ArraySource` / `as_source`: a Dataset seen as a Source (nothing to decode, nothing fails).
+- `read_all`: a Source read to the end into a Dataset; this is what loading an image folder or tar
+  shards eagerly means, so there is one decode path. Unreadable samples are warned about and left
+  out (the result's ids are the samples kept). With `into` a directory the pixels go to
+  `into/x.npy` range by range and come back memory-mapped read-only, so a detector that needs
+  random access to every pixel for many epochs holds one range in memory, not N images; ids, y
+  (and poison when the source has it) go beside it as ids.npy, y.npy, poison.npy. Each file is
+  written under a temporary name and renamed, so a failed read leaves an earlier one in place.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 from dataclasses import dataclass
@@ -9,9 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from backdoor_engine.atomic import atomic_write
+from backdoor_engine.data.fingerprint import dataset_fingerprint
+from backdoor_engine.data.source import Batch, Source, warn_skipped
 from backdoor_engine.errors import InputError
 
 NPZ_FIELDS = ("x", "y", "ids", "poison")
+READ_BYTES = 64 << 20  # pixels decoded per range by read_all: bounds its memory besides the result
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -114,6 +131,114 @@ def save_npz(dataset: Dataset, path: str | os.PathLike) -> None:
     # A file object (not a name) keeps np.savez from appending ".npz" to the path we chose.
     with atomic_write(path) as file:
         np.savez(file, **arrays)
+
+
+class ArraySource(Source):
+    """An in-memory Dataset seen as a source (nothing to decode, nothing fails)."""
+
+    def __init__(self, dataset: Dataset):
+        if not isinstance(dataset, Dataset):
+            raise InputError(f"dataset: expected a Dataset, got {type(dataset).__name__}")
+        self.dataset = dataset
+        self.ids, self.y, self.poison = dataset.ids, dataset.y, dataset.poison
+        self.image_shape = dataset.image_shape
+        self.listing_skipped = ()
+
+    def read(self, start: int, stop: int) -> Batch:
+        self.check_range(start, stop)
+        return Batch(self.dataset.x[start:stop], np.arange(start, stop, dtype=np.int64))
+
+    def images(self, positions) -> np.ndarray:
+        return self.dataset.x[np.asarray(positions, dtype=np.int64)]
+
+    def fingerprint(self) -> str:
+        return dataset_fingerprint(self.dataset)
+
+
+def as_source(data) -> Source:
+    """A Source as is; a Dataset wrapped in an ArraySource."""
+    if isinstance(data, Source):
+        return data
+    if isinstance(data, Dataset):
+        return ArraySource(data)
+    raise InputError(f"data must be a backdoor_engine.data.Dataset or Source, got {type(data).__name__}")
+
+
+def read_all(source: Source, *, into: str | os.PathLike | None = None, skipped: list | None = None) -> Dataset:
+    """Every readable sample of `source`, in order, as a Dataset (see the module docstring); with
+    `into`, a directory (created if missing), its x is memory-mapped from `into/x.npy`. With `skipped`
+    (a list), the samples that could not be decoded are appended to it as (id, reason) instead of
+    being warned about (a scan lists them in its report)."""
+    if not isinstance(source, Source):
+        raise InputError(f"source: expected a backdoor_engine.data Source, got {type(source).__name__}")
+    shape = (len(source), *source.image_shape)
+    if into is None:
+        pixels = np.empty(shape, np.uint8)
+        kept = _read_into(source, pixels, skipped)
+        # The leading rows of the full buffer: no copy, even when some samples were left out.
+        return _kept_dataset(source, pixels[:len(kept)], kept)
+    into = os.fspath(into)
+    if os.path.exists(into) and not os.path.isdir(into):
+        raise InputError(f"into: {into} exists and is not a directory")
+    os.makedirs(into, exist_ok=True)
+    x_path = os.path.join(into, "x.npy")
+    with atomic_write(x_path, "w+b") as file:
+        np.lib.format.write_array_header_1_0(file, _npy_header(shape))
+        offset = file.tell()
+        file.truncate(offset + int(np.prod(shape)))
+        file.flush()
+        pixels = np.memmap(file, np.uint8, "r+", offset=offset, shape=shape)
+        kept = _read_into(source, pixels, skipped)
+        pixels.flush()
+        del pixels  # unmapped before the file is cut to the kept rows
+        if len(kept) < shape[0]:
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, _npy_header((len(kept), *shape[1:])))
+            # numpy pads a header so that axis 0 can change in place; refuse rather than shift the data.
+            if header.tell() != offset:
+                raise RuntimeError(f"numpy {np.__version__} wrote a {header.tell()}-byte npy header where "
+                                   f"{offset} bytes were reserved")
+            file.seek(0)
+            file.write(header.getvalue())
+            file.truncate(offset + len(kept) * int(np.prod(shape[1:])))
+        arrays = {"ids": source.ids[kept], "y": source.y[kept]}
+        if source.poison is not None:
+            arrays["poison"] = source.poison[kept]
+        for name, array in arrays.items():
+            with atomic_write(os.path.join(into, f"{name}.npy")) as array_file:
+                np.save(array_file, array, allow_pickle=False)
+        if source.poison is None and os.path.lexists(os.path.join(into, "poison.npy")):
+            os.remove(os.path.join(into, "poison.npy"))  # an earlier read's: not these samples' truth
+    return _kept_dataset(source, np.load(x_path, mmap_mode="r"), kept)
+
+
+def _read_into(source: Source, pixels: np.ndarray, skipped: list | None) -> np.ndarray:
+    """Decode `source` range by range into the leading rows of `pixels`; warns about what was left
+    out and returns the positions kept (an InputError when none could be read)."""
+    rows = max(1, READ_BYTES // int(np.prod(source.image_shape)))
+    kept, failures, filled = [], [], 0
+    for start in range(0, len(source), rows):
+        batch = source.read(start, min(start + rows, len(source)))
+        pixels[filled:filled + len(batch.kept)] = batch.x
+        filled += len(batch.kept)
+        kept.append(batch.kept)
+        failures.extend(batch.failures)
+    if skipped is None:
+        warn_skipped(source.description, [*source.listing_skipped, *failures])
+    else:
+        skipped.extend(failures)
+    if not filled:
+        raise InputError(f"{source.description}: no sample could be read")
+    return np.concatenate(kept)
+
+
+def _kept_dataset(source: Source, x: np.ndarray, kept: np.ndarray) -> Dataset:
+    return make_dataset(x, source.y[kept], ids=source.ids[kept],
+                        poison=None if source.poison is None else source.poison[kept])
+
+
+def _npy_header(shape: tuple[int, ...]) -> dict:
+    return {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": shape}
 
 
 def _read_field(archive, name: str, path: str) -> np.ndarray:

@@ -1,97 +1,120 @@
-"""A folder of class sub-folders holding PNG/JPEG images: read into a Dataset, and written from one."""
+"""An image folder, `root/<class>/**/<image>.(png|jpg|jpeg)`, as a Source; and a writer for one.
+
+Listing (once, when the source is opened): sorted class folder names give the class ids; a sample's
+id is its path relative to root with forward slashes; files are taken folder by folder, names
+sorted, so ids and their order are stable across runs. Hidden files and folders (".name") are
+ignored; files beside the class folders and files of other extensions are listed in
+`listing_skipped`, never raised.
+
+Decoding (when a range is read): only the PNG and JPEG decoders run, whatever the extension says.
+Channels and size follow the rule of data.source: a folder is RGB if any of its images is colour,
+else grey (`channels` forces either); images must all have one size unless `image_size` is given,
+and a folder mixing sizes is refused when opened with an error naming two files that differ. A
+file that cannot be decoded is a failure of its range (listed with its id and the reason).
+
+Loading a folder into memory is reading this source to the end (`read_all`, which `open_dataset`
+calls), so the eager and the streamed read give the same pixels, ids and labels.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
 import shutil
-from dataclasses import dataclass, field
 from pathlib import PurePath
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from backdoor_engine.data.dataset import Dataset, make_dataset
+from backdoor_engine.data.dataset import Dataset
+from backdoor_engine.data.fingerprint import content_digest
+from backdoor_engine.data.source import (
+    Batch,
+    BatchBuilder,
+    Source,
+    checked_channels,
+    checked_image_size,
+    decode_image,
+    image_header,
+    output_shape,
+)
 from backdoor_engine.errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-_DECODERS = ("PNG", "JPEG")  # Pillow decides by content, but only these decoders may run
-_GREY_MODES = {"1", "L", "LA", "La", "I", "F"}
 
 
-@dataclass(frozen=True)
-class ImageFolderResult:
-    """The loaded dataset, the class names (index = class id) and the files left out with the reason."""
+class ImageFolderSource(Source):
+    """Every PNG/JPEG image under `root`'s class folders (see the module docstring), each coming out
+    `image_size` (int or (height, width); bilinear) with `channels` (1 or 3) channels."""
 
-    dataset: Dataset
-    class_names: tuple[str, ...]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    def __init__(self, root: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
+                 channels: int | None = None):
+        self.root = os.path.abspath(os.fspath(root))
+        if not os.path.isdir(self.root):
+            raise InputError(f"{root}: not a directory")
+        channels, size = checked_channels(channels), checked_image_size(image_size)
+        entries = sorted(os.scandir(self.root), key=lambda entry: entry.name)
+        self.class_names = tuple(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        if not self.class_names:
+            raise InputError(f"{root}: no class sub-folders found; expected {root}/<class>/<image>.png")
+        self.listing_skipped = [(e.path, "not inside a class folder") for e in entries
+                                if not e.is_dir() and not e.name.startswith(".")]
+        ids, labels, stats = [], [], []
+        for label, class_name in enumerate(self.class_names):
+            for relative, stat in _listed_files(self.root, class_name):
+                extension = os.path.splitext(relative)[1].lower()
+                if extension in IMAGE_EXTENSIONS:
+                    ids.append(relative)
+                    labels.append(label)
+                    stats.append(stat)
+                else:
+                    self.listing_skipped.append((os.path.join(self.root, relative),
+                                                 f"extension {extension or '(none)'!r} is not one of "
+                                                 f"{', '.join(IMAGE_EXTENSIONS)}"))
+        if not ids:
+            raise InputError(f"{root}: no PNG/JPEG files found ({len(self.listing_skipped)} other files)")
+        self.ids = np.array(ids, dtype=str)
+        self.y = np.array(labels, dtype=np.int64)
+        self._stats = np.array(stats, dtype=np.int64).reshape(-1, 2)  # (size, mtime_ns) per file
+        self._size, self._channels = size, channels
+        self.image_shape = output_shape(size, channels, len(self.ids), lambda position: image_header(
+            self._path(position)), self._path, self.root)
+
+    def read(self, start: int, stop: int) -> Batch:
+        self.check_range(start, stop)
+        builder = BatchBuilder(self.image_shape, stop - start)
+        for position in range(start, stop):
+            path = self._path(position)
+            builder.add(position, self.ids[position], lambda: decode_image(path, self._size, self.image_shape[2]))
+        return builder.batch()
+
+    def fingerprint(self) -> str:
+        """Hash of ids, labels, each file's size and modification time, and the output shape (the
+        pixels are not read: hashing a million files would cost as much as scanning them)."""
+        return content_digest(f"image-folder|{self.image_shape}|{self._size}|{self._channels}",
+                              (self.ids, self.y, self._stats))
+
+    def _path(self, position: int) -> str:
+        return os.path.join(self.root, self.ids[position])
 
 
-def load_image_folder(root: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
-                      channels: int | None = None, progress: bool = False) -> ImageFolderResult:
-    """Read `root/<class>/**/<image>.(png|jpg|jpeg)`; sorted class folder names give the class ids.
-
-    Images become L (channels=1) or RGB (channels=3); by default RGB if any image is colour, else L.
-    `image_size` (int or (height, width)) resizes bilinearly; without it all images must share one size.
-    Unreadable files and files of other types are listed in `skipped`, never raised. Sample ids are
-    the paths relative to `root` with forward slashes. Hidden files and folders (".name") are ignored.
-    """
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise InputError(f"{root}: not a directory")
-    size = checked_image_size(image_size)
-    if channels not in (None, 1, 3):
-        raise InputError(f"channels: expected 1, 3 or None, got {channels!r}")
-    entries = sorted(os.scandir(root), key=lambda entry: entry.name)
-    class_names = tuple(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
-    if not class_names:
-        raise InputError(f"{root}: no class sub-folders found; expected {root}/<class>/<image>.png")
-    skipped = [(entry.path, "not inside a class folder") for entry in entries
-               if not entry.is_dir() and not entry.name.startswith(".")]
-
-    candidates = []
-    for label, class_name in enumerate(class_names):
-        for relative, _ in listed_files(root, class_name):
-            extension = os.path.splitext(relative)[1].lower()
-            if extension in IMAGE_EXTENSIONS:
-                candidates.append((relative, label))
-            else:
-                skipped.append((os.path.join(root, relative),
-                                f"extension {extension or '(none)'!r} is not one of {', '.join(IMAGE_EXTENSIONS)}"))
-
-    images, labels, ids, first_path = [], [], [], None
-    for relative, label in tqdm(candidates, desc="decoding images", unit="image", disable=not progress):
-        path = os.path.join(root, relative)
-        try:
-            pixels = decode_image(path, size, channels)
-        except Exception as error:  # untrusted files: any decoder failure means "corrupt", not a crash
-            skipped.append((path, f"unreadable image: {type(error).__name__}: {error}"))
-            continue
-        if first_path is None:
-            first_path = path
-        elif pixels.shape[:2] != images[0].shape[:2]:
-            raise InputError(f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]} (WxH) but {first_path} is "
-                             f"{images[0].shape[1]}x{images[0].shape[0]}; pass image_size to resize all images")
-        images.append(pixels)
-        labels.append(label)
-        ids.append(relative)
-    if not images:
-        raise InputError(f"{root}: no readable PNG/JPEG images found ({len(skipped)} files skipped)")
-
-    target_channels = channels or (3 if any(pixels.ndim == 3 for pixels in images) else 1)
-    x = np.empty((len(images), *images[0].shape[:2], target_channels), dtype=np.uint8)
-    for index, pixels in enumerate(images):
-        # A grey image broadcasts into all channels, exactly what Pillow's L -> RGB conversion does.
-        x[index] = pixels[..., None] if pixels.ndim == 2 else pixels
-    dataset = make_dataset(x, np.array(labels, dtype=np.int64), ids=np.array(ids, dtype=str))
-    return ImageFolderResult(dataset, class_names, skipped)
+def _listed_files(root: str, class_name: str) -> list[tuple[str, tuple[int, int]]]:
+    """(path relative to root with forward slashes, (size, mtime_ns)) of the non-hidden files under
+    root/class_name, in a stable order: folder by folder, names sorted."""
+    found = []
+    for directory, subdirectories, names in os.walk(os.path.join(root, class_name)):
+        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
+        for name in sorted(names):
+            if not name.startswith("."):
+                path = os.path.join(directory, name)
+                stat = os.stat(path)
+                found.append((PurePath(os.path.relpath(path, root)).as_posix(), (stat.st_size, stat.st_mtime_ns)))
+    return found
 
 
 def write_image_folder(dataset: Dataset, root: str | os.PathLike,
                        class_names: tuple[str, ...] | list[str] | None = None) -> None:
-    """Write `dataset` as PNGs `root/<class>/<id>.png` that `load_image_folder` reads back losslessly.
+    """Write `dataset` as PNGs `root/<class>/<id>.png` that `ImageFolderSource` reads back losslessly.
 
     Without `class_names` the folders are the zero-padded class ids. `root` must not exist or be empty;
     the tree is built under a temporary name beside it and renamed into place, so a failure leaves nothing.
@@ -121,52 +144,6 @@ def write_image_folder(dataset: Dataset, root: str | os.PathLike,
         raise
 
 
-def checked_image_size(image_size) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    size = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else tuple(image_size)
-    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in size):
-        raise InputError(f"image_size: expected a positive int or (height, width), got {image_size!r}")
-    return int(size[0]), int(size[1])
-
-
-def listed_files(root: str, class_name: str) -> list[tuple[str, tuple[int, int]]]:
-    """(path relative to root with forward slashes, (size, mtime_ns)) of the non-hidden files under
-    root/class_name, in a stable order: folder by folder, names sorted."""
-    found = []
-    for directory, subdirectories, names in os.walk(os.path.join(root, class_name)):
-        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
-        for name in sorted(names):
-            if not name.startswith("."):
-                path = os.path.join(directory, name)
-                stat = os.stat(path)
-                found.append((PurePath(os.path.relpath(path, root)).as_posix(), (stat.st_size, stat.st_mtime_ns)))
-    return found
-
-
-def decode_image(file, size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
-    """H x W (grey) or H x W x 3 (colour) uint8 pixels of the PNG/JPEG image in `file` (a path or a
-    binary file object); only the PNG and JPEG decoders may run on these untrusted bytes."""
-    with Image.open(file, formats=_DECODERS) as image:
-        image.load()
-        if image.mode.startswith("I;16"):
-            # Pillow clips 16-bit values at 255 when converting to L; scale them to 8 bits instead.
-            wide = np.asarray(image).astype(np.uint32)
-            image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
-        mode = {1: "L", 3: "RGB"}.get(channels) or ("RGB" if _is_colour(image) else "L")
-        image = image.convert(mode)
-    if size is not None:
-        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    return np.asarray(image)
-
-
-def _is_colour(image: Image.Image) -> bool:
-    if image.mode in ("P", "PA"):
-        palette = np.array(image.getpalette() or [0, 0, 0]).reshape(-1, 3)
-        return bool((palette != palette[:, :1]).any())
-    return image.mode not in _GREY_MODES
-
-
 def _class_folders(num_classes: int, class_names) -> list[str]:
     if class_names is None:
         width = len(str(num_classes - 1))  # zero-padded so sorted folder names keep the class order
@@ -181,8 +158,8 @@ def _class_folders(num_classes: int, class_names) -> list[str]:
     if len(set(names)) != len(names):
         raise InputError("class_names: names must be unique")
     if names != sorted(names):
-        raise InputError("class_names: names must be in sorted order, since load_image_folder assigns class "
-                         "ids by sorted folder name; prefix them with the zero-padded class id if needed")
+        raise InputError("class_names: names must be in sorted order, since an image folder's class ids "
+                         "follow the sorted folder names; prefix them with the zero-padded class id if needed")
     return names
 
 

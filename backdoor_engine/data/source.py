@@ -4,18 +4,36 @@ A source knows its samples' ids and labels up front (from a file listing or a sh
 decodes images only when a range is read. Ids are stable across runs (paths, shard/key names), so
 a feature store written by one run is resumed by the next. A sample that cannot be decoded is not
 an error: the range comes back without it and the failure is listed with its id and the reason.
+
+This module holds what every kind shares: the `Source` protocol and its `Batch`, the views
+`SourceRange` and `SourceRows`, and the one PNG/JPEG decoder and output-shape rule that the
+file-based kinds (image folders, tar shards) use, so that their eager and streamed reads agree:
+
+- channels: as asked; unset, 3 (RGB) if any image of the source is colour, else 1 (L). A grey image
+  in an RGB source repeats its value in all three channels (Pillow's L -> RGB).
+- size: `image_size` resizes every image bilinearly; unset, every image must have the size of the
+  others, and two that differ are an InputError naming both (a silently skipped odd size would
+  drop samples from a scan without anyone asking for it).
+
+Both are settled when the source is opened, from the image headers only (size and mode, no pixel
+decoding) and only when not given; a file whose header cannot be read is left to fail on read.
 """
 
 from __future__ import annotations
 
-import hashlib
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
-from backdoor_engine.data.dataset import Dataset
+from backdoor_engine.data.fingerprint import content_digest
 from backdoor_engine.errors import InputError
+
+_DECODERS = ("PNG", "JPEG")  # Pillow decides by content, but only these decoders may run
+_GREY_MODES = {"1", "L", "LA", "La", "I", "F"}
+_SKIPPED_SHOWN = 20  # a folder with thousands of bad files should not flood the terminal
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,7 @@ class BatchBuilder:
             self.failures.append((str(sample_id), f"unreadable image: {type(error).__name__}: {error}"))
             return
         if pixels.shape[:2] != (height, width):
+            # The headers agreed when the source was opened; the file changed since (or lied).
             self.failures.append((str(sample_id), f"image is {pixels.shape[1]}x{pixels.shape[0]} (WxH), expected "
                                   f"{width}x{height}; pass image_size to resize every image"))
             return
@@ -105,30 +124,6 @@ class Source(ABC):
             raise InputError(f"range [{start}, {stop}) is outside this source's {len(self)} samples")
 
 
-class ArraySource(Source):
-    """An in-memory Dataset seen as a source (nothing to decode, nothing fails)."""
-
-    def __init__(self, dataset: Dataset):
-        if not isinstance(dataset, Dataset):
-            raise InputError(f"dataset: expected a Dataset, got {type(dataset).__name__}")
-        self.dataset = dataset
-        self.ids, self.y, self.poison = dataset.ids, dataset.y, dataset.poison
-        self.image_shape = dataset.image_shape
-        self.listing_skipped = ()
-
-    def read(self, start: int, stop: int) -> Batch:
-        self.check_range(start, stop)
-        return Batch(self.dataset.x[start:stop], np.arange(start, stop, dtype=np.int64))
-
-    def images(self, positions) -> np.ndarray:
-        return self.dataset.x[np.asarray(positions, dtype=np.int64)]
-
-    def fingerprint(self) -> str:
-        from backdoor_engine.engine.fingerprint import dataset_fingerprint
-
-        return dataset_fingerprint(self.dataset)
-
-
 class SourceRange(Source):
     """Rows [start, stop) of another source, as a source of their own (one scale-out work item)."""
 
@@ -166,37 +161,82 @@ class SourceRows:
         return self.source.images(self.positions[np.asarray(rows, dtype=np.int64)])
 
 
-def content_digest(header: str, arrays) -> str:
-    """blake2b-128 of `header`, then each array's dtype, shape and bytes in order: what a source's
-    fingerprint hashes (its listing, not its pixels)."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(header.encode())
-    for array in arrays:
-        digest.update(f"{array.dtype.str}|{array.shape}".encode())
-        digest.update(np.ascontiguousarray(array))
-    return digest.hexdigest()
+def checked_image_size(image_size) -> tuple[int, int] | None:
+    """(height, width) from an int or a pair; None stays None."""
+    if image_size is None:
+        return None
+    size = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else tuple(image_size)
+    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in size):
+        raise InputError(f"image_size: expected a positive int or (height, width), got {image_size!r}")
+    return int(size[0]), int(size[1])
 
 
-def output_shape(size: tuple[int, int] | None, channels: int | None, count: int, decode_at,
+def checked_channels(channels) -> int | None:
+    if channels not in (None, 1, 3) or isinstance(channels, bool):
+        raise InputError(f"channels: expected 1, 3 or None, got {channels!r}")
+    return channels
+
+
+def decode_image(file, size: tuple[int, int] | None, channels: int) -> np.ndarray:
+    """H x W (channels=1) or H x W x 3 (channels=3) uint8 pixels of the PNG/JPEG image in `file` (a
+    path or a binary file object), resized bilinearly to `size` (height, width) when given; only the
+    PNG and JPEG decoders may run on these untrusted bytes."""
+    with Image.open(file, formats=_DECODERS) as image:
+        image.load()
+        if image.mode.startswith("I;16"):
+            # Pillow clips 16-bit values at 255 when converting to L; scale them to 8 bits instead.
+            wide = np.asarray(image).astype(np.uint32)
+            image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+        image = image.convert("L" if channels == 1 else "RGB")
+    if size is not None:
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+def image_header(file) -> tuple[int, int, bool]:
+    """(height, width, is colour) of the PNG/JPEG image in `file`, from its header: Pillow reads the
+    size and mode without decoding the pixels (a palette image is decoded to look at its colours)."""
+    with Image.open(file, formats=_DECODERS) as image:
+        width, height = image.size
+        if image.mode in ("P", "PA"):
+            palette = np.array(image.getpalette() or [0, 0, 0]).reshape(-1, 3)
+            colour = bool((palette != palette[:, :1]).any())
+        else:
+            colour = image.mode not in _GREY_MODES and not image.mode.startswith("I;16")
+    return height, width, colour
+
+
+def output_shape(size: tuple[int, int] | None, channels: int | None, count: int, header_at, name_at,
                  where: str) -> tuple[int, int, int]:
-    """(H, W, C) every image of a source comes out as: `size` and `channels` when both are given,
-    otherwise those of the first of its `count` samples that `decode_at(position)` decodes (one that
-    cannot be decoded fails later, when its range is read)."""
+    """(H, W, C) every image of a source of `count` samples comes out as, by the rule in this module's
+    docstring: `size` and `channels` when given, the rest from `header_at(position)` ((height, width,
+    is colour) of a sample's image). `name_at(position)` names a sample in the size-mismatch error."""
     if size is not None and channels is not None:
         return (*size, channels)
+    first, colour = None, False
     for position in range(count):
         try:
-            pixels = decode_at(position)
+            height, width, is_colour = header_at(position)
         except Exception:  # noqa: BLE001 - listed as a failure when its range is read
             continue
-        return (*pixels.shape[:2], 1 if pixels.ndim == 2 else 3)
-    raise InputError(f"{where}: none of the {count} images can be decoded")
+        if first is None:
+            first = (position, height, width)
+        elif size is None and (height, width) != first[1:]:
+            raise InputError(f"{where}: {name_at(position)} is {width}x{height} (WxH) but {name_at(first[0])} is "
+                             f"{first[2]}x{first[1]}; pass image_size to resize every image to one size")
+        colour = colour or is_colour
+        if size is not None and colour:
+            break  # nothing left to learn: the size is given and one colour image makes the source RGB
+    if first is None:
+        raise InputError(f"{where}: none of the {count} images can be decoded")
+    return (*(size or first[1:]), channels or (3 if colour else 1))
 
 
-def as_source(data) -> Source:
-    """A Source as is; a Dataset wrapped in an ArraySource."""
-    if isinstance(data, Source):
-        return data
-    if isinstance(data, Dataset):
-        return ArraySource(data)
-    raise InputError(f"data must be a backdoor_engine.data.Dataset or Source, got {type(data).__name__}")
+def warn_skipped(where: str, skipped) -> None:
+    """One warning listing the (path or id, reason) of the files or samples left out."""
+    skipped = list(skipped)
+    if skipped:
+        shown = "\n".join(f"  {path}: {reason}" for path, reason in skipped[:_SKIPPED_SHOWN])
+        more = len(skipped) - _SKIPPED_SHOWN
+        warnings.warn(f"{where}: skipped {len(skipped)} file(s):\n{shown}"
+                      + (f"\n  ... and {more} more" if more > 0 else ""), stacklevel=3)

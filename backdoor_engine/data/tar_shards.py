@@ -5,6 +5,10 @@ convention: "dir/n01440764_10026.jpg" and "dir/n01440764_10026.cls" are the imag
 of sample "dir/n01440764_10026" (the key is the member path up to the first dot of its file name).
 The label member holds the class id as decimal text. The index (where each image's bytes lie) is
 built once from the tar headers, so a range is read by seeking, never by unpacking a shard.
+
+Images are decoded and shaped as data.source says for every file-based kind (RGB if any image is
+colour, one size for all unless `image_size` is given); loading shards into memory is reading this
+source to the end (`read_all`), the same decode path as a streamed scan.
 """
 
 from __future__ import annotations
@@ -20,8 +24,17 @@ import numpy as np
 from PIL import Image
 
 from backdoor_engine.data.dataset import Dataset
-from backdoor_engine.data.image_folder import checked_image_size, decode_image
-from backdoor_engine.data.source import Batch, BatchBuilder, Source, content_digest, output_shape
+from backdoor_engine.data.fingerprint import content_digest
+from backdoor_engine.data.source import (
+    Batch,
+    BatchBuilder,
+    Source,
+    checked_channels,
+    checked_image_size,
+    decode_image,
+    image_header,
+    output_shape,
+)
 from backdoor_engine.errors import InputError
 
 IMAGE_SUFFIXES = ("png", "jpg", "jpeg")
@@ -31,7 +44,7 @@ LABEL_SUFFIX = "cls"
 class TarShardSource(Source):
     """Every sample of the shards `path` names: a .tar file, or a directory whose *.tar files are
     taken in sorted name order. Ids are "<shard file name>/<key>". Every image comes out image_size
-    with `channels` channels; unset, both come from the first readable image. Samples without an
+    with `channels` channels (unset: data.source's rule over all image headers). Samples without an
     image or a readable label are listed in `listing_skipped`; undecodable images fail on read."""
 
     def __init__(self, path: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
@@ -46,9 +59,7 @@ class TarShardSource(Source):
             raise InputError(f"{path}: expected a .tar shard or a directory of .tar shards")
         if not self.shards:
             raise InputError(f"{path}: no .tar shards in this directory")
-        if channels not in (None, 1, 3):
-            raise InputError(f"channels: expected 1, 3 or None, got {channels!r}")
-        self._size, self._channels = checked_image_size(image_size), channels
+        self._size, self._channels = checked_image_size(image_size), checked_channels(channels)
         self.listing_skipped = []
         ids, labels, where = [], [], []
         for shard_index, shard in enumerate(self.shards):
@@ -62,8 +73,8 @@ class TarShardSource(Source):
         self.ids = np.array(ids, dtype=str)
         self.y = np.array(labels, dtype=np.int64)
         self._where = np.array(where, dtype=np.int64)  # (shard, data offset, size) per sample
-        self.image_shape = output_shape(self._size, channels, len(self.ids), lambda position: self._decode(
-            self._member_bytes(position), channels), path)
+        self.image_shape = output_shape(self._size, channels, len(self.ids), lambda position: image_header(
+            _MemberBytes(self._member_bytes(position))), lambda position: self.ids[position], path)
 
     def read(self, start: int, stop: int) -> Batch:
         self.check_range(start, stop)
@@ -92,7 +103,7 @@ class TarShardSource(Source):
         return content_digest(f"tar-shards|{self.image_shape}|{self._size}|{self._channels}{shards}",
                               (self.ids, self.y, self._where))
 
-    def _decode(self, data: bytes, channels: int | None) -> np.ndarray:
+    def _decode(self, data: bytes, channels: int) -> np.ndarray:
         return decode_image(_MemberBytes(data), self._size, channels)
 
     def _member_bytes(self, position: int) -> bytes:

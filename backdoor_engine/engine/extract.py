@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from backdoor_engine import __version__
 from backdoor_engine.data import Dataset
-from backdoor_engine.data.source import ArraySource, Source, as_source
+from backdoor_engine.data.dataset import ArraySource, as_source
+from backdoor_engine.data.source import Source
 from backdoor_engine.engine.feature_set import FeatureSet
 from backdoor_engine.engine.feature_store import (
     DEFAULT_CHUNK_SIZE,

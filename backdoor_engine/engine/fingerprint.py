@@ -1,19 +1,14 @@
-"""Content fingerprints that tell whether stored features came from this model and this dataset.
+"""The model's content fingerprint: tells whether stored features came from this model.
 
 A resumed extraction must not mix features of two models or two datasets: the feature store
-records both fingerprints and refuses a resume when either differs.
+records both fingerprints and refuses a resume when either differs. The dataset's side lives with
+the data (backdoor_engine.data.fingerprint).
 """
 
 import hashlib
 
-import numpy as np
 import torch
 from torch import nn
-
-from backdoor_engine.data import Dataset
-
-# Images hashed per step: bounds the copy a memory-mapped dataset needs.
-HASH_CHUNK = 4096
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -25,16 +20,4 @@ def model_fingerprint(model: nn.Module) -> str:
         values = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{values.dtype}|{tuple(values.shape)}".encode())
         digest.update(values.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def dataset_fingerprint(dataset: Dataset) -> str:
-    """Hash of the ids, labels and pixels, in order."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, array in (("ids", dataset.ids), ("y", dataset.y)):
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}".encode())
-        digest.update(np.ascontiguousarray(array))
-    digest.update(f"x|{dataset.x.shape}".encode())
-    for start in range(0, len(dataset), HASH_CHUNK):
-        digest.update(np.ascontiguousarray(dataset.x[start:start + HASH_CHUNK]))
     return digest.hexdigest()

@@ -19,7 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from backdoor_engine.data import Dataset
-from backdoor_engine.data.source import Source, SourceRange, as_source
+from backdoor_engine.data.dataset import as_source
+from backdoor_engine.data.source import Source, SourceRange
 from backdoor_engine.engine.extract import extract_features, open_store
 from backdoor_engine.engine.feature_set import FeatureSet
 from backdoor_engine.engine.feature_store import DEFAULT_CHUNK_SIZE, FeatureStore, check_feature_dtype

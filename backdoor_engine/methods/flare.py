@@ -20,72 +20,63 @@ import numpy as np
 from .. import cluster
 from ..engine.layout import FeatureLayout
 from ..errors import InputError
-from .detection import Detection, checked_params
+from ..detection import Detection
+from ..params import build_params, choices_of, param
 
 REDUCTIONS = ("channel", "layer")
 LABELLINGS = ("stability", "official")
 NOISE_RULES = ("official", "nearest")
 LEAF_RULES = ("persistence", "official")
+XI_MODES = ("relative", "absolute")
 CUT_MARGIN = 1e-4  # official: cut at lambda 1e-4 before the stable cluster splits
 
 
 @dataclass(frozen=True)
 class FlareParams:
-    # Paper Eq. 3-5: one column per channel (DESIGN section 4); "layer" = the official code's one per BN layer.
-    reduce: str = "channel"
-    # Official UMAP settings (umap-learn, euclidean).
-    n_neighbors: int = 40
-    min_dist: float = 0.0
-    n_components: int = 2
-    # Official HDBSCAN settings: min_samples = min_cluster_size.
-    min_cluster_size: int = 100
-    # Official first_large_drop: xi = 0.02, depth 3, in lambda units ("absolute": 1 / UMAP distance, so its
-    # meaning changes with the embedding's scale; DESIGN section 4). Default "relative": xi times the tree's
-    # lambda range, scale-free. Chosen on the 10k-sample development models (RESULTS.md): equal flags on 15
-    # of 16, and on Blend a2a it reached the subspace (2 layers dropped) where the poison splits off.
-    xi: float = 0.02
-    xi_mode: str = "relative"
-    depth: int = 3
-    # Paper Def. IV.1: a cluster's stability is its persistence (lambda where it divides - lambda where it
-    # appears). A leaf never divides, so it persists until its last point leaves ("persistence"). The
-    # official walk instead compares a single point's exit lambda there ("official"), a near-zero gap.
-    leaf_rule: str = "persistence"
-    # "stability" (paper Sec. IV-C3): split at the root, flag the more stable of the two clusters, with the
-    # class make-up guard below. "official": the official code's flat cut, largest cluster clean, rest flagged.
-    labelling: str = "stability"
-    # Guard of the stability rule (DESIGN section 4: check a flagged cluster's class make-up, `class_makeup`):
-    # a cluster holding more than this share of each of its labels' samples (member-weighted, counted among
-    # the clustered samples of the cluster it splits from) is a benign class split off, never flagged -
-    # unless its label is inflated by about its size (all-to-one relabelling). 0.5 = "most of its class".
-    # First set at 0.8 and measured on the 10k-sample development models: benign class islands held only
-    # 0.74-0.75 of their class there (benchmarks/RESULTS.md); the full-set table was measured after the
-    # change. Clean-label poison of a whole class (share 1.0, no inflation) is not flagged. Above 1: no guard.
-    class_coverage: float = 0.5
-    # Official: noise counts as clean. "nearest": a noise sample takes its nearest clustered neighbour's label.
-    noise_rule: str = "official"
-    # The paper's loop drops up to L - 1 trailing layers; None = all of them.
-    max_dropped_layers: int | None = None
-    random_state: int | None = 42
-    # Speed options (benchmarks/bench_flare_clustering.py measures them against the default): project each
-    # subspace onto its first `pca_components` principal components before UMAP; build UMAP's neighbour graph
-    # with an exact kNN search (`knn_backend`: "auto" | "faiss" | "torch") instead of umap-learn's own
-    # approximate NN-descent. None: as the official code (raw columns, UMAP's own search).
-    pca_components: int | None = None
-    knn_backend: str | None = None
-    umap_backend: str = "auto"
-    hdbscan_backend: str = "auto"
+    reduce: str = param("channel", "paper: Eq. 3-5, one column per BN channel (DESIGN section 4); 'layer' is the "
+                        "official code's one column per BN layer", choices=REDUCTIONS)
+    n_neighbors: int = param(40, "official code: UMAP n_neighbors")
+    min_dist: float = param(0.0, "official code: UMAP min_dist")
+    n_components: int = param(2, "official code: UMAP n_components")
+    min_cluster_size: int = param(100, "official code: HDBSCAN min_cluster_size (min_samples the same)")
+    xi: float = param(0.02, "official code: first_large_drop xi")
+    # The official xi is absolute, in lambda units (1 / UMAP distance), so its meaning changes with the
+    # embedding's scale (DESIGN section 4); "relative" = xi times the tree's lambda range.
+    xi_mode: str = param("relative", "ours: scale-free threshold; equal flags on 15 of 16 development models and on "
+                         "Blend a2a it reached the subspace where the poison splits off (RESULTS.md)",
+                         choices=XI_MODES)
+    depth: int = param(3, "official code: first_large_drop depth")
+    # Def. IV.1: a cluster's stability is its persistence; a leaf persists until its last point leaves. The
+    # official walk compares a single point's exit lambda there ("official"), a near-zero gap.
+    leaf_rule: str = param("persistence", "paper: Def. IV.1 (persistence of a leaf until its last point leaves)",
+                           choices=LEAF_RULES)
+    # "stability": split at the root, flag the more stable cluster, with the class make-up guard below.
+    # "official": the official code's flat cut, largest cluster clean, every other cluster flagged.
+    labelling: str = param("stability", "paper: Sec. IV-C3 (flag the more stable cluster), with our class make-up "
+                           "guard (class_coverage)", choices=LABELLINGS)
+    # A cluster holding more than this share of each of its labels' samples (member-weighted, among the
+    # clustered samples of the cluster it splits from) is a benign class split off, never flagged, unless
+    # its label is inflated by about its size (all-to-one relabelling). Above 1: no guard.
+    class_coverage: float = param(0.5, "ours: 'most of its class'; first 0.8, lowered after benign class islands "
+                                  "held 0.74-0.75 of their class on the 10k development models (RESULTS.md)")
+    noise_rule: str = param("official", "official code: HDBSCAN noise counts as clean ('nearest': a noise sample "
+                            "takes its nearest clustered neighbour's label)", choices=NOISE_RULES)
+    max_dropped_layers: int | None = param(None, "paper: the loop may drop up to L - 1 trailing layers (None = all)")
+    random_state: int | None = param(42, "official code: UMAP random_state")
+    # Speed options, measured against the default in benchmarks/bench_flare_clustering.py. None = as the
+    # official code (raw columns, UMAP's own approximate neighbour search).
+    pca_components: int | None = param(None, "official code: no projection before UMAP")
+    knn_backend: str | None = param(None, "official code: UMAP's own NN-descent (or 'auto'|'faiss'|'torch' exact kNN)",
+                                    choices=(None, "auto", "faiss", "torch"))
+    umap_backend: str = param("auto", "ours: the first available backend, GPU first (cluster registry)")
+    hdbscan_backend: str = param("auto", "ours: the first available backend, GPU first (cluster registry)")
 
     def __post_init__(self):
         if self.pca_components is not None and (not isinstance(self.pca_components, int) or self.pca_components < 2):
             raise InputError(f"pca_components must be None or an integer >= 2, got {self.pca_components!r}")
-        if self.labelling not in LABELLINGS:
-            raise InputError(f"labelling must be one of {LABELLINGS}, got {self.labelling!r}")
-        if self.reduce not in REDUCTIONS:
-            raise InputError(f"reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
-        if self.leaf_rule not in LEAF_RULES:
-            raise InputError(f"leaf_rule must be one of {LEAF_RULES}, got {self.leaf_rule!r}")
-        if self.noise_rule not in NOISE_RULES:
-            raise InputError(f"noise_rule must be one of {NOISE_RULES}, got {self.noise_rule!r}")
+        for name, allowed in choices_of(FlareParams).items():
+            if getattr(self, name) not in allowed:
+                raise InputError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -325,7 +316,7 @@ class Flare:
     name = "flare"
 
     def __init__(self, **params):
-        self.params = checked_params(FlareParams, params, "FLARE")
+        self.params = build_params(FlareParams, params, "flare")
 
     def fit(self, features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None = None,
             *, progress=None) -> Detection:

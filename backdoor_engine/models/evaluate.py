@@ -66,3 +66,19 @@ def attack_success_rate(pred: np.ndarray, y_attack: np.ndarray | None, y_true: n
         raise InputError(f"y_attack is required for the {mode} attack success rate")
     pred, y_attack = check_same_length("pred", pred, "y_attack", y_attack)
     return float(np.mean(pred == y_attack))
+
+
+def evaluate_model(model, normalisation, clean, spec=None, *,
+             num_classes: int | None = None, batch_size: int = 256, progress: bool = False) -> dict:
+    """Benign accuracy on `clean`, and the attack success rate of `spec`'s trigger on it when given."""
+    from ..data.attacks.harness import triggered_test
+
+    num_classes = num_classes or clean.num_classes
+    pred = predict(model, clean.x, normalisation, batch_size=batch_size, progress=progress)
+    out = {"ba": float(accuracy(pred, clean.y)), "n_clean": int(len(clean))}
+    if spec is not None:
+        trig = triggered_test(clean, spec, num_classes=num_classes)
+        pred_t = predict(model, trig.x, normalisation, batch_size=batch_size, progress=progress)
+        out["asr"] = float(attack_success_rate(pred_t, trig.y_attack, trig.y_true, spec.mode))
+        out["n_triggered"] = int(len(trig.y_attack))
+    return out

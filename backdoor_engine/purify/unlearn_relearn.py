@@ -10,7 +10,10 @@ choice; here the last epoch is returned and no test data is looked at (DESIGN se
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -18,17 +21,29 @@ from torch import nn
 from ..data.dataset import Dataset
 from ..errors import InputError
 from ..models.preprocess import Normalisation
-from ..models.train import TrainConfig, batch_slices, make_scheduler, torch_threads, train_epoch
+from ..models.train import SCHEDULES, TrainConfig, batch_slices, make_scheduler, torch_threads, train_epoch
+from ..params import param
+from .base import REQUIRED, UNUSED, Repair, Repaired
 from .retrain import kept_and_flagged
 
 
-# D-BR's official settings (SEED_NOTES section 2.3); the rest as the trainer's defaults.
-D_BR_DEFAULTS = {"epochs": 20, "lr": 1e-4, "schedule": "constant"}
+@dataclass(frozen=True)
+class UnlearnRelearnParams:
+    epochs: int = param(20, "official code: D-BR README, unlearn_relearn.py --epochs 20")
+    batch_size: int = param(128, "official code: D-BR unlearn_relearn.py batch 128")
+    lr: float = param(1e-4, "official code: D-BR unlearn_relearn.py forces lr 1e-4 every epoch "
+                            "(the FLARE paper gives none)")
+    momentum: float = param(0.9, "official code: D-BR unlearn_relearn.py SGD momentum 0.9")
+    weight_decay: float = param(5e-4, "official code: D-BR unlearn_relearn.py SGD weight decay 5e-4")
+    schedule: str = param("constant", "official code: D-BR unlearn_relearn.py keeps lr constant", choices=SCHEDULES)
+    augment: bool = param(True, "official code: D-BR crops (pad 4) and flips for both passes")
+    hflip: bool = param(True, "official code: D-BR's CIFAR-10 loaders flip (its other datasets crop only)")
+    seed: int = param(0, "ours", reason="any fixed seed: the same seed repeats the run")
 
 
 def unlearn_relearn_config(**overrides) -> TrainConfig:
     """A TrainConfig with D-BR's unlearn/relearn defaults, any option overridable."""
-    return TrainConfig(**{**D_BR_DEFAULTS, **overrides})
+    return TrainConfig(**{**dataclasses.asdict(UnlearnRelearnParams()), **overrides})
 
 
 def unlearn_relearn(model: nn.Module, normalisation: Normalisation, dataset: Dataset, flags: np.ndarray,
@@ -67,3 +82,19 @@ def unlearn_relearn(model: nn.Module, normalisation: Normalisation, dataset: Dat
                 callback(epoch, repaired)
     repaired = repaired.to(memory_format=torch.contiguous_format).eval()
     return repaired, history
+
+
+class UnlearnRelearn(Repair):
+    name = "unlearn-relearn"
+    description = ("FLARE(R) / D-BR: from the suspect model, each epoch gradient ascent on the flagged samples "
+                   "then cross-entropy on the kept ones")
+    Params = UnlearnRelearnParams
+    uses_flags = REQUIRED
+    uses_aux = UNUSED
+
+    def repair(self, model, normalisation, dataset, flags, aux=None, *, params: UnlearnRelearnParams, arch,
+               progress):
+        config = TrainConfig(**dataclasses.asdict(params), progress=progress)
+        repaired, history = unlearn_relearn(model, normalisation, dataset, flags, config)
+        settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
+        return Repaired(repaired, normalisation, history, settings)

@@ -8,7 +8,7 @@ import platform
 import numpy as np
 
 from ..data.dataset import Dataset
-from ..methods.detection import Detection, detection_metrics
+from ..detection import Detection, detection_metrics
 
 _VERSIONED_PACKAGES = ("backdoor-engine", "torch", "numpy", "umap-learn", "hdbscan", "faiss-cpu", "scikit-learn")
 

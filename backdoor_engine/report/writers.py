@@ -13,7 +13,7 @@ import numpy as np
 
 from ..atomic import atomic_write, write_json_atomic
 from ..data.dataset import Dataset
-from ..methods.detection import Detection
+from ..detection import Detection
 from .figures import embedding_png, montage_png
 from .schema import build_report
 

@@ -1,12 +1,14 @@
-"""What every detector returns: per-sample flags, scores and clusters, plus method diagnostics."""
+"""The Detection contract: what every detector returns (per-sample flags, scores and clusters, plus the
+method's diagnostics) and its metrics against ground truth. methods/ produce it, report/ and purify/ read it;
+it sits beside them so that neither depends on the other."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InputError
+from .errors import InputError
 
 
 @dataclass
@@ -36,15 +38,6 @@ class Detection:
     @property
     def n_flagged(self) -> int:
         return int(self.flags.sum())
-
-
-def checked_params(params_class, params: dict, method: str):
-    """`params_class(**params)`, with unknown names refused by an InputError that lists the known ones."""
-    known = {f.name for f in fields(params_class)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise InputError(f"unknown {method} parameter(s) {unknown}; known: {sorted(known)}")
-    return params_class(**params)
 
 
 def detection_metrics(flags: np.ndarray, poison: np.ndarray) -> dict:

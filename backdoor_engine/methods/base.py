@@ -1,0 +1,144 @@
+"""The Detector interface: what a method declares so that `api.scan` can run it without knowing it.
+
+A detector is a class with
+  name          the registry key (`scan --method NAME`)
+  summary       one line for `--help` and the README
+  params_class  a dataclass made with `params.param`: every default carries its provenance ("paper",
+                "official code", "ours: why"); `Detector(**params)` checks names and choices (params.build_params)
+  needs         what it reads per sample. Captures of the engine's single pass over the suspect model
+                ("bn_minima", "penultimate", "logits"), and/or "pixels": the decoded images with random
+                access, for a method that trains its own models (VBD) and so needs no suspect model
+  seed_param    the params field that `scan --seed` sets (None: the method draws nothing at random)
+  fit_scan(data: ScanData) -> Detection      the scan's entry point
+  report(detection, rows, out_dir) -> ReportParts   its own figures, notes and files (optional)
+
+Each detector keeps its natural estimator call too (`Flare(...).fit(features, layout, y)`,
+`Vbd(...).fit(x, y, num_classes=K)`, cuML/sklearn style); `fit_scan` only unpacks ScanData for it.
+Ground truth never reaches a detector: ScanData has no `poison` field.
+A new detector is one file (a subclass) plus one line in `methods/__init__.py`'s registry, or, from
+another package, an entry point in the group `backdoor_engine.detectors`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import ClassVar
+
+import numpy as np
+
+from ..detection import Detection
+from ..engine.feature_set import CAPTURES, FeatureSet
+from ..errors import InputError
+from ..params import build_params, choices_of, provenance_of
+
+PIXELS = "pixels"
+NEEDS = (*CAPTURES, PIXELS)
+
+
+@dataclass
+class ScanData:
+    """What `fit_scan` receives: one row per readable sample, in the source's order.
+
+    features: the single pass's captures (those the detector needs), or None when it needs none.
+    pixels: a Dataset (uint8 N x H x W x C, memory-mapped for streamed sources), or None unless needed.
+    progress: whether the detector may print progress (a CLI scan without --json).
+    """
+
+    ids: np.ndarray
+    y: np.ndarray
+    num_classes: int
+    features: FeatureSet | None = None
+    pixels: object = None
+    progress: bool = False
+
+
+@dataclass
+class ReportParts:
+    """A detector's own part of the report: figures (title, PNG bytes) and notes for the HTML, and extra
+    top-level report.json fields (added, never renaming the common schema's)."""
+
+    figures: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+class Detector:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    params_class: ClassVar[type]
+    needs: ClassVar[frozenset[str]]
+    seed_param: ClassVar[str | None] = None
+
+    def __init__(self, **params):
+        self.params = build_params(self.params_class, params, self.name)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for attribute in ("name", "summary", "params_class", "needs"):
+            if attribute not in vars(cls) and not any(attribute in vars(base) for base in cls.__mro__[1:-1]):
+                raise TypeError(f"detector {cls.__name__} must declare {attribute!r}")
+        unknown = set(cls.needs) - set(NEEDS)
+        if unknown or not cls.needs:
+            raise TypeError(f"detector {cls.__name__}: needs must be a non-empty subset of {NEEDS}, got {cls.needs}")
+        provenance_of(cls.params_class)  # every default must say where it comes from
+        if cls.seed_param is not None and cls.seed_param not in {f.name for f in fields(cls.params_class)}:
+            raise TypeError(f"detector {cls.__name__}: seed_param {cls.seed_param!r} is not one of its params")
+
+    @classmethod
+    def captures(cls) -> tuple[str, ...]:
+        """The single-pass captures it reads, in the engine's order (empty: it needs no suspect model)."""
+        return tuple(name for name in CAPTURES if name in cls.needs)
+
+    @classmethod
+    def needs_model(cls) -> bool:
+        return bool(cls.captures())
+
+    def fit_scan(self, data: ScanData) -> Detection:
+        raise NotImplementedError
+
+    def report(self, detection: Detection, rows, out_dir) -> ReportParts:
+        """Figures, notes and files of its own; `rows` is the scanned sample table (ids, y, poison when
+        known, images(rows)); out_dir is None when no files are written."""
+        return ReportParts()
+
+    @classmethod
+    def describe(cls) -> str:
+        """Its --help text: summary, needs, and every parameter with its default and provenance."""
+        choices = choices_of(cls.params_class)
+        lines = [f"{cls.name}: {cls.summary}",
+                 f"  needs: {', '.join(sorted(cls.needs))}" + ("" if cls.needs_model() else " (no suspect model)")]
+        defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory()
+                    for f in fields(cls.params_class)}
+        for name, provenance in provenance_of(cls.params_class).items():
+            allowed = f" one of {'|'.join(map(str, choices[name]))};" if name in choices else ""
+            lines.append(f"  {name}={defaults[name]!r} ({allowed} {provenance})".replace("( ", "("))
+        return "\n".join(lines)
+
+
+def detector_input(data: ScanData, capture: str) -> np.ndarray:
+    """The capture `capture` of a scan, with an error naming it when the scan did not provide it."""
+    values = None if data.features is None else getattr(data.features, capture)
+    if values is None:
+        raise InputError(f"this detector reads the single pass's {capture!r} capture, which the scan did not provide")
+    return values
+
+
+def per_class_input(features, y) -> tuple[int, np.ndarray]:
+    """Check an N x D feature matrix (in memory or memory-mapped) and its N integer labels for a method that
+    works class by class; returns (N, y as an array)."""
+    if np.ndim(features) != 2 or features.shape[0] == 0 or features.shape[1] == 0:
+        raise InputError(f"features: expected an N x D matrix of penultimate features, got shape {np.shape(features)}")
+    n = features.shape[0]
+    y = np.asarray(y)
+    if y.shape != (n,):
+        raise InputError(f"y: expected {n} labels (one per feature row), got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise InputError(f"y: expected integer class labels, got dtype {y.dtype}")
+    return n, y
+
+
+def class_rows(y: np.ndarray) -> dict[int, np.ndarray]:
+    """{label: sorted row indices} for every label present."""
+    order = np.argsort(y, kind="stable")
+    labels, starts = np.unique(y[order], return_index=True)
+    return {int(label): rows for label, rows in zip(labels, np.split(order, starts[1:]))}

@@ -1,0 +1,141 @@
+"""The Repair interface: what every purification strategy declares and returns.
+
+A strategy is one class in one file (plus one line in the registry, or an entry point in the group
+`backdoor_engine.repairs` for a third-party package):
+
+    class Retrain(Repair):
+        name = "retrain"
+        description = "FLARE(P): a fresh model of the suspect's architecture trained on the kept samples"
+        Params = RetrainParams          # a dataclass made with backdoor_engine.params.param (provenance per field)
+        uses_flags = REQUIRED           # the scan's flags: REQUIRED, OPTIONAL or UNUSED
+        uses_aux = UNUSED               # a small clean auxiliary set (GIC-style): REQUIRED, OPTIONAL or UNUSED
+        needs_arch = True               # builds a fresh model, so it must know the architecture's name
+
+        def repair(self, model, normalisation, dataset, flags, aux=None, *, params, arch, progress) -> Repaired: ...
+
+`apply` is the one entry point callers use: it builds the params from the user's options, checks the
+inputs against what the strategy declared (so a strategy's `repair` sees only valid, declared inputs)
+and checks what comes back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import InputError
+from ..params import build_params, choices_of, provenance_of
+
+REQUIRED, OPTIONAL, UNUSED = "required", "optional", "unused"
+USES = (REQUIRED, OPTIONAL, UNUSED)
+
+
+@dataclass
+class Repaired:
+    """A repaired model (eval mode, CPU memory format) with the normalisation it expects, the per-epoch
+    history and `config`: every setting the run used (the params plus what the strategy derived from
+    its inputs), plain JSON-like values so it goes into the checkpoint's record as is."""
+
+    model: object
+    normalisation: object
+    history: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+
+class Repair(ABC):
+    """A purification strategy; subclasses set the class attributes below and implement `repair`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]  # one line, shown in `purify --help`
+    Params: ClassVar[type]
+    uses_flags: ClassVar[str] = REQUIRED
+    uses_aux: ClassVar[str] = UNUSED
+    needs_arch: ClassVar[bool] = False
+
+    @abstractmethod
+    def repair(self, model, normalisation, dataset, flags: np.ndarray | None, aux=None, *, params, arch: str | None,
+               progress: bool) -> Repaired:
+        """Repair `model` (never modified in place) given the dataset it was trained on, the scan's
+        per-sample `flags` (bool, one per sample) and `aux` (a clean Dataset), as declared."""
+
+    def params(self, given: Mapping | None = None):
+        """The strategy's Params from user options; unknown names and bad choices raise InputError."""
+        return build_params(self.Params, given, f"purify strategy {self.name!r}")
+
+    def apply(self, model, normalisation, dataset, flags=None, aux=None, *, params: Mapping | None = None,
+              arch: str | None = None, progress: bool = True) -> Repaired:
+        """Check the inputs against what the strategy declared, run `repair`, check its result."""
+        built = self.params(params)
+        self.check_declared(has_flags=flags is not None, has_aux=aux is not None, has_arch=bool(arch))
+        flags = self._check_flags(dataset, flags)
+        if aux is not None and tuple(aux.image_shape) != tuple(dataset.image_shape):
+            raise InputError(f"aux images are {tuple(aux.image_shape)} but the dataset's are "
+                             f"{tuple(dataset.image_shape)}")
+        result = self.repair(model, normalisation, dataset, flags, aux, params=built, arch=arch, progress=progress)
+        if not isinstance(result, Repaired):
+            raise TypeError(f"purify strategy {self.name!r} returned {type(result).__name__}, not Repaired")
+        return result
+
+    def check_declared(self, *, has_flags: bool, has_aux: bool, has_arch: bool) -> None:
+        """InputError unless the inputs given are the ones the strategy declared (callers check this before
+        loading anything heavy; `apply` checks it again)."""
+        if not has_flags and self.uses_flags == REQUIRED:
+            raise InputError(f"purify strategy {self.name!r} works from a scan's flags (flags / --report)")
+        if has_flags and self.uses_flags == UNUSED:
+            raise InputError(f"purify strategy {self.name!r} does not use a scan's flags; drop flags / --report")
+        if not has_aux and self.uses_aux == REQUIRED:
+            raise InputError(f"purify strategy {self.name!r} needs a small clean auxiliary set (aux / --aux SOURCE)")
+        if has_aux and self.uses_aux == UNUSED:
+            raise InputError(f"purify strategy {self.name!r} takes no auxiliary clean set; drop aux / --aux")
+        if not has_arch and self.needs_arch:
+            raise InputError(f"purify strategy {self.name!r} trains a fresh model: give the suspect model's "
+                             "architecture name (arch=, recorded in its checkpoint)")
+
+    @classmethod
+    def describe(cls) -> str:
+        """Its --help text: description, inputs, and every parameter with its default and provenance."""
+        choices = choices_of(cls.Params)
+        uses = [f"flags {cls.uses_flags}", f"aux {cls.uses_aux}"] + (["fresh model of the suspect's arch"]
+                                                                    if cls.needs_arch else [])
+        lines = [f"{cls.name}: {cls.description}", f"  inputs: {', '.join(uses)}"]
+        defaults = dataclasses.asdict(cls.Params())
+        for name, provenance in provenance_of(cls.Params).items():
+            allowed = f"one of {'|'.join(map(str, choices[name]))}; " if name in choices else ""
+            lines.append(f"  {name}={defaults[name]!r} ({allowed}{provenance})")
+        return "\n".join(lines)
+
+    def _check_flags(self, dataset, flags):
+        if flags is None:
+            return None
+        flags = np.asarray(flags)
+        if flags.shape != (len(dataset),) or flags.dtype != bool:
+            raise InputError(f"flags: expected {len(dataset)} booleans (one per sample), got {flags.dtype} "
+                             f"{flags.shape}")
+        return flags
+
+
+def check_repair_class(cls) -> None:
+    """Raise TypeError unless `cls` is a complete Repair: name, one-line description, a params
+    dataclass with provenance on every field, valid declarations, `repair` implemented."""
+    where = getattr(cls, "__name__", repr(cls))
+    if not (isinstance(cls, type) and issubclass(cls, Repair)):
+        raise TypeError(f"{where} is not a subclass of backdoor_engine.purify.base.Repair")
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise TypeError(f"{where}: name must be a non-empty string")
+    description = getattr(cls, "description", None)
+    if not isinstance(description, str) or not description.strip() or "\n" in description:
+        raise TypeError(f"{where}: description must be one non-empty line")
+    params = getattr(cls, "Params", None)
+    if not (isinstance(params, type) and dataclasses.is_dataclass(params)):
+        raise TypeError(f"{where}: Params must be a dataclass")
+    provenance_of(params)
+    for attribute in ("uses_flags", "uses_aux"):
+        if getattr(cls, attribute) not in USES:
+            raise TypeError(f"{where}: {attribute} must be one of {USES}, got {getattr(cls, attribute)!r}")
+    if getattr(cls, "__abstractmethods__", None):
+        raise TypeError(f"{where}: {', '.join(sorted(cls.__abstractmethods__))} not implemented")
