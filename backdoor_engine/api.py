@@ -63,7 +63,8 @@ class ScanReport:
 def scan(dataset, model=None, normalisation=None, *, method: str = "flare", out_dir=None,
          batch_size: int = 256, store=None, kernel_backend: str = "auto", workers: int = 0, dtype: str = "float32",
          executor: str = "local", checkpoint=None, actors: int = 2, head: str = "head", pixel_cache=None,
-         progress: bool = True, **params) -> ScanReport:
+         progress: bool = True, data_name: str | None = None, model_info: dict | None = None,
+         **params) -> ScanReport:
     """Run the registered detector `method` over `dataset` (a Dataset, or a Source streamed from disk) and
     write the report to out_dir (report.json, samples.csv, report.html and the detector's own files).
 
@@ -75,6 +76,10 @@ def scan(dataset, model=None, normalisation=None, *, method: str = "flare", out_
        A detector that trains its own models (needs "pixels") gets the decoded images instead: a streamed
        source is decoded once into a memory-mapped file under `pixel_cache` (default OUT/pixels);
     3. fit, then report. Unreadable images are skipped and listed in the report.
+
+    The report names what was scanned: `data` {source: data_name or the source's description, fingerprint,
+    fingerprint_of} (purify refuses flags of another dataset by it) and `model` (`model_info`, the caller's
+    plain-typed description of the suspect model: arch, path, ...), when given.
     """
     import time
 
@@ -128,7 +133,10 @@ def scan(dataset, model=None, normalisation=None, *, method: str = "flare", out_
         shown = "; ".join(f"{sample_id}: {reason}" for sample_id, reason in skipped[:5])
         notes.insert(0, f"{len(skipped)} file(s) or sample(s) could not be read and were skipped (all listed in "
                         f"report.json under skipped): {shown}{' ...' if len(skipped) > 5 else ''}")
-    extra = {**skipped_field, **parts.extra}
+    scanned = {"source": data_name or source.description, "fingerprint": source.fingerprint(),
+               "fingerprint_of": type(source).__name__}
+    extra = {**skipped_field, "data": scanned, **({} if model_info is None else {"model": model_info}),
+             **parts.extra}
     if out_dir is None:
         return ScanReport({**build_report(detection, rows, timings_s=timings), **extra}, detection, features)
     report = write_report(out_dir, detection, rows, timings_s=timings, figures=parts.figures, notes=notes,

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from .errors import InputError
+
+LINKS_HELP = ("image folders and tar shards: follow symbolic links that lead outside the --data folder (refused "
+              "and listed as skipped by default: a dataset under scan is untrusted, and a link may point anywhere)")
 
 DATA_HELP = ("dataset: an npz file (x uint8 NxHxWxC, y int64, optional ids, poison), an image folder with class "
              "sub-folders, a CIFAR-10 binary folder, or a bundled name: fashion-mnist, fashion-mnist:test, "
@@ -27,6 +32,54 @@ def _parse_param(text: str):
         return key.strip(), json.loads(value)
     except ValueError:
         return key.strip(), value
+
+
+def _check_out(path, *, kind: str, suffix: str | None = None, flag: str = "--out") -> None:
+    """Refuse an output location before any work (a traceback after minutes of training is the alternative):
+    `kind` "file" (its folder must exist; `suffix` its ending) or "dir" (made later; may exist, as a folder).
+    Writability is probed with an unnamed temporary file, which also catches read-only mounts and leaves
+    nothing behind."""
+    text = os.fspath(path)
+    target = Path(text)
+    if kind == "file":
+        if suffix and not text.endswith(suffix):
+            raise InputError(f"{flag} must name a {suffix} file, got {text!r}")
+        if target.is_dir():
+            raise InputError(f"{flag} {text} is a directory; expected a {suffix or 'file'} path")
+        folder = target.parent
+        if not folder.is_dir():
+            raise InputError(f"{flag} {text}: directory {folder} does not exist")
+    else:
+        if target.exists() and not target.is_dir():
+            raise InputError(f"{flag} {text} names an existing file; expected a folder (new or existing)")
+        folder = next(a for a in (target, *target.absolute().parents) if a.exists())
+        if not folder.is_dir():
+            raise InputError(f"{flag} {text}: {folder} is a file, so the folder cannot be made")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise InputError(f"{flag} {text}: cannot write in {folder} ({error.strerror or error})") from None
+
+
+def _check_counts(args, *names: str, minimum: int = 1) -> None:
+    """Integer options checked before anything is read or made: --workers -1 used to leave OUT/features."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            raise InputError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def _check_positive_number(flag: str, value) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise InputError(f"{flag} must be a finite number > 0, got {value}")
+
+
+def _check_labels_fit(y, meta: dict, spec) -> None:
+    """Labels within the model's classes before any work (a label of 10^12 sized a bincount after the pass)."""
+    from .data.dataset import check_labels
+
+    check_labels(y, meta["num_classes"], f"--data {spec} (against the model's {meta['num_classes']} classes)")
 
 
 def _spec_from_args(args):
@@ -86,8 +139,7 @@ def cmd_poison(args) -> int:
     from .data.attacks.harness import manifest_path, poison, save_poisoned
     from .data.open import open_dataset
 
-    if not args.out.endswith(".npz"):
-        raise InputError(f"--out must name an .npz file, got {args.out!r}")
+    _check_out(args.out, kind="file", suffix=".npz")
     if not 0.0 < args.rate < 1.0:
         raise InputError(f"--rate must be in (0, 1), got {args.rate}")
     spec = _spec_from_args(args)
@@ -130,9 +182,15 @@ def cmd_train(args) -> int:
     from .models.provenance import training_record
     from .models.train import TrainConfig
 
-    if not args.out.endswith(".pt"):
-        raise InputError(f"--out must name a .pt checkpoint, got {args.out!r}")
-    dataset = open_dataset(args.data)
+    _check_out(args.out, kind="file", suffix=".pt")
+    _check_counts(args, "epochs", "batch_size")
+    _check_positive_number("--lr", args.lr)
+    image_size = None if args.image_size is None else tuple(args.image_size)
+    if image_size is not None:
+        from .models.registry import image_size_pair
+
+        image_size_pair(image_size)
+    dataset = open_dataset(args.data, **_links(args), **({} if image_size is None else {"image_size": image_size}))
     spec = _spec_beside(str(args.data), args.poison_manifest)
     eval_data = open_dataset(args.eval_data) if args.eval_data else None  # a bad path fails before training
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
@@ -176,6 +234,11 @@ def cmd_scan(args) -> int:
     from .data.open import open_source
     from .methods import get_detector
 
+    _check_out(args.out, kind="dir")
+    if args.store:
+        _check_out(args.store, kind="dir", flag="--store")
+    _check_counts(args, "batch_size", "actors")
+    _check_counts(args, "workers", minimum=0)
     detector = get_detector(args.method)
     params = dict(_parse_param(p) for p in args.param)
     if args.seed is not None:
@@ -203,7 +266,9 @@ def cmd_scan(args) -> int:
     # Image folders and tar shards stream from disk (at the model's input shape when there is a model); a
     # feature store (default OUT/features) keeps memory bounded and lets an interrupted scan resume.
     data = open_source(args.data, image_size=None if meta is None else tuple(meta["input_size"]),
-                       channels=None if meta is None else meta["in_channels"])
+                       channels=None if meta is None else meta["in_channels"], **_links(args))
+    if meta is not None:
+        _check_labels_fit(data.y, meta, args.data)
     streamed = not isinstance(data, ArraySource)
     data = data if streamed else data.dataset
     store = args.store or (os.path.join(args.out, "features") if meta is not None
@@ -211,23 +276,70 @@ def cmd_scan(args) -> int:
     if streamed and not args.json:
         print(f"scan: streaming {len(data):,} samples from {args.data}"
               + (f"; features stored in {store}" if store else ""), file=sys.stderr)
+    if store and not args.json:
+        _say_if_resuming(store, "scan")
     result = scan(data, model, None if meta is None else meta["normalisation"], method=args.method,
                   out_dir=args.out, batch_size=args.batch_size, store=store, workers=args.workers, dtype=args.dtype,
                   executor=args.executor, checkpoint=args.model, actors=args.actors,
-                  head="head" if meta is None else meta.get("head", "head"), progress=not args.json, **params)
+                  head="head" if meta is None else meta.get("head", "head"), progress=not args.json,
+                  data_name=str(args.data), model_info=_model_info(args, model, meta), **params)
     _print_scan_result(result, args)
     return 0
+
+
+def _links(args) -> dict:
+    """follow_links_outside for the data openers, when the command has --allow-outside-links."""
+    allowed = getattr(args, "allow_outside_links", None)
+    return {} if allowed is None else {"follow_links_outside": allowed}
+
+
+def _model_info(args, model, meta) -> dict | None:
+    """What report.json and report.html say about the scanned model (plain types)."""
+    if meta is None:
+        return None
+    from .engine.fingerprint import model_fingerprint
+
+    info = {"arch": meta["arch"], "num_classes": meta["num_classes"], "input_size": list(meta["input_size"]),
+            "fingerprint": model_fingerprint(model)}
+    if ":" in str(args.model) and getattr(args, "weights", None):
+        info["weights"] = str(args.weights)
+    else:
+        info["path"] = str(args.model)
+    return info
+
+
+def _say_if_resuming(store, command: str) -> None:
+    """One line when the feature store already holds finished chunks: the run resumes instead of starting over
+    (the store's header is checked against this run by the extraction itself; an unreadable one says nothing
+    here)."""
+    from .engine.feature_store import FeatureStore
+
+    if not (Path(store) / "manifest.json").is_file():
+        return
+    try:
+        existing = FeatureStore.open(store)
+        done = sum(stop - start for start, stop in map(existing.chunk_rows, existing.finished_chunks))
+        total, chunks = existing.n_samples, existing.num_chunks
+    except Exception:
+        return
+    if existing.finished_chunks:
+        print(f"{command}: resuming from {store}: {done:,} of {total:,} samples already extracted "
+              f"({len(existing.finished_chunks)} of {chunks} chunks)", file=sys.stderr)
 
 
 def cmd_triggers(args) -> int:
     from .api import extract_triggers
     from .data.open import open_source
 
+    _check_out(args.out, kind="dir")
     params = dict(_parse_param(p) for p in args.param)
     params.update(seed=args.seed)
-    data = open_source(args.data)
+    from .methods import get_detector
+
+    get_detector("vbd")(**params)  # parameters checked before the data are read
+    data = open_source(args.data, **_links(args))
     result = extract_triggers(data.dataset if hasattr(data, "dataset") else data, out_dir=args.out,
-                              progress=not args.json, **params)
+                              progress=not args.json, data_name=str(args.data), **params)
     _print_scan_result(result, args)
     return 0
 
@@ -274,8 +386,7 @@ def cmd_purify(args) -> int:
     from .params import provenance_of
     from .purify import get_repair
 
-    if not args.out.endswith(".pt"):
-        raise InputError(f"--out must name a .pt checkpoint, got {args.out!r}")
+    _check_out(args.out, kind="file", suffix=".pt")
     # Strategy, options and declared inputs are checked before any dataset or model is read.
     strategy = get_repair(args.strategy)
     params = _purify_params(args)
@@ -286,6 +397,9 @@ def cmd_purify(args) -> int:
     aux = None if args.aux is None else open_dataset(args.aux)
     eval_data = None if args.eval_data is None else open_dataset(args.eval_data)
     model, meta = load_checkpoint(args.model)
+    _check_labels_fit(dataset.y, meta, args.data)
+    if aux is not None:
+        _check_labels_fit(aux.y, meta, args.aux)
     t0 = time.perf_counter()
     repaired = purify(model, meta["normalisation"], dataset, flags, strategy=args.strategy, aux=aux,
                       arch=meta["arch"], **params)
@@ -305,6 +419,8 @@ def cmd_purify(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    _check_out(args.out, kind="dir")
+    _check_counts(args, "epochs")
     run_demo(Path(args.out), epochs=args.epochs, seed=args.seed)
     return 0
 
@@ -325,15 +441,21 @@ def cmd_extract(args) -> int:
     from .engine import extract_features
     from .engine.export import write_capture_npz
 
+    _check_out(args.out, kind="dir")
+    _check_counts(args, "batch_size")
+    _check_counts(args, "workers", minimum=0)
     capture = tuple(name.strip() for name in args.capture.split(",") if name.strip())
     model, meta = _model_from_args(args)
     model = model.to(_device_from_args(args.device))
-    data = open_source(args.data, image_size=tuple(meta["input_size"]), channels=meta["in_channels"])
+    data = open_source(args.data, image_size=tuple(meta["input_size"]), channels=meta["in_channels"],
+                       **_links(args))
+    _check_labels_fit(data.y, meta, args.data)
     if isinstance(data, ArraySource):
         data = data.dataset
     store = os.path.join(args.out, "features")
     if not args.json:
         print(f"extract: {len(data):,} samples from {args.data}; features stored in {store}", file=sys.stderr)
+        _say_if_resuming(store, "extract")
     features = extract_features(model, data, meta["normalisation"], batch_size=args.batch_size, capture=capture,
                                 store=store, head=meta["head"], workers=args.workers, dtype=args.dtype,
                                 progress=not args.json)
@@ -445,9 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="batch size [128]")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate [trainer default]")
     p.add_argument("--no-augment", action="store_true", help="train without crop/flip augmentation")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="image folders and tar shards: resize every image to H x W (needed when their sizes differ) "
+                        "[the images' own size]")
     p.add_argument("--eval-data", help="clean test set: report BA (and ASR when the data has an attack manifest)")
     p.add_argument("--poison-manifest", help="attack manifest for ASR [DATA's .attack.json when present]")
     p.add_argument("--out", required=True, help="output checkpoint .pt")
+    p.add_argument("--allow-outside-links", action="store_true", help=LINKS_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="benign accuracy (BA) and attack success rate (ASR) of a checkpoint")
@@ -495,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detector parameter, repeatable, checked against the method's parameters (listed below), "
                         "e.g. reduce=layer, xi=0.02, min_cluster_size=100, sample_size=50000")
     p.add_argument("--json", action="store_true", help="print the whole report.json, no progress output")
+    p.add_argument("--allow-outside-links", action="store_true", help=LINKS_HELP)
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("triggers", help="VBD: find poisoned classes, extract their triggers, flag the samples",
@@ -509,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VBD parameter, repeatable (e.g. poison_epochs=20, detector_epochs=20, "
                         "poison_archs='[\"64P\"]'); see the README")
     p.add_argument("--json", action="store_true", help="print the whole report.json, no progress output")
+    p.add_argument("--allow-outside-links", action="store_true", help=LINKS_HELP)
     p.set_defaults(func=cmd_triggers)
 
     from .purify import available_repairs, broken_repairs, get_repair
@@ -566,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                    help="feature store precision [float32]")
     p.add_argument("--json", action="store_true", help="one-line JSON summary, no progress output")
+    p.add_argument("--allow-outside-links", action="store_true", help=LINKS_HELP)
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("bench", help="extraction throughput on this machine: plain forward vs engine vs official-style",

@@ -10,6 +10,7 @@ from . import api
 from .data.attacks import harness
 from .models.provenance import save_trained
 from .atomic import write_json_atomic
+from .errors import InputError
 
 DEMO_SPEC = harness.PoisonSpec(attack="badnets", mode="a2o", rate=0.1, target=0, seed=0)
 DEMO_ARCH = "small_resnet"
@@ -22,6 +23,8 @@ def run_demo(out: Path, *, epochs: int | None = None, seed: int = 0) -> dict:
     from .models.provenance import training_record
     from .models.train import TrainConfig
 
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise InputError(f"epochs must be an integer >= 1, got {epochs!r}")  # before anything is written
     epochs = epochs or DEMO_EPOCHS
     out.mkdir(parents=True, exist_ok=True)
     spec = dataclasses.replace(DEMO_SPEC, seed=seed)
@@ -47,7 +50,8 @@ def run_demo(out: Path, *, epochs: int | None = None, seed: int = 0) -> dict:
     print(json.dumps(summary, indent=2))
 
     print("[4/4] scanning the poisoned training set with FLARE")
-    result = api.scan(poisoned, trained.model, trained.normalisation, out_dir=out / "scan")
+    result = api.scan(poisoned, trained.model, trained.normalisation, out_dir=out / "scan", data_name=str(data_path),
+                      model_info={"arch": DEMO_ARCH, "path": str(out / "model.pt")})
     summary["scan"] = {k: result.report[k] for k in ("n_flagged", "timings_s", "metrics") if k in result.report}
     write_json_atomic(out / "summary.json", summary)
     print(json.dumps(summary["scan"], indent=2))

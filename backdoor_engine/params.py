@@ -17,6 +17,7 @@ an instance, refusing unknown names and values outside `choices` by name.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 
 from .errors import InputError
@@ -130,4 +131,16 @@ def build_params(params_class, given: Mapping | None, owner: str):
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         values[name] = _coerce(name, value, default, f.metadata.get("choices"), owner)
+        _check_finite(name, values[name], owner)
     return params_class(**values)
+
+
+def _check_finite(name: str, value, owner: str) -> None:
+    """NaN and inf are refused for every number, also inside lists: `xi=NaN` compares false with everything, so
+    a range check in __post_init__ lets it through and the method runs for minutes on it. (JSON reads NaN,
+    Infinity and -Infinity, so --param can give them.)"""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{owner}: {name} must be a finite number, got {value!r}")
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_finite(name, item, owner)

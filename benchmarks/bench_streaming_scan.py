@@ -121,7 +121,9 @@ def scan(model: str, root: Path, size: int, out_dir: Path, extra: list[str]) -> 
     tp = sum(poison[i] for i in flagged)
     fp = len(flagged) - tp
     manifest = json.loads((out_dir / "features" / "manifest.json").read_text())
-    store_bytes = sum(p.stat().st_size for p in (out_dir / "features").glob("bn_minima.*.npy"))
+    # The chunks, or the one consolidated matrix that replaces them once the scan memory-maps it.
+    store_bytes = sum(p.stat().st_size for pattern in ("bn_minima.*.npy", "all.bn_minima.npy")
+                      for p in (out_dir / "features").glob(pattern))
     return {"size": size, "wall_s": round(seconds, 1), "images_per_s_end_to_end": round(size / seconds, 1),
             "timings_s": report["timings_s"], "extract_images_per_s": round(size / report["timings_s"]["extract"], 1),
             "peak_rss_mb": peak // 1024, "peak_rss_anon_mb": anon_peak // 1024,

@@ -131,8 +131,46 @@ def test_state_dict_mismatch(tmp_path):
     # The weights are a small_resnet's; meta claiming resnet18 or another class count must not load.
     with pytest.raises(InputError, match="does not match the architecture"):
         load_checkpoint(edit_meta(tmp_path, arch="resnet18"))
-    with pytest.raises(InputError, match="size mismatch"):
+    with pytest.raises(InputError, match=r"declares num_classes 5 but its classifier head.weight has shape \(4, 64\)"):
         load_checkpoint(edit_meta(tmp_path, num_classes=5))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_classes": 10**12}, r"num_classes is 1000000000000; expected 2\.\.100000"),
+    ({"num_classes": "10"}, "num_classes must be an integer"),
+    ({"in_channels": 3.0}, "in_channels must be an integer"),
+    ({"input_size": [10**6, 24]}, "input_size .* exceeds 8192 pixels"),
+])
+def test_declared_metadata_outside_sane_bounds_is_refused_before_the_model_is_built(tmp_path, changes, message,
+                                                                                   monkeypatch):
+    import backdoor_engine.models.checkpoint as checkpoint
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the model was built from unchecked metadata")
+
+    path = edit_meta(tmp_path, **changes)
+    monkeypatch.setattr(checkpoint, "build_quietly", must_not_build)
+    with pytest.raises(InputError, match=message):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(tmp_path, bad):
+    save(tmp_path / "model.pt", trained_looking_model())
+    payload = torch.load(tmp_path / "model.pt", weights_only=True)
+    payload["state_dict"]["head.weight"][0, 0] = bad
+    torch.save(payload, tmp_path / "nan.pt")
+    with pytest.raises(InputError, match="'head.weight' holds NaN or infinite values"):
+        load_checkpoint(tmp_path / "nan.pt")
+
+
+def test_unpicklable_checkpoint_refusal_names_the_global_and_warns_against_weights_only_false(tmp_path):
+    torch.save({"state_dict": {}, "meta": {"x": NotAWeight()}}, tmp_path / "evil.pt")
+    with pytest.raises(InputError) as caught:
+        load_checkpoint(tmp_path / "evil.pt")
+    message = str(caught.value)
+    assert "NotAWeight" in message and "Do not load it with weights_only=False" in message
+    assert "likely succeed" not in message
 
 
 def test_unsupported_format_version(tmp_path):

@@ -168,3 +168,69 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_store(tmp_path):
             extract_features(model, dataset, NORMALISATION, store=tmp_path / "s", **SETTINGS)
     with pytest.raises(InputError, match="opened for reading"):
         reader.write_chunk(0, dataset.ids[:8], dataset.y[:8], {})
+
+
+def store_files(directory):
+    return sorted(path.name for path in directory.iterdir() if not path.name.startswith("."))
+
+
+def test_a_consolidated_array_replaces_its_chunk_files_so_the_store_holds_one_copy(tmp_path):
+    model, dataset = tiny_setup(n=20)
+    in_memory = extract_features(model, dataset, NORMALISATION, **SETTINGS)
+    stored = extract_features(model, dataset, NORMALISATION, store=tmp_path / "s", memory_map=True, **SETTINGS)
+    assert store_files(tmp_path / "s") == ["all.bn_minima.npy", "all.ids.npy", "all.logits.npy", "all.y.npy",
+                                           "manifest.json"]
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["format_version"] == 3 and manifest["consolidated"] == ["bn_minima", "ids", "logits", "y"]
+    reader = FeatureStore.open(tmp_path / "s")
+    for name in CAPTURE:
+        assert np.array_equal(getattr(stored, name), getattr(in_memory, name))
+        assert np.array_equal(reader.read_chunk(1, name), getattr(in_memory, name)[8:16])
+        assert np.array_equal(getattr(reader.load(), name), getattr(in_memory, name))
+    # A resume of the complete store reads the consolidated files: nothing to redo, the same features.
+    again = extract_features(model, dataset, NORMALISATION, store=tmp_path / "s", **SETTINGS)
+    assert again.metadata["extracted_samples"] == 0 and np.array_equal(again.bn_minima, in_memory.bn_minima)
+
+
+@pytest.mark.parametrize("manifest_updated", [False, True])
+def test_a_kill_at_any_step_of_consolidating_leaves_a_store_that_loads_and_resumes_the_same(tmp_path,
+                                                                                            manifest_updated):
+    model, dataset = tiny_setup(n=20)
+    plain = tmp_path / "plain"
+    expected = extract_features(model, dataset, NORMALISATION, store=plain, **SETTINGS)
+    chunk_files = sorted(path.name for path in plain.glob("*.0000*.npy"))
+    for left in range(len(chunk_files) + 1):
+        # The state a kill leaves: the whole matrix renamed into place, `left` chunk files not yet deleted,
+        # the manifest rewritten or not yet; or (left == all, no matrix) the matrix still a temp file.
+        store = tmp_path / f"killed-{left}"
+        extract_features(model, dataset, NORMALISATION, store=store, memory_map=True, **SETTINGS)
+        for name in chunk_files[:left]:
+            (store / name).write_bytes((plain / name).read_bytes())
+        if not manifest_updated:
+            (store / "manifest.json").write_bytes((plain / "manifest.json").read_bytes())
+        if left == len(chunk_files) and not manifest_updated:
+            for matrix in store.glob("all.*.npy"):
+                matrix.rename(store / f".{matrix.name}.x1y2.tmp")
+        reader = FeatureStore.open(store)
+        for name in CAPTURE:
+            assert np.array_equal(getattr(reader.load(), name), getattr(expected, name)), (left, name)
+            assert np.array_equal(reader.read_chunk(2, name), getattr(expected, name)[16:]), (left, name)
+        resumed = extract_features(model, dataset, NORMALISATION, store=store, memory_map=True, **SETTINGS)
+        assert resumed.metadata["extracted_samples"] == 0
+        for name in CAPTURE:
+            assert np.array_equal(getattr(resumed, name), getattr(expected, name)), (left, name)
+        assert store_files(store) == ["all.bn_minima.npy", "all.ids.npy", "all.logits.npy", "all.y.npy",
+                                      "manifest.json"], left
+        assert not list(store.glob(".*.tmp"))
+
+
+def test_a_consolidated_file_that_disagrees_with_its_chunks_is_refused_and_nothing_is_deleted(tmp_path):
+    model, dataset = tiny_setup(n=20)
+    extract_features(model, dataset, NORMALISATION, store=tmp_path / "s", **SETTINGS)
+    reader = FeatureStore.open(tmp_path / "s")
+    wrong = np.array(reader.load().logits)
+    wrong[3, 0] += 1
+    np.save(tmp_path / "s" / "all.logits.npy", wrong)
+    with pytest.raises(InputError, match="all.logits.npy differs from chunk file .*logits.000000.npy"):
+        FeatureStore.open(tmp_path / "s").matrix("logits")
+    assert (tmp_path / "s" / "logits.000000.npy").exists()

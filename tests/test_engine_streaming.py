@@ -80,7 +80,33 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_a_streaming_scan_killed_at_random_points_finishes_with_every_sample_exactly_once(tmp_path):
+def process_stat(pid):
+    """(ppid, start time, state) of a process from /proc/<pid>/stat, or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+    return int(fields[1]), int(fields[19]), fields[0]
+
+
+def children_of(pid):
+    """(pid, start time) of the live children of `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        stat = process_stat(entry) if entry.isdigit() else None
+        if stat is not None and stat[0] == pid:
+            found.append((int(entry), stat[1]))
+    return found
+
+
+def alive(worker):
+    pid, started = worker
+    stat = process_stat(pid)
+    return stat is not None and stat[1] == started and stat[2] != "Z"
+
+
+def test_a_streaming_scan_killed_at_random_points_finishes_every_sample_once_and_leaves_no_worker(tmp_path):
     data = real_subset(160)
     write_tar_shards(data, tmp_path / "shards", shard_size=45)
     store = tmp_path / "store"
@@ -97,8 +123,15 @@ def test_a_streaming_scan_killed_at_random_points_finishes_with_every_sample_exa
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 0.4))
             if child.poll() is None:
+                workers = children_of(child.pid)
                 os.kill(child.pid, signal.SIGKILL)
                 kills += 1
+                child.wait()
+                # Decode workers die with the scan instead of living on under init (~165 MB each).
+                deadline = time.monotonic() + 5
+                while any(alive(worker) for worker in workers) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert workers and not [worker for worker in workers if alive(worker)]
         finally:
             child.kill()
             child.wait()

@@ -71,3 +71,22 @@ def test_unknown_vbd_parameter_is_named(poisoned, tmp_path, capsys):
     assert main(["triggers", "--data", str(poisoned), "--out", str(tmp_path / "r"), "--param", "colour=3"]) == 2
     assert "vbd: unknown parameter(s) colour" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_vbd_over_streamed_shards_decodes_the_pixels_once_into_a_memory_map_and_flags_the_same(
+        poisoned, triggers_report, tmp_path, capsys):
+    from backdoor_engine.data.dataset import load_npz
+    from backdoor_engine.data.tar_shards import write_tar_shards
+
+    write_tar_shards(load_npz(poisoned), tmp_path / "shards", shard_size=700)
+    out = tmp_path / "scan"
+    capsys.readouterr()
+    assert main(["scan", "--method", "vbd", "--data", str(tmp_path / "shards"), "--out", str(out), "--json",
+                 *TINY]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_samples"] == 2000 and "decode" in report["timings_s"]
+    cached = np.load(out / "pixels" / "x.npy", mmap_mode="r")
+    np.testing.assert_array_equal(cached, load_npz(poisoned).x)
+    in_memory = np.loadtxt(triggers_report / "samples.csv", delimiter=",", skiprows=1, usecols=2, dtype=int)
+    streamed = np.loadtxt(out / "samples.csv", delimiter=",", skiprows=1, usecols=2, dtype=int)
+    np.testing.assert_array_equal(streamed, in_memory)

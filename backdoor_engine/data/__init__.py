@@ -18,6 +18,7 @@ neither torch nor backdoor_engine.engine.
 from backdoor_engine.data.cifar import CLASS_NAMES as CIFAR10_CLASS_NAMES
 from backdoor_engine.data.cifar import load_cifar10_binary, load_foolbox_cifar10_samples
 from backdoor_engine.data.dataset import ArraySource, Dataset, as_source, load_npz, make_dataset, read_all, save_npz
+from backdoor_engine.data.dataset import MAX_CLASSES, check_labels
 from backdoor_engine.data.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASS_NAMES
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.data.fingerprint import dataset_fingerprint
@@ -31,11 +32,13 @@ __all__ = [
     "Batch",
     "CIFAR10_CLASS_NAMES",
     "FASHION_MNIST_CLASS_NAMES",
+    "MAX_CLASSES",
     "Dataset",
     "ImageFolderSource",
     "Source",
     "TarShardSource",
     "as_source",
+    "check_labels",
     "dataset_fingerprint",
     "describe_sources",
     "load_cifar10_binary",

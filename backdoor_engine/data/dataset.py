@@ -2,7 +2,10 @@
 
 - `Dataset`: validated arrays x (N x H x W x C uint8, C = 1 or 3), y, unique ids, optional poison.
   x may be memory-mapped (see `read_all`); nothing here copies it.
-- `load_npz` / `save_npz`: the npz contract, never unpickling, written atomically.
+- `load_npz` / `save_npz`: the npz contract, never unpickling, written atomically. Each field's .npy
+  header is checked against its zip member's size before anything is allocated.
+- `check_labels`: labels are class ids in [0, num_classes), or, where no model gives the count, in
+  [0, MAX_CLASSES) (100,000); a file's label past LABEL_LIMIT (2**31) is never a class id.
 - `ArraySource` / `as_source`: a Dataset seen as a Source (nothing to decode, nothing fails).
 - `read_all`: a Source read to the end into a Dataset; this is what loading an image folder or tar
   shards eagerly means, so there is one decode path. Unreadable samples are warned about and left
@@ -28,6 +31,14 @@ from backdoor_engine.data.source import Batch, Source, warn_skipped
 from backdoor_engine.errors import InputError
 
 NPZ_FIELDS = ("x", "y", "ids", "poison")
+# Labels are class ids: a file's label at or past LABEL_LIMIT is not one (it would also overflow int32
+# consumers), and without a model to say how many classes there are, labels may imply at most
+# MAX_CLASSES (a stray label of 10**9 would otherwise size a classifier head of 10**9 outputs).
+LABEL_LIMIT = 2**31
+MAX_CLASSES = 100_000
+# Deflate cannot expand data more than ~1032-fold: a zip member claiming more than this many bytes per
+# stored byte lies about its size.
+_DEFLATE_RATIO = 1100
 READ_BYTES = 64 << 20  # pixels decoded per range by read_all: bounds its memory besides the result
 
 
@@ -64,8 +75,8 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
-        """max(y) + 1: the classes this dataset's labels imply."""
-        return int(self.y.max()) + 1
+        """max(y) + 1: the classes this dataset's labels imply (at most MAX_CLASSES)."""
+        return implied_classes(self.y, "y")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -99,8 +110,39 @@ def make_dataset(x, y, ids=None, poison=None, num_classes: int | None = None) ->
     return dataset
 
 
+def check_labels(y, num_classes: int | None, where: str) -> np.ndarray:
+    """`y` as int64 class ids after checking each lies in [0, num_classes) (the model's class count),
+    or, with num_classes None, in [0, MAX_CLASSES); an InputError naming `where` (the file or field)
+    and the first bad label otherwise."""
+    y = np.asarray(y)
+    if y.dtype.kind not in "iu" or y.ndim != 1:
+        raise InputError(f"{where}: labels must be a 1-D array of integer class ids, got {y.dtype} {y.shape}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+                                    or num_classes < 1):
+        raise InputError(f"num_classes: expected a positive integer, got {num_classes!r}")
+    limit = MAX_CLASSES if num_classes is None else int(num_classes)
+    bad = np.flatnonzero((y < 0) | (y >= limit)) if y.size else np.empty(0, np.int64)
+    if bad.size:
+        value, index = y[bad[0]].item(), int(bad[0])
+        bound = (f"num_classes={limit} (the model's classes)" if num_classes is not None else
+                 f"MAX_CLASSES={MAX_CLASSES} (the most classes labels may imply without a model)")
+        raise InputError(f"{where}: label {value} at index {index} ({bad.size} such) is not a class id in "
+                         f"[0, {limit}): outside {bound}")
+    return y.astype(np.int64, copy=False)
+
+
+def implied_classes(y: np.ndarray, where: str) -> int:
+    """max(y) + 1, the class count labels imply when no model says it; at most MAX_CLASSES."""
+    high = int(y.max())
+    if high >= MAX_CLASSES:
+        check_labels(y, None, where)
+    return high + 1
+
+
 def load_npz(path: str | os.PathLike, num_classes: int | None = None) -> Dataset:
-    """Read a dataset npz (fields x, y and optional ids, poison) without ever unpickling."""
+    """Read a dataset npz (fields x, y and optional ids, poison) without ever unpickling. Every
+    field's .npy header is checked against the bytes its member holds before anything is allocated
+    (a header may declare terabytes); y is checked with `check_labels`."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(f"dataset file not found: {path}")
@@ -117,7 +159,11 @@ def load_npz(path: str | os.PathLike, num_classes: int | None = None) -> Dataset
         missing = [name for name in ("x", "y") if name not in archive.files]
         if missing:
             raise InputError(f"{path}: missing required field(s) {missing}")
+        for name in archive.files:
+            _check_member_header(archive.zip, name, path)
         arrays = {name: _read_field(archive, name, path) for name in archive.files}
+    if arrays["y"].dtype.kind in "iu" and arrays["y"].ndim == 1:
+        check_labels(arrays["y"], num_classes, f"{path}: field 'y'")
     return make_dataset(arrays["x"], arrays["y"], arrays.get("ids"), arrays.get("poison"), num_classes)
 
 
@@ -241,15 +287,57 @@ def _npy_header(shape: tuple[int, ...]) -> dict:
     return {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": shape}
 
 
+def _check_member_header(archive: zipfile.ZipFile, name: str, path: str) -> None:
+    """Refuse field `name` unless its .npy header is a plain array whose declared size is exactly what
+    its zip member holds, and the member's own size is believable (at most what deflate could expand
+    the stored bytes to, within the archive's size): so reading it allocates no more than the file
+    can really give."""
+    member = f"{name}.npy"
+    try:
+        info = archive.getinfo(member)
+        stored_limit = os.path.getsize(path) if isinstance(archive.filename, str) else None
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            raise InputError(f"{path}: field {name!r}: its zip entry claims {info.file_size} bytes but stores "
+                             f"{info.compress_size}: the archive is corrupt")
+        if info.file_size > _DEFLATE_RATIO * max(info.compress_size, 1) + 1024 or (
+                stored_limit is not None and info.compress_size > stored_limit):
+            raise InputError(f"{path}: field {name!r}: its zip entry claims {info.file_size} bytes from "
+                             f"{info.compress_size} compressed ones: the archive is corrupt or a decompression bomb")
+        with archive.open(info) as file:
+            version = np.lib.format.read_magic(file)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(file, max_header_size=10000)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(file, max_header_size=10000)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            header_bytes = file.tell()
+    except InputError:
+        raise
+    except KeyError:
+        raise InputError(f"{path}: field {name!r} is not stored as {member}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError,
+            SyntaxError, TypeError, RuntimeError) as error:
+        raise InputError(f"{path}: field {name!r} is truncated or corrupt: its .npy header cannot be read "
+                         f"({type(error).__name__}: {error})") from None
+    if dtype.hasobject:
+        raise InputError(f"{path}: field {name!r} could not be read without unpickling (object arrays are not "
+                         f"accepted): dtype {dtype}")
+    if len(shape) > 4 or any(not isinstance(side, int) or side < 0 for side in shape):
+        raise InputError(f"{path}: field {name!r} declares shape {shape}, not an array of a dataset npz")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    held = info.file_size - header_bytes
+    if declared != held:
+        raise InputError(f"{path}: field {name!r} declares {dtype} {shape} ({declared} bytes) but its member "
+                         f"holds {held} data bytes: the file is truncated or corrupt")
+
+
 def _read_field(archive, name: str, path: str) -> np.ndarray:
     try:
         return archive[name]
-    except ValueError as error:
-        # numpy refuses object (pickled) arrays when allow_pickle=False; say so plainly.
-        raise InputError(f"{path}: field {name!r} could not be read without unpickling "
-                         f"(object arrays are not accepted): {error}") from error
-    except (OSError, EOFError, zipfile.BadZipFile) as error:
-        raise InputError(f"{path}: field {name!r} is corrupt ({error})") from error
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError) as error:
+        # The header was checked (a plain array of the right size), so what fails now is the data itself.
+        raise InputError(f"{path}: field {name!r} is truncated or corrupt ({type(error).__name__}: {error})") from None
 
 
 def _as_array(value, name: str) -> np.ndarray:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 
 import numpy as np
 
@@ -20,6 +22,8 @@ _EXPECTED_COUNT = {"train": 60000, "test": 10000}
 _IMAGES_MAGIC = 0x00000803  # unsigned byte data, 3 dimensions
 _LABELS_MAGIC = 0x00000801  # unsigned byte data, 1 dimension
 _SIDE = 28
+# The train images are 47 MB: a file decompressing to more is not Fashion-MNIST (or is a gzip bomb).
+MAX_IDX_BYTES = 64 << 20
 
 
 def load_fashion_mnist(split: str = "train", root: str | os.PathLike = DEFAULT_ROOT) -> Dataset:
@@ -48,9 +52,16 @@ def _read_idx(path: str, expected_magic: int) -> np.ndarray:
     """An idx file: big-endian magic, one uint32 per dimension, then the uint8 data."""
     try:
         with gzip.open(path, "rb") as file:
-            content = file.read()
-    except (OSError, EOFError) as error:
-        raise InputError(f"{path}: not a readable gzip file ({error})") from error
+            # In pieces: read(n) sizes its buffer to n up front, whatever the file really holds.
+            pieces, held = [], 0
+            while held <= MAX_IDX_BYTES and (piece := file.read(1 << 20)):
+                pieces.append(piece)
+                held += len(piece)
+            content = b"".join(pieces)
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputError(f"{path}: not a readable gzip file ({type(error).__name__}: {error})") from None
+    if len(content) > MAX_IDX_BYTES:
+        raise InputError(f"{path}: decompresses to more than {MAX_IDX_BYTES} bytes, more than any Fashion-MNIST file")
     if len(content) < 4:
         raise InputError(f"{path}: too short for an idx header ({len(content)} bytes)")
     (magic,) = struct.unpack(">I", content[:4])
@@ -62,8 +73,8 @@ def _read_idx(path: str, expected_magic: int) -> np.ndarray:
         raise InputError(f"{path}: truncated idx header")
     shape = struct.unpack(f">{ndim}I", content[4:header_size])
     data = np.frombuffer(content, dtype=np.uint8, offset=header_size)
-    if data.size != int(np.prod(shape)):
-        raise InputError(f"{path}: header says shape {shape} ({int(np.prod(shape))} bytes), "
+    if data.size != math.prod(shape):  # math.prod: numpy's would wrap around on a hostile shape
+        raise InputError(f"{path}: header says shape {shape} ({math.prod(shape)} bytes), "
                          f"file holds {data.size} data bytes")
     # Copy: frombuffer over bytes is read-only, and torch.from_numpy warns on read-only arrays.
     return data.reshape(shape).copy()

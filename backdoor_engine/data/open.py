@@ -34,11 +34,13 @@ def describe_sources() -> str:
     ))
 
 
-def open_dataset(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None) -> Dataset:
+def open_dataset(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
+                 follow_links_outside: bool = False) -> Dataset:
     """Load the dataset that `spec` names (see `describe_sources`); `image_size` resizes image folders
-    and tar shards only. Files and samples left out are warned about once."""
+    and tar shards only, `follow_links_outside` lets their symbolic links leave the given root (refused
+    and listed by default). Files and samples left out are reported once, on stderr."""
     text = os.fspath(spec)
-    source = _streamed_source(text, image_size, None)
+    source = _streamed_source(text, image_size, None, follow_links_outside)
     if source is not None:
         return read_all(source)
     if text in _FASHION_MNIST:
@@ -62,29 +64,32 @@ def open_dataset(spec: str | os.PathLike, *, image_size: int | tuple[int, int] |
 
 
 def open_source(spec: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
-                channels: int | None = None) -> Source:
+                channels: int | None = None, follow_links_outside: bool = False) -> Source:
     """The source `spec` names, streamed: image folders and tar shards are listed now (files the
     listing skips are warned about) and decoded range by range (`image_size`, `channels`: every
-    image's output shape, e.g. the model's input); any other spec is loaded into memory by
+    image's output shape, e.g. the model's input; `follow_links_outside`: follow symbolic links that
+    leave the folder, refused and listed by default); any other spec is loaded into memory by
     `open_dataset` as it is and wrapped."""
     text = os.fspath(spec)
-    source = _streamed_source(text, image_size, channels)
+    source = _streamed_source(text, image_size, channels, follow_links_outside)
     if source is None:
         return ArraySource(open_dataset(text))
     warn_skipped(text, source.listing_skipped)
     return source
 
 
-def _streamed_source(text: str, image_size, channels) -> Source | None:
+def _streamed_source(text: str, image_size, channels, follow_links_outside: bool = False) -> Source | None:
     """The tar shards or image folder `text` names, or None for a spec of an in-memory kind (a name
     or an npz path wins over a directory that happens to be called so)."""
     named = text in _FASHION_MNIST or text == "cifar10-samples" or text.startswith("cifar10:")
     if named or text.lower().endswith(".npz"):
         return None
     if _is_tar_shards(text):
-        return TarShardSource(text, image_size=image_size, channels=channels)
+        return TarShardSource(text, image_size=image_size, channels=channels,
+                              follow_links_outside=follow_links_outside)
     if os.path.isdir(text) and find_cifar10_binary_dir(text) is None:
-        return ImageFolderSource(text, image_size=image_size, channels=channels)
+        return ImageFolderSource(text, image_size=image_size, channels=channels,
+                                 follow_links_outside=follow_links_outside)
     return None
 
 

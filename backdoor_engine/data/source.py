@@ -21,7 +21,9 @@ decoding) and only when not given; a file whose header cannot be read is left to
 
 from __future__ import annotations
 
-import warnings
+import os
+import stat
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -34,6 +36,14 @@ from backdoor_engine.errors import InputError
 _DECODERS = ("PNG", "JPEG")  # Pillow decides by content, but only these decoders may run
 _GREY_MODES = {"1", "L", "LA", "La", "I", "F"}
 _SKIPPED_SHOWN = 20  # a folder with thousands of bad files should not flood the terminal
+# Pixels one image may declare: 8192 x 8192. A header is read before anything is allocated, and one
+# claiming more (a few bytes can claim 65535 x 65535) would size every batch after it; Pillow only
+# refuses at 2 x 89M pixels, and merely warns below that.
+MAX_IMAGE_PIXELS = 1 << 26
+# Bytes one image file (or tar member) may hold: it is read whole into memory before decoding.
+MAX_IMAGE_BYTES = 256 << 20
+# What to tell a user whose images differ in size, from either face of the engine.
+RESIZE_HINT = "resize with --image-size H W (CLI) / image_size= (API)"
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,7 @@ class BatchBuilder:
         if pixels.shape[:2] != (height, width):
             # The headers agreed when the source was opened; the file changed since (or lied).
             self.failures.append((str(sample_id), f"image is {pixels.shape[1]}x{pixels.shape[0]} (WxH), expected "
-                                  f"{width}x{height}; pass image_size to resize every image"))
+                                  f"{width}x{height}; {RESIZE_HINT}"))
             return
         self.x[len(self.kept)] = pixels.reshape(height, width, channels)
         self.kept.append(position)
@@ -95,7 +105,10 @@ class Source(ABC):
 
     @property
     def num_classes(self) -> int:
-        return max(len(self.class_names), int(self.y.max()) + 1)
+        """Class folders, or max(y) + 1 (at most data.dataset.MAX_CLASSES), whichever is more."""
+        from backdoor_engine.data.dataset import implied_classes  # dataset imports this module
+
+        return max(len(self.class_names), implied_classes(self.y, self.description))
 
     @abstractmethod
     def read(self, start: int, stop: int) -> Batch:
@@ -182,6 +195,7 @@ def decode_image(file, size: tuple[int, int] | None, channels: int) -> np.ndarra
     path or a binary file object), resized bilinearly to `size` (height, width) when given; only the
     PNG and JPEG decoders may run on these untrusted bytes."""
     with Image.open(file, formats=_DECODERS) as image:
+        _check_pixels(image)
         image.load()
         if image.mode.startswith("I;16"):
             # Pillow clips 16-bit values at 255 when converting to L; scale them to 8 bits instead.
@@ -197,6 +211,7 @@ def image_header(file) -> tuple[int, int, bool]:
     """(height, width, is colour) of the PNG/JPEG image in `file`, from its header: Pillow reads the
     size and mode without decoding the pixels (a palette image is decoded to look at its colours)."""
     with Image.open(file, formats=_DECODERS) as image:
+        _check_pixels(image)
         width, height = image.size
         if image.mode in ("P", "PA"):
             palette = np.array(image.getpalette() or [0, 0, 0]).reshape(-1, 3)
@@ -204,6 +219,13 @@ def image_header(file) -> tuple[int, int, bool]:
         else:
             colour = image.mode not in _GREY_MODES and not image.mode.startswith("I;16")
     return height, width, colour
+
+
+def _check_pixels(image) -> None:
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"the image declares {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} one image "
+                         "may have (a decompression bomb?)")
 
 
 def output_shape(size: tuple[int, int] | None, channels: int | None, count: int, header_at, name_at,
@@ -223,7 +245,7 @@ def output_shape(size: tuple[int, int] | None, channels: int | None, count: int,
             first = (position, height, width)
         elif size is None and (height, width) != first[1:]:
             raise InputError(f"{where}: {name_at(position)} is {width}x{height} (WxH) but {name_at(first[0])} is "
-                             f"{first[2]}x{first[1]}; pass image_size to resize every image to one size")
+                             f"{first[2]}x{first[1]}; {RESIZE_HINT} to bring every image to one size")
         colour = colour or is_colour
         if size is not None and colour:
             break  # nothing left to learn: the size is given and one colour image makes the source RGB
@@ -233,10 +255,29 @@ def output_shape(size: tuple[int, int] | None, channels: int | None, count: int,
 
 
 def warn_skipped(where: str, skipped) -> None:
-    """One warning listing the (path or id, reason) of the files or samples left out."""
+    """Tell the user, on stderr, which (path or id, reason) files or samples were left out: one plain
+    line saying how many and from where, then the first few, indented. Not warnings.warn, whose
+    "file:line: UserWarning" prefix and echoed source line mean nothing to a command-line user."""
     skipped = list(skipped)
     if skipped:
-        shown = "\n".join(f"  {path}: {reason}" for path, reason in skipped[:_SKIPPED_SHOWN])
+        shown = "".join(f"\n  {path}: {reason}" for path, reason in skipped[:_SKIPPED_SHOWN])
         more = len(skipped) - _SKIPPED_SHOWN
-        warnings.warn(f"{where}: skipped {len(skipped)} file(s):\n{shown}"
-                      + (f"\n  ... and {more} more" if more > 0 else ""), stacklevel=3)
+        print(f"backdoor-engine: skipped {len(skipped)} file(s) in {where}:{shown}"
+              + (f"\n  ... and {more} more" if more > 0 else ""), file=sys.stderr, flush=True)
+
+
+def open_regular(path: str, max_bytes: int | None = None):
+    """`path` opened for binary reading, if it is a regular file (of at most `max_bytes` when given):
+    opened without blocking and checked after opening, so a FIFO or device (or a file swapped for one
+    since it was listed) raises an OSError instead of hanging the reader."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        if max_bytes is not None and status.st_size > max_bytes:
+            raise OSError(f"{path} holds {status.st_size} bytes, more than the {max_bytes} allowed here")
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return os.fdopen(descriptor, "rb")

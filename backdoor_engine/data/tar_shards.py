@@ -18,14 +18,16 @@ import os
 import posixpath
 import secrets
 import shutil
+import stat
 import tarfile
 
 import numpy as np
 from PIL import Image
 
-from backdoor_engine.data.dataset import Dataset
+from backdoor_engine.data.dataset import LABEL_LIMIT, Dataset
 from backdoor_engine.data.fingerprint import content_digest
 from backdoor_engine.data.source import (
+    MAX_IMAGE_BYTES,
     Batch,
     BatchBuilder,
     Source,
@@ -33,6 +35,7 @@ from backdoor_engine.data.source import (
     checked_image_size,
     decode_image,
     image_header,
+    open_regular,
     output_shape,
 )
 from backdoor_engine.errors import InputError
@@ -45,22 +48,28 @@ class TarShardSource(Source):
     """Every sample of the shards `path` names: a .tar file, or a directory whose *.tar files are
     taken in sorted name order. Ids are "<shard file name>/<key>". Every image comes out image_size
     with `channels` channels (unset: data.source's rule over all image headers). Samples without an
-    image or a readable label are listed in `listing_skipped`; undecodable images fail on read."""
+    image or a readable label are listed in `listing_skipped`; undecodable images fail on read.
+    In a directory, only regular files are taken as shards, and a symbolic link whose target leaves
+    the directory only with `follow_links_outside=True`; the others are listed with the reason. A
+    damaged shard (truncated, or unreadable from some member on) is listed with the byte offset where
+    it stops being readable; the complete samples before that point are kept."""
 
     def __init__(self, path: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
-                 channels: int | None = None):
+                 channels: int | None = None, follow_links_outside: bool = False):
         path = os.path.abspath(os.fspath(path))
+        self.listing_skipped = []
         if os.path.isdir(path):
             names = sorted(name for name in os.listdir(path) if name.endswith(".tar") and not name.startswith("."))
-            self.shards = tuple(os.path.join(path, name) for name in names)
+            self.shards = tuple(shard for shard in (os.path.join(path, name) for name in names)
+                                if self._usable_shard(shard, path, follow_links_outside))
         elif os.path.isfile(path) and path.endswith(".tar"):
             self.shards = (path,)
         else:
             raise InputError(f"{path}: expected a .tar shard or a directory of .tar shards")
         if not self.shards:
-            raise InputError(f"{path}: no .tar shards in this directory")
+            raise InputError(f"{path}: no .tar shards in this directory"
+                             + (f" ({len(self.listing_skipped)} skipped)" if self.listing_skipped else ""))
         self._size, self._channels = checked_image_size(image_size), checked_channels(channels)
-        self.listing_skipped = []
         ids, labels, where = [], [], []
         for shard_index, shard in enumerate(self.shards):
             for key, label, offset, size in self._index_shard(shard):
@@ -86,7 +95,7 @@ class TarShardSource(Source):
                 if shard != open_shard:
                     if file is not None:
                         file.close()
-                    file, open_shard = open(self.shards[shard], "rb"), shard
+                    file, open_shard = open_regular(self.shards[shard]), shard
                 file.seek(offset)
                 data = file.read(size)
                 builder.add(position, self.ids[position], lambda: self._decode(data, self.image_shape[2]))
@@ -108,38 +117,77 @@ class TarShardSource(Source):
 
     def _member_bytes(self, position: int) -> bytes:
         shard, offset, size = (int(v) for v in self._where[position])
-        with open(self.shards[shard], "rb") as file:
+        with open_regular(self.shards[shard]) as file:
             file.seek(offset)
             return file.read(size)
+
+    def _usable_shard(self, shard: str, directory: str, follow_links_outside: bool) -> bool:
+        """Whether `shard` (listed in `directory`) may be opened; if not, it is listed with the reason."""
+        if os.path.islink(shard) and not follow_links_outside:
+            target, root = os.path.realpath(shard), os.path.realpath(directory)
+            if not target.startswith(root.rstrip(os.sep) + os.sep):
+                self.listing_skipped.append((shard, f"symbolic link to {target}, outside {root} (allow with "
+                                                    "--allow-outside-links / follow_links_outside=True)"))
+                return False
+        try:
+            mode = os.stat(shard).st_mode
+        except OSError as error:
+            self.listing_skipped.append((shard, f"unreadable entry: {error.strerror or type(error).__name__}"))
+            return False
+        if not stat.S_ISREG(mode):
+            self.listing_skipped.append((shard, "not a regular file (a FIFO, socket or device is never opened)"))
+            return False
+        return True
 
     def _index_shard(self, shard: str) -> list[tuple[str, int, int, int]]:
         """(key, label, data offset, size) of each complete sample of one shard, in member order."""
         images, labels, order = {}, {}, []
         name = os.path.basename(shard)
+        members, damage = 0, None
         try:
-            with tarfile.open(shard, mode="r:") as tar:  # "r:" refuses compression: members must be seekable
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    directory, base = posixpath.split(member.name)
-                    stem, _, suffix = base.partition(".")
-                    key, suffix = posixpath.join(directory, stem), suffix.lower()
-                    if key not in images and key not in labels:
-                        order.append(key)
-                    if suffix in IMAGE_SUFFIXES:
-                        images[key] = (member.offset_data, member.size)
-                    elif suffix == LABEL_SUFFIX:
-                        labels[key] = _label(tar.extractfile(member).read(64))
-        except tarfile.ReadError as error:
-            # A truncated or foreign file: keep what was indexed before the damage, list the shard.
-            self.listing_skipped.append((shard, f"not a readable uncompressed tar from member {len(order)} on: "
-                                                f"{error}"))
+            with open_regular(shard) as file:
+                length = os.fstat(file.fileno()).st_size
+                # "r:" refuses compression: members must be seekable.
+                with tarfile.open(fileobj=file, mode="r:") as tar:
+                    for member in tar:
+                        if member.offset_data + member.size > length:
+                            damage = (f"truncated: member {member.name!r} needs bytes up to "
+                                      f"{member.offset_data + member.size} but the file ends at byte {length}")
+                            break
+                        members += 1
+                        if not member.isfile():
+                            continue
+                        directory, base = posixpath.split(member.name)
+                        stem, _, suffix = base.partition(".")
+                        key, suffix = posixpath.join(directory, stem), suffix.lower()
+                        if key not in images and key not in labels:
+                            order.append(key)
+                        if suffix in IMAGE_SUFFIXES:
+                            images[key] = (member.offset_data, member.size)
+                        elif suffix == LABEL_SUFFIX:
+                            labels[key] = _label(tar.extractfile(member).read(64))
+                    if damage is None:
+                        # tarfile reads a file cut at a member boundary as a shorter archive: only the
+                        # end-of-archive marker (a zero block) says the shard was written to its end.
+                        file.seek(tar.offset)
+                        if file.read(512) != bytes(512):
+                            damage = (f"truncated or damaged at byte {tar.offset} of {length}: no end-of-archive "
+                                      f"marker after member {members}")
+        except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeError) as error:
+            # A foreign file or damaged headers: keep what was indexed before the damage, list the shard.
+            damage = f"not a readable uncompressed tar from member {members} on: {type(error).__name__}: {error}"
+        if damage is not None:
+            self.listing_skipped.append((shard, f"damaged shard, {damage}; the samples before it are kept"))
         samples = []
         for key in order:
             label = labels.get(key)
+            if key in images and images[key][1] > MAX_IMAGE_BYTES:
+                self.listing_skipped.append((f"{name}/{key}", f"image member of {images[key][1]} bytes, more than "
+                                                              f"the {MAX_IMAGE_BYTES} one image may have"))
+                continue
             if key not in images or not isinstance(label, int):
                 reason = ("no image member" if key not in images else f"no .{LABEL_SUFFIX} member" if key not in labels
-                          else f".{LABEL_SUFFIX} is not a class id >= 0: {label}")
+                          else f".{LABEL_SUFFIX} is not a class id in [0, {LABEL_LIMIT}): {label}")
                 self.listing_skipped.append((f"{name}/{key}", reason))
                 continue
             samples.append((key, label, *images[key]))
@@ -155,9 +203,12 @@ class _MemberBytes(io.BytesIO):
 
 
 def _label(text: bytes) -> int | str:
-    """The class id in a label member, or the text itself (for the skip reason) when it is not one."""
+    """The class id in a label member, or the text itself (for the skip reason) when it is not one:
+    decimal digits below LABEL_LIMIT (26 digits would overflow the int64 label array)."""
     stripped = text.strip()
-    return int(stripped) if stripped.isdigit() else repr(stripped[:20])
+    if stripped.isdigit() and len(stripped) <= len(str(LABEL_LIMIT)) and int(stripped) < LABEL_LIMIT:
+        return int(stripped)
+    return repr(stripped[:20])
 
 
 def write_tar_shards(dataset: Dataset, directory: str | os.PathLike, *, shard_size: int = 10000,

@@ -6,7 +6,8 @@ Directory layout:
                              samples each chunk skipped (unreadable images: id and reason)
     ids.000003.npy           chunk 3's sample ids (rows chunk_size*3 ...), likewise y.*.npy and
     bn_minima.000003.npy     one file per captured array ("penultimate", "logits")
-    all.bn_minima.npy        once complete: every chunk of an array in one file (`matrix`), memory-mapped
+    all.bn_minima.npy        once complete and asked for (`matrix`): every row of an array in one file,
+                             memory-mapped; it then replaces that array's chunk files
     .lock                    held (flock) by the one process writing the store
 
 Chunk i always covers source rows [i * chunk_size, (i + 1) * chunk_size) (less the skipped ones), so a
@@ -15,6 +16,16 @@ atomically (temp file, then rename) and only then is the chunk added to the mani
 rewritten atomically: after a kill at any point the manifest lists only complete chunks, and a
 resumed extraction redoes the rest. Files are plain .npy, read with allow_pickle=False and
 memory-mapped.
+
+One copy on disk, not two: consolidating an array (`matrix`) writes "all.<name>.npy" under a temporary
+name, renames it into place, re-reads it against every chunk file, records the array under
+"consolidated" in the manifest (format_version 3, which older engines refuse instead of looking for
+the chunk files) and only then deletes that array's chunk files. "all.<name>.npy" exists only once it
+is whole (the rename is the last step of writing it), so whenever it exists it is the array's data:
+chunks are read as its row slices. A kill at any point leaves either the chunks alone (no rename yet;
+the temp file goes on the next resume), or the whole matrix with some or all chunk files still there
+(the next `matrix` call compares the ones left and deletes them). The finished chunks listed in the
+manifest never change, so a resume has nothing to redo.
 """
 
 from __future__ import annotations
@@ -37,7 +48,8 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 FORMAT = "backdoor-engine feature store"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: float32 only, nothing skipped
+CONSOLIDATED_VERSION = 3  # written once an array's chunk files are replaced by its matrix
+READABLE_VERSIONS = (1, 2, 3)  # version 1: float32 only, nothing skipped
 # float16 halves the store (24.6 GB -> 12.3 GB for ResNet-18 minima at 1.28M samples) and keeps 3 significant
 # digits. Minima are log-likelihoods: measured between -353 and +0.25 on the Fashion-MNIST models here; a value past
 # float16's +-65504 (an activation ~360 standard deviations out) is saturated there instead of becoming infinite.
@@ -67,6 +79,7 @@ class FeatureStore:
         self.directory = directory
         self._manifest = manifest
         self._lock_file = lock_file
+        self._matrices: dict[str, np.ndarray] = {}
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> FeatureStore:
@@ -222,6 +235,10 @@ class FeatureStore:
             raise InputError(f"this store holds ids, y and {sorted(self.columns)}, not {name!r}")
         if index not in self._manifest["finished_chunks"]:
             raise InputError(f"chunk {index} of feature store {self.directory} is not finished")
+        whole = self._consolidated(name)
+        if whole is not None:
+            start = sum(self._rows_kept(earlier) for earlier in range(index))
+            return whole[start:start + self._rows_kept(index)]
         path = self._chunk_path(name, index)
         try:
             values = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -244,24 +261,66 @@ class FeatureStore:
 
     def matrix(self, name: str) -> np.ndarray:
         """Array `name` of every stored row as one read-only memory-mapped array: the chunks are copied
-        once, chunk by chunk (bounded memory), into "all.<name>.npy", which later calls reuse."""
+        once, chunk by chunk (bounded memory), into "all.<name>.npy", which then replaces them (see the
+        module docstring) and which later calls reuse."""
         self._check_complete()
         if name not in ("ids", "y", *self.columns):
             raise InputError(f"this store holds ids, y and {sorted(self.columns)}, not {name!r}")
-        path = self.directory / f"all.{name}.npy"
-        shape = self._chunk_shape(name, self.n_stored)
-        if not path.exists():
+        path = self._matrix_path(name)
+        if self._consolidated(name) is None:
             with atomic_write(path) as file:
                 header = {"descr": np.lib.format.dtype_to_descr(self._array_dtype(name)), "fortran_order": False,
-                          "shape": shape}
+                          "shape": self._chunk_shape(name, self.n_stored)}
                 np.lib.format.write_array_header_2_0(file, header)
                 for chunk in self.iter_chunks(name):
                     file.write(np.ascontiguousarray(chunk).tobytes())
-        values = np.load(path, mmap_mode="r", allow_pickle=False)
-        if values.shape != shape or values.dtype != self._array_dtype(name):
-            raise InputError(f"{path} holds {values.dtype} {values.shape}, expected {self._array_dtype(name)} {shape}; "
-                             "delete it to have it rebuilt from the chunks")
+        values = self._consolidated(name)
+        self._drop_chunk_files(name, values)
         return values
+
+    def _consolidated(self, name: str) -> np.ndarray | None:
+        """The memory-mapped "all.<name>.npy" once it exists (then it is whole), else None."""
+        if name in self._matrices:
+            return self._matrices[name]
+        path = self._matrix_path(name)
+        if not path.exists():
+            return None
+        shape = self._chunk_shape(name, self.n_stored)
+        try:
+            values = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as error:
+            raise InputError(f"feature store file {path} is corrupt ({error})") from None
+        if values.shape != shape or values.dtype != self._array_dtype(name):
+            raise InputError(f"{path} holds {values.dtype} {values.shape}, expected {self._array_dtype(name)} {shape}")
+        self._matrices[name] = values
+        return values
+
+    def _drop_chunk_files(self, name: str, whole: np.ndarray) -> None:
+        """Delete array `name`'s chunk files once `whole` (its matrix, read back from disk) is seen to
+        hold exactly their rows, after the manifest says the array is consolidated."""
+        present = [index for index in range(self.num_chunks) if self._chunk_path(name, index).exists()]
+        if not present:
+            return
+        start = 0
+        offsets = {}
+        for index in range(self.num_chunks):
+            offsets[index] = start
+            start += self._rows_kept(index)
+        for index in present:
+            chunk = np.load(self._chunk_path(name, index), mmap_mode="r", allow_pickle=False)
+            rows = whole[offsets[index]:offsets[index] + self._rows_kept(index)]
+            if chunk.shape != rows.shape or chunk.dtype != rows.dtype or not np.array_equal(chunk, rows):
+                raise InputError(f"{self._matrix_path(name)} differs from chunk file {self._chunk_path(name, index)}; "
+                                 "delete the all.* file to have it rebuilt from the chunks")
+        # Read afresh: another reader may have consolidated another array meanwhile.
+        stored = _read_manifest(self.directory)
+        if name not in stored.get("consolidated", []):
+            stored = {**stored, "format_version": CONSOLIDATED_VERSION,
+                      "consolidated": sorted({*stored.get("consolidated", []), name})}
+            write_json_atomic(self.directory / MANIFEST, stored)
+        self._manifest = stored
+        for index in present:
+            self._chunk_path(name, index).unlink(missing_ok=True)
 
     def load(self, memory_map: bool = False) -> FeatureSet:
         """All stored features as one FeatureSet: concatenated into memory, or with memory_map the
@@ -300,6 +359,9 @@ class FeatureStore:
 
     def _chunk_path(self, name: str, index: int) -> Path:
         return self.directory / f"{name}.{index:06d}.npy"
+
+    def _matrix_path(self, name: str) -> Path:
+        return self.directory / f"all.{name}.npy"
 
 
 def check_chunk_size(chunk_size) -> None:

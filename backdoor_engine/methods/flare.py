@@ -33,7 +33,7 @@ CUT_MARGIN = 1e-4  # official: cut at lambda 1e-4 before the stable cluster spli
 
 @dataclass(frozen=True)
 class FlareParams:
-    reduce: str = param("channel", "paper: Eq. 3-5, one column per BN channel (DESIGN section 4); 'layer' is the "
+    reduce: str = param("channel", "paper: Eq. 3-5, one column per BN channel; 'layer' is the "
                         "official code's one column per BN layer", choices=REDUCTIONS)
     n_neighbors: int = param(40, "official code: UMAP n_neighbors")
     min_dist: float = param(0.0, "official code: UMAP min_dist")
@@ -138,12 +138,16 @@ def reduce_dimension(X: np.ndarray, components: int | None, random_state: int | 
     return PCA(components, svd_solver="randomized", random_state=random_state).fit_transform(X).astype(np.float32)
 
 
-def _try_subspace(X: np.ndarray, params: FlareParams):
+def _try_subspace(X: np.ndarray, params: FlareParams, stage=None):
     X = reduce_dimension(X, params.pca_components, params.random_state)
+    if stage is not None:  # UMAP and HDBSCAN take minutes on large sets: the caller may say what is running
+        stage("umap", X.shape)
     graph = None if params.knn_backend is None else cluster.knn(X, params.n_neighbors, backend=params.knn_backend)
     embedding = cluster.umap(X, n_neighbors=params.n_neighbors, min_dist=params.min_dist,
                              n_components=params.n_components, random_state=params.random_state,
                              backend=params.umap_backend, knn=graph)
+    if stage is not None:
+        stage("hdbscan", embedding.shape)
     fit = cluster.hdbscan(embedding, min_cluster_size=params.min_cluster_size, backend=params.hdbscan_backend)
     tree = fit.condensed_tree
     start = cluster.largest_first_level_cluster(tree)
@@ -154,8 +158,12 @@ def _try_subspace(X: np.ndarray, params: FlareParams):
     return embedding, fit, gaps, threshold, split
 
 
-def search_subspace(features: np.ndarray, layout: FeatureLayout, params: FlareParams, *, progress=None):
+def search_subspace(features: np.ndarray, layout: FeatureLayout, params: FlareParams, *, progress=None,
+                    stage=None):
     """The paper's loop: drop 0, 1, 2, ... trailing BN layers until a stable split appears.
+
+    progress(step) is called after each subspace is tried; stage(name, shape) before each UMAP ("umap") and
+    HDBSCAN ("hdbscan") fit, with the shape of the matrix it fits.
 
     Returns (steps, chosen) where chosen = (step, embedding, hdbscan fit, split) or None when no
     subspace shows a stable split (the official code stops after the first try and crashes then).
@@ -166,7 +174,7 @@ def search_subspace(features: np.ndarray, layout: FeatureLayout, params: FlarePa
     for dropped in range(max_dropped + 1):
         t0 = time.perf_counter()
         X = subspace_matrix(features, layout, dropped, params.reduce)
-        embedding, fit, gaps, threshold, split = _try_subspace(X, params)
+        embedding, fit, gaps, threshold, split = _try_subspace(X, params, stage)
         step = SubspaceStep(dropped, X.shape[1], gaps, threshold,
                             None if split is None else asdict(split), time.perf_counter() - t0)
         steps.append(step)
@@ -319,8 +327,9 @@ class Flare:
         self.params = build_params(FlareParams, params, "flare")
 
     def fit(self, features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None = None,
-            *, progress=None) -> Detection:
-        """features: N x layout.num_columns per-channel BN minima (engine.extract_features)."""
+            *, progress=None, stage=None) -> Detection:
+        """features: N x layout.num_columns per-channel BN minima (engine.extract_features); progress and
+        stage: search_subspace's callbacks."""
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 2 or features.shape[1] != layout.num_columns:
             raise InputError(f"features: expected N x {layout.num_columns} BN-minima columns matching the "
@@ -330,7 +339,7 @@ class Flare:
         if len(features) < self.params.min_cluster_size:
             raise InputError(f"FLARE needs at least min_cluster_size={self.params.min_cluster_size} samples, "
                              f"got {len(features)}")
-        self.steps_, chosen = search_subspace(features, layout, self.params, progress=progress)
+        self.steps_, chosen = search_subspace(features, layout, self.params, progress=progress, stage=stage)
         n = len(features)
         diagnostics = {"n_layers": layout.num_layers, "layers": list(layout.layer_names), "steps": [asdict(s) for s in self.steps_]}
         if chosen is None:

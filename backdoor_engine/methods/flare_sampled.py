@@ -100,7 +100,7 @@ class SampledFlare(Detector):
     def _sampling_params(self) -> dict:
         return {k: v for k, v in asdict(self.params).items() if k not in self.flare_params}
 
-    def fit(self, features, layout: FeatureLayout, y: np.ndarray | None = None, *, progress=None,
+    def fit(self, features, layout: FeatureLayout, y: np.ndarray | None = None, *, progress=None, stage=None,
             chunk_rows: int = 65536) -> Detection:
         """features: N x layout.num_columns BN minima, float32 or float16, in memory or memory-mapped."""
         if np.ndim(features) != 2 or features.shape[1] != layout.num_columns:
@@ -119,7 +119,7 @@ class SampledFlare(Detector):
         sample_y = None if y is None else np.asarray(y)[self.sample_]
         timings["sample"] = time.perf_counter() - began
         began = time.perf_counter()
-        fitted = self.flare_.fit(sample, layout, y=sample_y, progress=progress)
+        fitted = self.flare_.fit(sample, layout, y=sample_y, progress=progress, stage=stage)
         timings["fit_sample"] = time.perf_counter() - began
         # scores: the flagged share of each row's assign_k nearest sample rows.
         flags, scores = np.zeros(n, bool), np.zeros(n, np.float32)
@@ -171,8 +171,14 @@ class SampledFlare(Detector):
                   f"(largest gap {max(step.gaps, default=0.0):.4g}, threshold {step.threshold:.4g}, "
                   f"{step.seconds:.1f} s)", flush=True)
 
+        def report_stage(name, shape):
+            # Said before the fit, not after: a UMAP fit on 50k rows runs for a minute or more without output.
+            what = {"umap": "UMAP embedding", "hdbscan": "HDBSCAN clustering"}.get(name, name)
+            print(f"flare: {what} of {shape[0]:,} rows x {shape[1]} columns started", flush=True)
+
         return self.fit(detector_input(data, "bn_minima"), data.features.layout, y=data.y,
-                        progress=report_step if data.progress else None)
+                        progress=report_step if data.progress else None,
+                        stage=report_stage if data.progress else None)
 
     def report(self, detection: Detection, rows, out_dir) -> ReportParts:
         from ..report.figures import condensed_tree_png, embedding_png, subspace_search_png

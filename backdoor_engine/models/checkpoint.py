@@ -9,6 +9,7 @@ lists and str-keyed dicts, so `torch.load(weights_only=True)` reads it and json 
 import math
 import os
 import pickle
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from .. import __version__
 from ..atomic import atomic_write
+from ..data.dataset import MAX_CLASSES
 from ..errors import InputError
 from .preprocess import Normalisation
 from .registry import build_model, image_size_pair
@@ -24,6 +26,11 @@ from .registry import build_model, image_size_pair
 FORMAT_VERSION = 1
 REQUIRED_META = ("arch", "num_classes", "in_channels", "input_size", "normalisation", "format_version")
 RESERVED_META = (*REQUIRED_META, "engine_version")
+# Sane bounds on declared metadata, checked before anything is built from it: a crafted num_classes of
+# 10^12 would otherwise allocate the head first and fail (or exhaust memory) afterwards. The class bound is
+# the one labels are held to (data.dataset.MAX_CLASSES).
+MAX_NUM_CLASSES = MAX_CLASSES
+MAX_INPUT_SIDE = 8192
 
 
 def check_plain(value, where: str) -> None:
@@ -74,6 +81,44 @@ def build_quietly(arch: str, **shape) -> nn.Module:
         return build_model(arch, **shape)
 
 
+def check_finite_weights(state: Mapping, source: str) -> None:
+    """Raise InputError naming the first floating tensor of `state` that holds NaN or inf.
+
+    One pass over the weights at load time: a NaN weight would otherwise turn every prediction and feature
+    into NaN much later (`eval` printed BA 0.1 / ASR 1.0 for such a file)."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{source}: tensor {key!r} holds NaN or infinite values")
+
+
+def unpickling_refusal(path, error: Exception, advice: str = "") -> InputError:
+    """The error for a file that needs unpickling: it names the global torch refused and says not to load
+    it with weights_only=False (torch's own message says that "will likely succeed"; for an untrusted file
+    it would run the file's code)."""
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    what = f"it needs the Python global {found.group(1)}" if found else "it holds objects that need unpickling"
+    return InputError(f"{path} cannot be read safely: {what}. Do not load it with weights_only=False: unpickling "
+                      f"an untrusted file runs code from it{advice}")
+
+
+def _check_declared(meta: dict, state: Mapping, path) -> None:
+    """Declared metadata within sane bounds and consistent with the state dict's shapes, before building."""
+    for key in ("num_classes", "in_channels"):
+        value = meta[key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputError(f"{path}: checkpoint meta {key} must be an integer, got {value!r}")
+    if not 2 <= meta["num_classes"] <= MAX_NUM_CLASSES:
+        raise InputError(f"{path}: checkpoint meta num_classes is {meta['num_classes']}; expected 2..{MAX_NUM_CLASSES}")
+    size = meta["input_size"]
+    if (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) for s in size)
+            and max(size) > MAX_INPUT_SIDE):
+        raise InputError(f"{path}: checkpoint meta input_size {size} exceeds {MAX_INPUT_SIDE} pixels a side")
+    head = state.get("head.weight")
+    if isinstance(head, torch.Tensor) and (head.dim() != 2 or head.shape[0] != meta["num_classes"]):
+        raise InputError(f"{path}: checkpoint meta declares num_classes {meta['num_classes']} but its classifier "
+                         f"head.weight has shape {tuple(head.shape)}")
+
+
 def check_state_dict(model: nn.Module, state: Mapping, source: str) -> None:
     """Load `state` into `model` strictly; a mismatch becomes an InputError naming the keys."""
     try:
@@ -94,8 +139,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise InputError(f"{path} cannot be read safely: it is not a torch checkpoint, or it holds objects that "
-                         f"need unpickling, which an untrusted file may not ({str(error).splitlines()[0]})") from None
+        raise unpickling_refusal(path, error, "; a backdoor-engine checkpoint holds only tensors and plain "
+                                              "metadata") from None
     except Exception as error:  # malformed bytes surface as KeyError, RuntimeError, EOFError, ... from torch
         raise InputError(f"{path} is not a torch checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(payload, dict) or not {"state_dict", "meta"} <= set(payload):
@@ -112,6 +157,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     if meta["format_version"] != FORMAT_VERSION:
         raise InputError(f"{path}: checkpoint format_version {meta['format_version']!r} is not supported "
                          f"(this engine reads {FORMAT_VERSION})")
+    _check_declared(meta, state, path)
+    check_finite_weights(state, str(path))
     model = build_quietly(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
                           input_size=meta["input_size"])
     check_state_dict(model, state, str(path))

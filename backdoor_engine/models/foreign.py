@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .checkpoint import load_checkpoint
+from .checkpoint import check_finite_weights, load_checkpoint, unpickling_refusal
 from .preprocess import Normalisation
 from .registry import image_size_pair
 
@@ -126,10 +126,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for prefix in _WRAPPER_PREFIXES:
         if all(key.startswith(prefix) for key in state):
             state = {key[len(prefix):]: value for key, value in state.items()}
-    # One pass over the weights: a NaN or inf would turn every feature of a scan into NaN much later.
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise InputError(f"weights file {path}: tensor {key!r} holds NaN or infinite values")
+    check_finite_weights(state, f"weights file {path}")
     return state
 
 
@@ -148,9 +145,8 @@ def _read_torch_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise InputError(f"{path} cannot be read safely: it holds objects that need unpickling (a whole pickled "
-                         "model?), which an untrusted file may not; save model.state_dict() instead, or use "
-                         f"safetensors ({str(error).splitlines()[0]})") from None
+        raise unpickling_refusal(path, error, " (a whole pickled model?); save model.state_dict() instead, or "
+                                              "use safetensors") from None
     except Exception as error:  # malformed bytes surface as KeyError, RuntimeError, EOFError, ... from torch
         raise InputError(f"{path} is not a torch file ({type(error).__name__}: {error})") from None
     if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):

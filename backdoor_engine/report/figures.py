@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 
@@ -18,7 +19,10 @@ def _pyplot():
 
 def _to_png(fig) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    with warnings.catch_warnings():
+        # A file name in a script the font lacks (CJK, ...) shows as boxes; a warning per glyph is only noise.
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
     return buffer.getvalue()
 
@@ -145,7 +149,8 @@ def _show(ax, image: np.ndarray, title: str, fontsize: int = 8) -> None:
     gray = image.shape[-1] == 1
     ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None, vmin=0, vmax=255,
               interpolation="nearest")
-    ax.set_title(title, fontsize=fontsize)
+    # Titles carry sample ids, i.e. file names: `$...$` in one must show as typed, not be parsed as mathtext.
+    ax.set_title(title, fontsize=fontsize, parse_math=False, usetex=False)
     ax.axis("off")
 
 

@@ -25,6 +25,7 @@ def flags_from_report(dataset, report_path: str | os.PathLike) -> np.ndarray:
     if report.get("n_samples") != len(dataset):
         raise InputError(f"{path} covers {report.get('n_samples')} samples but the dataset has {len(dataset)}: "
                          "it is the report of another dataset")
+    _check_same_data(dataset, report.get("data"), path)
     position = {str(i): k for k, i in enumerate(dataset.ids.tolist())}
     unknown = [i for i in report["flagged"] if str(i) not in position]
     if unknown:
@@ -32,3 +33,18 @@ def flags_from_report(dataset, report_path: str | os.PathLike) -> np.ndarray:
     flags = np.zeros(len(dataset), bool)
     flags[[position[str(i)] for i in report["flagged"]]] = True
     return flags
+
+
+def _check_same_data(dataset, scanned, path: Path) -> None:
+    """Refuse a report whose recorded fingerprint is not `dataset`'s: default ids 0..N-1 match any dataset of
+    the same size, so the ids alone cannot tell. Only in-memory sets (npz, bundled, CIFAR) are compared: a
+    streamed source's fingerprint hashes its file listing at the model's input shape, which an eagerly read
+    copy does not reproduce (its ids, file paths, are checked instead). Reports written before the field
+    existed have no `data` and are taken on their ids."""
+    if not isinstance(scanned, dict) or scanned.get("fingerprint_of") != "ArraySource":
+        return
+    from ..data.dataset import as_source
+
+    if as_source(dataset).fingerprint() != scanned.get("fingerprint"):
+        raise InputError(f"{path} is the report of another dataset ({scanned.get('source')}): its recorded "
+                         "fingerprint differs from this dataset's (same size, different pixels, labels or ids)")

@@ -1,4 +1,4 @@
-"""report.json, DESIGN.md section 3: field names are fixed once released; add, don't rename."""
+"""report.json, the stable schema (docs/architecture.md, Report): field names are fixed once released; add, don't rename."""
 
 from __future__ import annotations
 

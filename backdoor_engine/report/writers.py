@@ -7,6 +7,7 @@ import csv
 import html
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,43 @@ from ..data.dataset import Dataset
 from ..detection import Detection
 from .figures import embedding_png, montage_png
 from .schema import build_report
+
+
+def escape_id(value) -> str:
+    """A sample id as text that any UTF-8 reader takes, losslessly (`unescape_id` undoes it).
+
+    File names are bytes: Python hands a non-UTF-8 name over as surrogate escapes (U+DC80..U+DCFF), which
+    no UTF-8 file can hold. Such a byte is written as a backslash escape `\\xNN`; a control character as
+    `\\xNN` too (a newline would split a csv row for line-based tools); any other lone surrogate as `\\uNNNN`;
+    a backslash itself doubles (`\\\\`) so that a name holding a literal `\\x41` reads back unchanged.
+    Every other character, non-ASCII ones included, is written as it is."""
+    out = []
+    for char in str(value):
+        code = ord(char)
+        if char == "\\":
+            out.append("\\\\")
+        elif 0xDC80 <= code <= 0xDCFF:  # surrogateescape'd byte 0x80..0xFF
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def unescape_id(text: str) -> str:
+    """The id `escape_id` wrote (bytes >= 0x80 back as surrogate escapes, as os.listdir gives them)."""
+    return re.sub(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4})", _unescape_one, text)
+
+
+def _unescape_one(match) -> str:
+    token = match.group(1)
+    if token == "\\":
+        return "\\"
+    code = int(token[1:], 16)
+    return chr(0xDC00 + code) if token[0] == "x" and code >= 0x80 else chr(code)
 
 
 def most_suspicious(detection: Detection, k: int) -> np.ndarray:
@@ -32,7 +70,7 @@ def samples_csv(detection: Detection, dataset: Dataset) -> str:
     header = ["id", "label", "flagged", "score", "cluster"] + (["poison"] if dataset.poison is not None else [])
     writer.writerow(header)
     for i in range(len(dataset)):
-        row = [dataset.ids[i], int(dataset.y[i]), int(detection.flags[i]),
+        row = [escape_id(dataset.ids[i]), int(dataset.y[i]), int(detection.flags[i]),
                "" if detection.scores is None else f"{detection.scores[i]:.6g}",
                "" if detection.clusters is None else int(detection.clusters[i])]
         if dataset.poison is not None:
@@ -45,15 +83,40 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+def _scanned_rows(report: dict) -> list[tuple[str, str]]:
+    """What was scanned, for the summary: the data's source and fingerprint, the model's arch and file."""
+    rows = []
+    data = report.get("data")
+    if isinstance(data, dict):
+        rows.append(("data", f"{data.get('source')} (fingerprint {data.get('fingerprint')})"))
+    model = report.get("model")
+    if isinstance(model, dict):
+        where = model.get("path") or model.get("weights")
+        rows.append(("model", f"{model.get('arch')}" + (f" from {where}" if where else "")
+                     + (f" (fingerprint {model['fingerprint']})" if model.get("fingerprint") else "")))
+    return rows
+
+
+def _rate(m: dict, key: str) -> str:
+    """A rate with the counts it comes from: 0.00% can hide one false positive among 54000."""
+    counts = {"tpr": ("tp", "fn"), "fpr": ("fp", "tn"), "precision": ("tp", "fp")}.get(key)
+    text = f"{100 * m[key]:.2f}%"
+    if counts is None or not all(isinstance(m.get(c), int) for c in counts):
+        return text
+    hit, other = (m[c] for c in counts)
+    return f"{text} ({hit}/{hit + other})"
+
+
 def report_html(report: dict, figures: list[tuple[str, bytes]], notes: list[str] = ()) -> str:
-    summary = [("method", report["method"]), ("samples", report["n_samples"]), ("flagged", report["n_flagged"])]
+    summary = [("method", report["method"]), *_scanned_rows(report), ("samples", report["n_samples"]),
+               ("flagged", report["n_flagged"])]
     summary += [(k, f"{v:.2f} s") for k, v in report["timings_s"].items()]
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary)
     metrics = ""
     if "metrics" in report:
         m = report["metrics"]
         metrics = ("<h2>Against ground truth</h2><table>" + "".join(
-            f"<tr><th>{k.upper()}</th><td>{100 * m[k]:.2f}%</td></tr>" for k in ("tpr", "fpr", "precision", "f1"))
+            f"<tr><th>{k.upper()}</th><td>{_rate(m, k)}</td></tr>" for k in ("tpr", "fpr", "precision", "f1"))
             + f"<tr><th>TP / FP / FN / TN</th><td>{m['tp']} / {m['fp']} / {m['fn']} / {m['tn']}</td></tr></table>")
     notes_html = "".join(f'<p class="note">{html.escape(note)}</p>' for note in notes)
     sections = "".join(f"<h2>{html.escape(title)}</h2>{_img(png, title)}" for title, png in figures)
@@ -84,12 +147,14 @@ def write_report(out_dir: str | Path, detection: Detection, dataset: Dataset, *,
     all_figures += list(figures)
     shown = most_suspicious(detection, montage_size)
     if len(shown):
-        titles = [f"{dataset.ids[i]} y={dataset.y[i]}" + ("" if detection.scores is None else
+        titles = [f"{escape_id(dataset.ids[i])} y={dataset.y[i]}" + ("" if detection.scores is None else
                                                           f" s={detection.scores[i]:.3g}") for i in shown]
         all_figures.append(("Most suspicious samples", montage_png(dataset.images(shown), titles)))
-    write_json_atomic(out_dir / "report.json", report)
-    with atomic_write(out_dir / "samples.csv", "w") as f:
-        f.write(samples_csv(detection, dataset))
-    with atomic_write(out_dir / "report.html", "w") as f:
-        f.write(report_html(report, all_figures, notes))
+    write_json_atomic(out_dir / "report.json", report)  # json.dump escapes every non-ASCII id (\\udcff): lossless
+    # Encoded here, not by the platform's locale: ids are escaped (escape_id) so the csv is valid UTF-8; the HTML
+    # shows other text (notes naming skipped files) with any undecodable byte as a backslash escape.
+    with atomic_write(out_dir / "samples.csv", "wb") as f:
+        f.write(samples_csv(detection, dataset).encode("utf-8"))
+    with atomic_write(out_dir / "report.html", "wb") as f:
+        f.write(report_html(report, all_figures, notes).encode("utf-8", "backslashreplace"))
     return report

@@ -70,6 +70,11 @@ def poison(dataset: Dataset, spec: PoisonSpec, *, clean_model=None):
     """Poison `dataset` by `spec`; returns (poisoned Dataset with ground truth, PoisonResult)."""
     from . import poison_dataset
 
+    # poison_dataset poisons int(N * rate) samples: a rate that rounds to none would write an unpoisoned copy
+    # and report success (checked before the attack is built: label_consistent's PGD step takes a while).
+    if not len(dataset) * spec.rate >= 1:  # also false for NaN
+        raise InputError(f"rate: {spec.rate} of {len(dataset)} samples rounds to 0 poisoned samples; "
+                         f"give a rate >= {1 / max(len(dataset), 1):.3g}")
     attack = build_attack(spec, dataset.image_shape, clean_model)
     result = poison_dataset(
         dataset.x, dataset.y, attack, mode=spec.mode, rate=spec.rate, target=spec.target,
