@@ -91,14 +91,20 @@ def check_finite_weights(state: Mapping, source: str) -> None:
             raise InputError(f"{source}: tensor {key!r} holds NaN or infinite values")
 
 
-def unpickling_refusal(path, error: Exception, advice: str = "") -> InputError:
-    """The error for a file that needs unpickling: it names the global torch refused and says not to load
-    it with weights_only=False (torch's own message says that "will likely succeed"; for an untrusted file
-    it would run the file's code)."""
-    found = re.search(r"GLOBAL (\S+)", str(error))
-    what = f"it needs the Python global {found.group(1)}" if found else "it holds objects that need unpickling"
-    return InputError(f"{path} cannot be read safely: {what}. Do not load it with weights_only=False: unpickling "
-                      f"an untrusted file runs code from it{advice}")
+def load_weights_only(path, *, kind: str, advice: str):
+    """`torch.load(path, weights_only=True)` of an untrusted file, every failure an InputError: a file that
+    needs unpickling names the global torch refused and says not to load it with weights_only=False (torch's
+    own message says that "will likely succeed"; for an untrusted file it would run the file's code), followed
+    by `advice`; malformed bytes say the file is not a `kind`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f"it needs the Python global {found.group(1)}" if found else "it holds objects that need unpickling"
+        raise InputError(f"{path} cannot be read safely: {what}. Do not load it with weights_only=False: unpickling "
+                         f"an untrusted file runs code from it{advice}") from None
+    except Exception as error:  # malformed bytes surface as KeyError, RuntimeError, EOFError, ... from torch
+        raise InputError(f"{path} is not a {kind} ({type(error).__name__}: {error})") from None
 
 
 def _check_declared(meta: dict, state: Mapping, path) -> None:
@@ -136,13 +142,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise unpickling_refusal(path, error, "; a backdoor-engine checkpoint holds only tensors and plain "
-                                              "metadata") from None
-    except Exception as error:  # malformed bytes surface as KeyError, RuntimeError, EOFError, ... from torch
-        raise InputError(f"{path} is not a torch checkpoint ({type(error).__name__}: {error})") from None
+    payload = load_weights_only(path, kind="torch checkpoint",
+                                advice="; a backdoor-engine checkpoint holds only tensors and plain metadata")
     if not isinstance(payload, dict) or not {"state_dict", "meta"} <= set(payload):
         found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise InputError(f"{path} is not a backdoor-engine checkpoint: expected keys state_dict and meta, got {found}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import pickle
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .checkpoint import check_finite_weights, load_checkpoint, unpickling_refusal
+from .checkpoint import check_finite_weights, load_checkpoint, load_weights_only
 from .preprocess import Normalisation
 from .registry import image_size_pair
 
@@ -142,13 +141,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_torch_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise unpickling_refusal(path, error, " (a whole pickled model?); save model.state_dict() instead, or "
-                                              "use safetensors") from None
-    except Exception as error:  # malformed bytes surface as KeyError, RuntimeError, EOFError, ... from torch
-        raise InputError(f"{path} is not a torch file ({type(error).__name__}: {error})") from None
+    payload = load_weights_only(path, kind="torch file", advice=" (a whole pickled model?); save "
+                                "model.state_dict() instead, or use safetensors")
     if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
         payload = payload["state_dict"]
     if not isinstance(payload, Mapping) or not all(
