@@ -378,38 +378,58 @@ def _purify_params(args) -> dict:
 
 def cmd_purify(args) -> int:
     from .api import purify
-    from .models.provenance import save_trained
-    from .report.reading import flags_from_report
     from .data.open import open_dataset
     from .models.checkpoint import load_checkpoint
-    from .models.provenance import repair_record
+    from .models.provenance import repair_record, save_trained
     from .params import provenance_of
     from .purify import get_repair
+    from .report.reading import flags_from_report, split_from_report
 
     _check_out(args.out, kind="file", suffix=".pt")
     # Strategy, options and declared inputs are checked before any dataset or model is read.
     strategy = get_repair(args.strategy)
     params = _purify_params(args)
     strategy.params(params)
+    if args.model is None and strategy.needs_model:
+        raise InputError(f"purify strategy {args.strategy!r} repairs the suspect model: give --model")
+    if args.model is None and not args.arch:
+        raise InputError(f"purify strategy {args.strategy!r} trains from scratch: without --model, name the "
+                         "architecture with --arch")
+    if args.arch is not None:
+        from .models.registry import available_archs
+
+        if args.arch not in available_archs():
+            raise InputError(f"--arch {args.arch!r} is not a registered architecture: {', '.join(available_archs())}")
+    if args.clean_fraction is not None and args.report is None:
+        raise InputError("--clean-fraction selects the clean part from a scan's scores: give --report")
     strategy.check_declared(has_flags=args.report is not None, has_aux=args.aux is not None, has_arch=True)
     dataset = open_dataset(args.data)
-    flags = None if args.report is None else flags_from_report(dataset, args.report)
+    flags = None
+    if args.report is not None:
+        flags = (split_from_report(dataset, args.report, clean_fraction=args.clean_fraction)
+                 if strategy.uses_split or args.clean_fraction is not None else flags_from_report(dataset, args.report))
     aux = None if args.aux is None else open_dataset(args.aux)
     eval_data = None if args.eval_data is None else open_dataset(args.eval_data)
-    model, meta = load_checkpoint(args.model)
-    _check_labels_fit(dataset.y, meta, args.data)
+    model, meta = (None, None) if args.model is None else load_checkpoint(args.model)
+    num_classes = dataset.num_classes if meta is None else meta["num_classes"]
+    arch = args.arch or meta["arch"]
+    _check_labels_fit(dataset.y, {"num_classes": num_classes}, args.data)
     if aux is not None:
-        _check_labels_fit(aux.y, meta, args.aux)
+        _check_labels_fit(aux.y, {"num_classes": num_classes}, args.aux)
     t0 = time.perf_counter()
-    repaired = purify(model, meta["normalisation"], dataset, flags, strategy=args.strategy, aux=aux,
-                      arch=meta["arch"], **params)
+    repaired = purify(model, None if meta is None else meta["normalisation"], dataset, flags, strategy=args.strategy,
+                      aux=aux, arch=arch, **params)
     seconds = time.perf_counter() - t0
-    n_flagged = 0 if flags is None else int(flags.sum())
+    n_flagged = 0 if flags is None else int((flags == 2).sum() if flags.dtype != bool else flags.sum())
     record = repair_record(repaired, strategy=args.strategy, data=str(args.data), report=args.report,
-                           model=str(args.model), n_flagged=n_flagged, seconds=seconds,
-                           provenance=provenance_of(strategy.Params), aux=args.aux)
-    metrics = save_trained(args.out, repaired.model, repaired.normalisation, arch=meta["arch"], trained_on=dataset,
-                           extra={"purify": record}, attack=_spec_recorded_in(meta), eval_data=eval_data,
+                           model=None if args.model is None else str(args.model), n_flagged=n_flagged,
+                           seconds=seconds, provenance=provenance_of(strategy.Params), aux=args.aux)
+    if args.clean_fraction is not None:
+        record["clean_fraction"] = args.clean_fraction
+    # The attack to measure ASR with: the suspect model's record, else the manifest beside the data.
+    attack = _spec_recorded_in(meta) if meta is not None else _spec_beside(str(args.data), None)
+    metrics = save_trained(args.out, repaired.model, repaired.normalisation, arch=arch, trained_on=dataset,
+                           extra={"purify": record}, attack=attack, eval_data=eval_data,
                            eval_source=args.eval_data)
     print(json.dumps({"out": args.out, "strategy": args.strategy, "n_flagged": n_flagged,
                       "seconds": round(seconds, 1), **metrics}))
@@ -653,8 +673,13 @@ def build_parser() -> argparse.ArgumentParser:
                               + "\n\n".join(get_repair(name).describe() for name in repairs)
                               + "".join(f"\n\n{name}: plugin failed to load ({why})" for name, why in broken.items()))
     p.add_argument("--data", required=True, help="the scanned dataset; " + DATA_HELP)
-    p.add_argument("--model", required=True, help="the suspect checkpoint that was scanned")
+    p.add_argument("--model", help="the suspect checkpoint that was scanned (not needed by strategies that train "
+                                   "from scratch, e.g. d-st)")
+    p.add_argument("--arch", help="architecture of a model trained from scratch [the suspect model's]")
     p.add_argument("--report", help="the scan's report.json (or its folder); for strategies that use flags")
+    p.add_argument("--clean-fraction", type=float, default=None, metavar="F",
+                   help="take as the clean part only the fraction F of all samples that the scan scored lowest "
+                        "(the rest of the unflagged become uncertain; for d-br / d-st after any detector)")
     # A broken plugin stays a valid choice so that asking for it names its load error.
     p.add_argument("--strategy", default="retrain", choices=[*repairs, *broken],
                    help="registered repair strategy (listed below) [retrain]")

@@ -128,3 +128,23 @@ def tiny_model_and_data(tmp_path_factory):
     model = build_model("small_resnet", num_classes=10, in_channels=1, input_size=28).eval()
     save_trained(folder / "m.pt", model, fit_normalisation(dataset.x), arch="small_resnet", trained_on=dataset)
     return folder / "m.pt", folder / "d.npz"
+
+
+def test_scan_keywords_known_to_the_detector_base_are_exactly_those_of_api_scan():
+    import inspect
+
+    from backdoor_engine import api
+    from backdoor_engine.methods.base import SCAN_KEYWORDS
+
+    own = set(inspect.signature(api.scan).parameters) - {"dataset", "model", "normalisation", "params"}
+    assert own == SCAN_KEYWORDS
+
+
+def test_a_detector_parameter_named_like_a_scan_keyword_is_refused_when_the_class_is_defined():
+    @dataclass(frozen=True)
+    class Clashing:
+        batch_size: int = param(8, "paper")
+
+    with pytest.raises(TypeError, match="batch_size clash with scan's own keyword arguments"):
+        type("Clash", (Detector,), {"name": "clash", "summary": "s", "params_class": Clashing,
+                                    "needs": frozenset({"pixels"})})

@@ -27,13 +27,13 @@ from backdoor_engine.purify import (ENTRY_POINT_GROUP, REQUIRED, UNUSED, Repair,
                                     broken_repairs, get_repair)
 
 
-def test_the_registry_lists_retrain_and_unlearn_relearn():
-    assert {"retrain", "unlearn-relearn"} <= set(available_repairs())
+def test_the_registry_lists_every_built_in_strategy():
+    assert {"retrain", "unlearn-relearn", "d-br", "d-st"} <= set(available_repairs())
     assert get_repair("retrain").name == "retrain"
 
 
 def test_an_unknown_strategy_is_refused_listing_the_registered_ones():
-    with pytest.raises(InputError, match="unknown purify strategy 'retrian'; registered: retrain, unlearn-relearn"):
+    with pytest.raises(InputError, match="unknown purify strategy 'retrian'; registered: d-br, d-st, retrain, unlearn-relearn"):
         get_repair("retrian")
 
 

@@ -22,6 +22,7 @@ BUILTIN = {
     "vbd": "backdoor_engine.methods.vbd:Vbd",
     "ac": "backdoor_engine.methods.activation_clustering:ActivationClustering",
     "spectral": "backdoor_engine.methods.spectral:SpectralSignatures",
+    "fct": "backdoor_engine.methods.fct:Fct",
 }
 
 __all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "NEEDS", "PIXELS", "Detector", "ReportParts", "ScanData",

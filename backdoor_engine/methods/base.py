@@ -33,6 +33,10 @@ from ..params import build_params, choices_of, provenance_of
 
 PIXELS = "pixels"
 NEEDS = (*CAPTURES, PIXELS)
+# api.scan's own keyword arguments: a detector parameter of the same name could never be set through scan.
+SCAN_KEYWORDS = frozenset({"method", "out_dir", "batch_size", "store", "kernel_backend", "workers", "dtype",
+                           "executor", "checkpoint", "actors", "head", "pixel_cache", "progress", "data_name",
+                           "model_info"})
 
 
 @dataclass
@@ -81,6 +85,10 @@ class Detector:
         if unknown or not cls.needs:
             raise TypeError(f"detector {cls.__name__}: needs must be a non-empty subset of {NEEDS}, got {cls.needs}")
         provenance_of(cls.params_class)  # every default must say where it comes from
+        clashes = sorted({f.name for f in fields(cls.params_class)} & SCAN_KEYWORDS)
+        if clashes:
+            raise TypeError(f"detector {cls.__name__}: parameter(s) {', '.join(clashes)} clash with scan's own "
+                            "keyword arguments; rename them")
         if cls.seed_param is not None and cls.seed_param not in {f.name for f in fields(cls.params_class)}:
             raise TypeError(f"detector {cls.__name__}: seed_param {cls.seed_param!r} is not one of its params")
 

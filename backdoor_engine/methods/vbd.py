@@ -67,7 +67,7 @@ class VbdParams:
     ssl_stop_epoch: int = param(12, "official code: see ssl_start_epoch")
     detector_min_accuracy: float = param(0.75, "official code: detectors below this last-epoch training accuracy "
                                          "are dropped")
-    batch_size: int = param(256, "official code: batch size")
+    train_batch_size: int = param(256, "official code: batch_size (the simple models and the detectors)")
     # Its CosineAnnealingLR(T_max=100) is stepped with the loss value, which leaves the lr at ~0.01.
     lr: float = param(0.01, "official code: SGD lr 0.01; a constant lr reproduces its loss-stepped cosine")
     momentum: float = param(0.9, "official code: SGD momentum")
@@ -85,7 +85,7 @@ class VbdParams:
             raise InputError(f"poison_train_fraction must be in (0, 1), got {self.poison_train_fraction}")
         if not 0 < self.check_fraction <= 1:
             raise InputError(f"check_fraction must be in (0, 1], got {self.check_fraction}")
-        for name in ("poison_epochs", "detector_epochs", "top_n", "min_top_n", "batch_size", "min_patterns"):
+        for name in ("poison_epochs", "detector_epochs", "top_n", "min_top_n", "train_batch_size", "min_patterns"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
@@ -214,9 +214,9 @@ def train_poison_models(archs, inputs: Inputs, y: np.ndarray, index: np.ndarray,
     optimisers = [_sgd(model, params) for model in models]
     generator = torch.Generator().manual_seed(params.seed)
     labels = torch.from_numpy(y.astype(np.int64))
-    n_batches = len(index) // params.batch_size
+    n_batches = len(index) // params.train_batch_size
     if n_batches == 0:
-        raise InputError(f"VBD needs at least batch_size={params.batch_size} training samples in its "
+        raise InputError(f"VBD needs at least train_batch_size={params.train_batch_size} training samples in its "
                          f"{params.poison_train_fraction:.0%} split, got {len(index)}")
     for model in models:
         model.train()
@@ -225,7 +225,7 @@ def train_poison_models(archs, inputs: Inputs, y: np.ndarray, index: np.ndarray,
         for _ in range(params.poison_epochs):
             order = index[torch.randperm(len(index), generator=generator).numpy()]
             for b in range(n_batches):
-                batch = order[b * params.batch_size:(b + 1) * params.batch_size]
+                batch = order[b * params.train_batch_size:(b + 1) * params.train_batch_size]
                 x, target = inputs(batch), labels[batch]
                 for model, optimiser in zip(models, optimisers):
                     loss = nn.functional.cross_entropy(model(x), target)
@@ -373,18 +373,18 @@ def _train_detector(poison: nn.Module, trigger: Trigger, inputs: Inputs, y: np.n
     mask_t, pattern_t = torch.from_numpy(trigger.mask.astype(np.float32)), torch.from_numpy(trigger.pattern)
     pseudo: torch.Tensor | None = None
     accuracy = 0.0
-    n_steps = len(negatives) // params.batch_size
+    n_steps = len(negatives) // params.train_batch_size
     if n_steps == 0:
-        raise InputError(f"VBD's detector needs at least batch_size={params.batch_size} samples outside class "
+        raise InputError(f"VBD's detector needs at least train_batch_size={params.train_batch_size} samples outside class "
                          f"{label}, got {len(negatives)}")
     bar = tqdm(total=params.detector_epochs, desc=f"vbd: detector for class {label}", disable=not progress,
                unit="epoch")
     for epoch in range(params.detector_epochs):
-        pseudo_batches = iter(_batches(len(target_maps), params.batch_size, generator, False)) if pseudo is not None \
+        pseudo_batches = iter(_batches(len(target_maps), params.train_batch_size, generator, False)) if pseudo is not None \
             else None
         correct = seen = 0
         detector.train()  # pseudo-labelling at the end of the previous epoch left it in eval mode
-        for batch in _batches(len(negatives), params.batch_size, generator, True):
+        for batch in _batches(len(negatives), params.train_batch_size, generator, True):
             alpha = torch.from_numpy(alpha_rng.uniform(*params.detector_alpha, len(batch)).astype(np.float32))
             patched = paste(inputs(negatives[batch]), pattern_t, mask_t, alpha)
             maps = [negative_maps[batch], chunked_gradients(poison, patched, label)]

@@ -1,7 +1,9 @@
 """Repairs after detection: one file per strategy (the Repair interface is in base.py), registered here.
 
   retrain          FLARE(P): train a fresh model on the samples a detector kept
-  unlearn-relearn  FLARE(R) / D-BR: per epoch, gradient ascent on the flagged samples, then CE on the kept
+  unlearn-relearn  FLARE(R): per epoch, gradient ascent on the flagged samples, then CE on the kept
+  d-br             D-BR: the same loop on a three-way split (poisoned part / clean part, uncertain left out)
+  d-st             D-ST: secure training from scratch, SS-CTL encoder then a head with MCE loss
 
 A new strategy is one file with its Repair subclass plus one line in REPAIRS. A third-party package
 registers one through the entry point group `backdoor_engine.repairs` (name = the strategy's name,
@@ -17,10 +19,12 @@ from ..errors import InputError
 from .base import OPTIONAL, REQUIRED, UNUSED, Repair, Repaired, check_repair_class
 from .retrain import Retrain, RetrainParams, retrain_on_kept
 from .unlearn_relearn import UnlearnRelearn, UnlearnRelearnParams, unlearn_relearn, unlearn_relearn_config
+from .d_br import DBr
+from .d_st import DSt
 
 ENTRY_POINT_GROUP = "backdoor_engine.repairs"
 
-REPAIRS: dict[str, type[Repair]] = {cls.name: cls for cls in (Retrain, UnlearnRelearn)}
+REPAIRS: dict[str, type[Repair]] = {cls.name: cls for cls in (Retrain, UnlearnRelearn, DBr, DSt)}
 for _cls in REPAIRS.values():
     check_repair_class(_cls)  # a built-in missing provenance fails at import, not in a user's run
 

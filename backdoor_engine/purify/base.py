@@ -10,12 +10,19 @@ A strategy is one class in one file (plus one line in the registry, or an entry 
         uses_flags = REQUIRED           # the scan's flags: REQUIRED, OPTIONAL or UNUSED
         uses_aux = UNUSED               # a small clean auxiliary set (GIC-style): REQUIRED, OPTIONAL or UNUSED
         needs_arch = True               # builds a fresh model, so it must know the architecture's name
+        uses_split = False              # True: `flags` arrives as the three-way split (below)
+        needs_model = True              # False: trains from scratch, the suspect model may be None
 
         def repair(self, model, normalisation, dataset, flags, aux=None, *, params, arch, progress) -> Repaired: ...
 
 `apply` is the one entry point callers use: it builds the params from the user's options, checks the
 inputs against what the strategy declared (so a strategy's `repair` sees only valid, declared inputs)
 and checks what comes back.
+
+Flags come two ways: one bool per sample (a detector's flagged set), or the three-way split of
+`detection` (CLEAN / UNCERTAIN / POISONED per sample, int8; FCT makes one, `report.reading.split_from_report`
+reads one from any report). A strategy declaring `uses_split` receives the split (bools become POISONED /
+CLEAN); the others receive bools (split == POISONED), so every strategy takes every report.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..detection import CLEAN, POISONED, UNCERTAIN
 from ..errors import InputError
 from ..params import build_params, choices_of, provenance_of
 
@@ -56,12 +64,15 @@ class Repair(ABC):
     uses_flags: ClassVar[str] = REQUIRED
     uses_aux: ClassVar[str] = UNUSED
     needs_arch: ClassVar[bool] = False
+    uses_split: ClassVar[bool] = False
+    needs_model: ClassVar[bool] = True
 
     @abstractmethod
     def repair(self, model, normalisation, dataset, flags: np.ndarray | None, aux=None, *, params, arch: str | None,
                progress: bool) -> Repaired:
-        """Repair `model` (never modified in place) given the dataset it was trained on, the scan's
-        per-sample `flags` (bool, one per sample) and `aux` (a clean Dataset), as declared."""
+        """Repair `model` (never modified in place; None for a strategy that does not need it) given the
+        dataset it was trained on, the scan's per-sample `flags` (bool, or the int8 split with `uses_split`)
+        and `aux` (a clean Dataset), as declared."""
 
     def params(self, given: Mapping | None = None):
         """The strategy's Params from user options; unknown names and bad choices raise InputError."""
@@ -72,6 +83,8 @@ class Repair(ABC):
         """Check the inputs against what the strategy declared, run `repair`, check its result."""
         built = self.params(params)
         self.check_declared(has_flags=flags is not None, has_aux=aux is not None, has_arch=bool(arch))
+        if model is None and self.needs_model:
+            raise InputError(f"purify strategy {self.name!r} repairs the suspect model: give it (model / --model)")
         flags = self._check_flags(dataset, flags)
         if aux is not None and tuple(aux.image_shape) != tuple(dataset.image_shape):
             raise InputError(f"aux images are {tuple(aux.image_shape)} but the dataset's are "
@@ -100,8 +113,9 @@ class Repair(ABC):
     def describe(cls) -> str:
         """Its --help text: description, inputs, and every parameter with its default and provenance."""
         choices = choices_of(cls.Params)
-        uses = [f"flags {cls.uses_flags}", f"aux {cls.uses_aux}"] + (["fresh model of the suspect's arch"]
-                                                                    if cls.needs_arch else [])
+        uses = ([f"flags {cls.uses_flags}" + (" (three-way split)" if cls.uses_split else ""), f"aux {cls.uses_aux}"]
+                + (["fresh model of the suspect's arch"] if cls.needs_arch else [])
+                + ([] if cls.needs_model else ["no suspect model"]))
         lines = [f"{cls.name}: {cls.description}", f"  inputs: {', '.join(uses)}"]
         defaults = dataclasses.asdict(cls.Params())
         for name, provenance in provenance_of(cls.Params).items():
@@ -113,10 +127,13 @@ class Repair(ABC):
         if flags is None:
             return None
         flags = np.asarray(flags)
-        if flags.shape != (len(dataset),) or flags.dtype != bool:
-            raise InputError(f"flags: expected {len(dataset)} booleans (one per sample), got {flags.dtype} "
-                             f"{flags.shape}")
-        return flags
+        split_like = np.issubdtype(flags.dtype, np.integer) and np.isin(flags, (CLEAN, UNCERTAIN, POISONED)).all()
+        if flags.shape != (len(dataset),) or not (flags.dtype == bool or split_like):
+            raise InputError(f"flags: expected {len(dataset)} booleans or a three-way split (0 clean, 1 uncertain, "
+                             f"2 poisoned; one per sample), got {flags.dtype} {flags.shape}")
+        if flags.dtype == bool:
+            return np.where(flags, POISONED, CLEAN).astype(np.int8) if self.uses_split else flags
+        return flags.astype(np.int8) if self.uses_split else flags == POISONED
 
 
 def check_repair_class(cls) -> None:
@@ -134,6 +151,9 @@ def check_repair_class(cls) -> None:
     if not (isinstance(params, type) and dataclasses.is_dataclass(params)):
         raise TypeError(f"{where}: Params must be a dataclass")
     provenance_of(params)
+    for attribute in ("uses_split", "needs_model", "needs_arch"):
+        if not isinstance(getattr(cls, attribute), bool):
+            raise TypeError(f"{where}: {attribute} must be a bool")
     for attribute in ("uses_flags", "uses_aux"):
         if getattr(cls, attribute) not in USES:
             raise TypeError(f"{where}: {attribute} must be one of {USES}, got {getattr(cls, attribute)!r}")

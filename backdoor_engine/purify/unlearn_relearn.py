@@ -3,8 +3,13 @@ flagged samples (unlearn), then one pass of cross-entropy on the kept ones (rele
 
 Provenance of the defaults: the FLARE paper gives no optimiser settings, so those of D-BR's official
 unlearn_relearn.py are used (SEED_NOTES section 2.3): SGD momentum 0.9, weight decay 5e-4, constant lr 1e-4,
-20 epochs, crop + flip for both passes. D-BR keeps the epoch with the best (test ACC - test ASR), an oracle
-choice; here the last epoch is returned and no test data is looked at (DESIGN section 4).
+20 epochs, crop + flip for the relearning pass. D-BR keeps the epoch with the best (test ACC - test ASR), an
+oracle choice; here the last epoch is returned and no test data is looked at (DESIGN section 4).
+
+The unlearning pass sees the flagged images as they are, not augmented (ours; the official code crops and
+flips them): ascent on shifted and flipped copies can unlearn the copies and leave the trigger as learned.
+Each epoch records `flagged_acc`, the model's accuracy on the un-augmented flagged images with their given
+labels: an attack-success estimate from the training split alone (RESULTS.md measures both settings by it).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import nn
 
 from ..data.dataset import Dataset
 from ..errors import InputError
+from ..models.evaluate import accuracy, predict
 from ..models.preprocess import Normalisation
 from ..models.train import SCHEDULES, TrainConfig, batch_slices, make_scheduler, torch_threads, train_epoch
 from ..params import param
@@ -36,30 +42,44 @@ class UnlearnRelearnParams:
     momentum: float = param(0.9, "official code: D-BR unlearn_relearn.py SGD momentum 0.9")
     weight_decay: float = param(5e-4, "official code: D-BR unlearn_relearn.py SGD weight decay 5e-4")
     schedule: str = param("constant", "official code: D-BR unlearn_relearn.py keeps lr constant", choices=SCHEDULES)
-    augment: bool = param(True, "official code: D-BR crops (pad 4) and flips for both passes")
+    augment: bool = param(True, "official code: D-BR crops (pad 4) and flips the relearning pass")
+    unlearn_augment: bool = param(False, "ours", reason="the official code also augments the unlearning pass; "
+                                  "ascent on augmented copies left a Blend backdoor in place (RESULTS.md, FLARE(R))")
     hflip: bool = param(True, "official code: D-BR's CIFAR-10 loaders flip (its other datasets crop only)")
     seed: int = param(0, "ours", reason="any fixed seed: the same seed repeats the run")
 
 
+def _train_config(**options) -> TrainConfig:
+    return TrainConfig(**{k: v for k, v in options.items() if k != "unlearn_augment"})
+
+
 def unlearn_relearn_config(**overrides) -> TrainConfig:
-    """A TrainConfig with D-BR's unlearn/relearn defaults, any option overridable."""
-    return TrainConfig(**{**dataclasses.asdict(UnlearnRelearnParams()), **overrides})
+    """A TrainConfig with D-BR's unlearn/relearn defaults (the relearning pass's augmentation), any option
+    overridable."""
+    return _train_config(**{**dataclasses.asdict(UnlearnRelearnParams()), **overrides})
 
 
 def unlearn_relearn(model: nn.Module, normalisation: Normalisation, dataset: Dataset, flags: np.ndarray,
                     config: TrainConfig | None = None,
-                    callback: Callable[[int, nn.Module], None] | None = None) -> tuple[nn.Module, list[dict]]:
-    """A repaired copy of `model` (the input is left untouched) and the per-epoch losses.
+                    callback: Callable[[int, nn.Module], None] | None = None, *,
+                    relearn: np.ndarray | None = None, unlearn_augment: bool = False) -> tuple[nn.Module, list[dict]]:
+    """A repaired copy of `model` (the input is left untouched) and the per-epoch losses and accuracies.
 
+    flags: the samples to unlearn (bool per sample); relearn: the indices to relearn on (default: every
+    unflagged sample; D-BR passes its clean part only). unlearn_augment: augment the unlearning pass as the
+    relearning one (`config.augment`); the default shows it the flagged images as they are.
     `callback(epoch, model)` runs after each epoch, for monitoring only: nothing it sees picks the result.
     """
     config = config or unlearn_relearn_config()
     kept, flagged = kept_and_flagged(dataset, flags)
+    if relearn is not None:
+        kept = np.asarray(relearn, dtype=np.int64)
     if len(batch_slices(len(flagged), config.batch_size)) == 0:
         raise InputError(f"unlearning needs at least 2 flagged samples, got {len(flagged)}")
     if len(kept) < 2:
         raise InputError(f"relearning needs at least 2 kept samples, got {len(kept)}")
     labels = torch.from_numpy(dataset.y.astype(np.int64))
+    unlearn_config = dataclasses.replace(config, augment=config.augment and unlearn_augment)
     repaired = copy.deepcopy(model).to(config.device, memory_format=torch.channels_last)
     history = []
     with torch_threads(config.num_threads):
@@ -71,13 +91,16 @@ def unlearn_relearn(model: nn.Module, normalisation: Normalisation, dataset: Dat
         scheduler = make_scheduler(optimizer, config, config.epochs * steps)
         for epoch in range(1, config.epochs + 1):
             unlearn = train_epoch(repaired, dataset.x[flagged], labels[flagged], optimizer=optimizer,
-                                  scheduler=scheduler, normalisation=normalisation, config=config,
+                                  scheduler=scheduler, normalisation=normalisation, config=unlearn_config,
                                   generator=generator, description=f"unlearn {epoch}/{config.epochs}", ascend=True)
             relearn = train_epoch(repaired, dataset.x[kept], labels[kept], optimizer=optimizer,
                                   scheduler=scheduler, normalisation=normalisation, config=config,
                                   generator=generator, description=f"relearn {epoch}/{config.epochs}")
+            flagged_acc = accuracy(predict(repaired, dataset.x[flagged], normalisation, batch_size=256),
+                                   dataset.y[flagged])
             history.append({"epoch": epoch, "unlearn_loss": unlearn["loss"], "unlearn_acc": unlearn["train_acc"],
-                            "relearn_loss": relearn["loss"], "relearn_acc": relearn["train_acc"]})
+                            "relearn_loss": relearn["loss"], "relearn_acc": relearn["train_acc"],
+                            "flagged_acc": flagged_acc})
             if callback is not None:
                 callback(epoch, repaired)
     repaired = repaired.to(memory_format=torch.contiguous_format).eval()
@@ -94,7 +117,8 @@ class UnlearnRelearn(Repair):
 
     def repair(self, model, normalisation, dataset, flags, aux=None, *, params: UnlearnRelearnParams, arch,
                progress):
-        config = TrainConfig(**dataclasses.asdict(params), progress=progress)
-        repaired, history = unlearn_relearn(model, normalisation, dataset, flags, config)
+        config = _train_config(**dataclasses.asdict(params), progress=progress)
+        repaired, history = unlearn_relearn(model, normalisation, dataset, flags, config,
+                                            unlearn_augment=params.unlearn_augment)
         settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
-        return Repaired(repaired, normalisation, history, settings)
+        return Repaired(repaired, normalisation, history, {**settings, "unlearn_augment": params.unlearn_augment})

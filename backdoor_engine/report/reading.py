@@ -13,6 +13,40 @@ from ..errors import InputError
 
 def flags_from_report(dataset, report_path: str | os.PathLike) -> np.ndarray:
     """One bool per sample of `dataset`: True where the scan report (report.json) flagged its id."""
+    report, path = _read_report(dataset, report_path)
+    return _mark(dataset, report["flagged"], path)
+
+
+def split_from_report(dataset, report_path: str | os.PathLike, *, clean_fraction: float | None = None) -> np.ndarray:
+    """The report's three-way split of `dataset` (detection.CLEAN / UNCERTAIN / POISONED, int8 per sample).
+
+    A method that splits three ways (FCT) lists its uncertain ids; any other detector's report reads as
+    flagged = poisoned, the rest clean. clean_fraction: keep as clean only this fraction of all samples, the
+    lowest-scoring unflagged ones (samples.csv's scores; the rest of the unflagged become uncertain), for
+    repairs that should learn from the samples a detector is surest of (D-BR's clean part is 20%)."""
+    from ..detection import CLEAN, POISONED, UNCERTAIN
+
+    report, path = _read_report(dataset, report_path)
+    split = np.full(len(dataset), CLEAN, np.int8)
+    uncertain = report.get("uncertain", [])
+    if not isinstance(uncertain, list):
+        raise InputError(f"{path}: 'uncertain' must be a list of ids")
+    split[_mark(dataset, uncertain, path)] = UNCERTAIN
+    split[_mark(dataset, report["flagged"], path)] = POISONED
+    if clean_fraction is None:
+        return split
+    if not 0 < clean_fraction <= 1:
+        raise InputError(f"clean_fraction must be in (0, 1], got {clean_fraction!r}")
+    scores = _scores_from_csv(dataset, path.parent / "samples.csv")
+    clean = np.flatnonzero(split == CLEAN)
+    keep = min(len(clean), int(round(clean_fraction * len(dataset))))
+    surest = clean[np.argsort(scores[clean], kind="stable")[:keep]]
+    split[clean] = UNCERTAIN
+    split[surest] = CLEAN
+    return split
+
+
+def _read_report(dataset, report_path) -> tuple[dict, Path]:
     path = Path(report_path)
     if path.is_dir():
         path = path / "report.json"
@@ -26,13 +60,39 @@ def flags_from_report(dataset, report_path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"{path} covers {report.get('n_samples')} samples but the dataset has {len(dataset)}: "
                          "it is the report of another dataset")
     _check_same_data(dataset, report.get("data"), path)
+    return report, path
+
+
+def _mark(dataset, ids: list, path: Path) -> np.ndarray:
     position = {str(i): k for k, i in enumerate(dataset.ids.tolist())}
-    unknown = [i for i in report["flagged"] if str(i) not in position]
+    unknown = [i for i in ids if str(i) not in position]
     if unknown:
-        raise InputError(f"{path} flags {len(unknown)} id(s) the dataset does not have, e.g. {unknown[:3]}")
-    flags = np.zeros(len(dataset), bool)
-    flags[[position[str(i)] for i in report["flagged"]]] = True
-    return flags
+        raise InputError(f"{path} lists {len(unknown)} id(s) the dataset does not have, e.g. {unknown[:3]}")
+    marked = np.zeros(len(dataset), bool)
+    marked[[position[str(i)] for i in ids]] = True
+    return marked
+
+
+def _scores_from_csv(dataset, csv_path: Path) -> np.ndarray:
+    """samples.csv's score column, in the dataset's order."""
+    import csv
+
+    from .writers import unescape_id
+
+    position = {str(i): k for k, i in enumerate(dataset.ids.tolist())}
+    scores = np.full(len(dataset), np.nan)
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                k = position.get(unescape_id(row.get("id", "")))
+                if k is not None and row.get("score"):
+                    scores[k] = float(row["score"])
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot read the scores in {csv_path}: {error}") from None
+    if np.isnan(scores).any():
+        raise InputError(f"{csv_path} has no score for {int(np.isnan(scores).sum())} sample(s); clean_fraction "
+                         "needs a detector that scores every sample")
+    return scores
 
 
 def _check_same_data(dataset, scanned, path: Path) -> None:

@@ -8,7 +8,7 @@ import platform
 import numpy as np
 
 from ..data.dataset import Dataset
-from ..detection import Detection, detection_metrics
+from ..detection import UNCERTAIN, Detection, detection_metrics, score_auroc, split_metrics
 
 _VERSIONED_PACKAGES = ("backdoor-engine", "torch", "numpy", "umap-learn", "hdbscan", "faiss-cpu", "scikit-learn")
 
@@ -52,8 +52,14 @@ def build_report(detection: Detection, dataset: Dataset, *, timings_s: dict, inc
         "timings_s": {k: round(float(v), 3) for k, v in timings_s.items()},
         "versions": versions(),
     }
+    if detection.split is not None:  # a three-way verdict: the clean part is what is neither listed
+        report["uncertain"] = _plain(dataset.ids[detection.split == UNCERTAIN])
     if include_scores and detection.scores is not None:
         report["scores"] = _plain(detection.scores)
     if dataset.poison is not None:
         report["metrics"] = detection_metrics(detection.flags, dataset.poison)
+        if detection.scores is not None:
+            report["metrics"]["auroc"] = score_auroc(detection.scores, dataset.poison)
+        if detection.split is not None:
+            report["metrics"]["split"] = split_metrics(detection.split, dataset.poison)
     return report

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..atomic import atomic_write, write_json_atomic
 from ..data.dataset import Dataset
-from ..detection import Detection
+from ..detection import SPLIT_NAMES, Detection
 from .figures import embedding_png, montage_png
 from .schema import build_report
 
@@ -67,12 +67,16 @@ def most_suspicious(detection: Detection, k: int) -> np.ndarray:
 def samples_csv(detection: Detection, dataset: Dataset) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    header = ["id", "label", "flagged", "score", "cluster"] + (["poison"] if dataset.poison is not None else [])
+    split = detection.split
+    header = (["id", "label", "flagged", "score", "cluster"] + (["split"] if split is not None else [])
+              + (["poison"] if dataset.poison is not None else []))
     writer.writerow(header)
     for i in range(len(dataset)):
         row = [escape_id(dataset.ids[i]), int(dataset.y[i]), int(detection.flags[i]),
                "" if detection.scores is None else f"{detection.scores[i]:.6g}",
                "" if detection.clusters is None else int(detection.clusters[i])]
+        if split is not None:
+            row.append(SPLIT_NAMES[split[i]])
         if dataset.poison is not None:
             row.append(int(dataset.poison[i]))
         writer.writerow(row)
@@ -117,7 +121,12 @@ def report_html(report: dict, figures: list[tuple[str, bytes]], notes: list[str]
         m = report["metrics"]
         metrics = ("<h2>Against ground truth</h2><table>" + "".join(
             f"<tr><th>{k.upper()}</th><td>{_rate(m, k)}</td></tr>" for k in ("tpr", "fpr", "precision", "f1"))
-            + f"<tr><th>TP / FP / FN / TN</th><td>{m['tp']} / {m['fp']} / {m['fn']} / {m['tn']}</td></tr></table>")
+            + f"<tr><th>TP / FP / FN / TN</th><td>{m['tp']} / {m['fp']} / {m['fn']} / {m['tn']}</td></tr>"
+            + (f"<tr><th>AUROC of the scores</th><td>{m['auroc']:.4f}</td></tr>" if m.get("auroc") is not None else "")
+            + "".join(f"<tr><th>{name} part</th><td>{part['n']} samples, {part['n_poison']} poison "
+                      f"({100 * part['poison_share']:.2f}%), {100 * part['share_of_all_poison']:.1f}% of all poison"
+                      "</td></tr>" for name, part in m.get("split", {}).items() if name in SPLIT_NAMES)
+            + "</table>")
     notes_html = "".join(f'<p class="note">{html.escape(note)}</p>' for note in notes)
     sections = "".join(f"<h2>{html.escape(title)}</h2>{_img(png, title)}" for title, png in figures)
     details = html.escape(json.dumps({k: report[k] for k in ("params", "diagnostics", "versions")}, indent=2))
