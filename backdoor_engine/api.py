@@ -27,13 +27,14 @@ def train(dataset: Dataset, *, arch: str, config=None, normalisation=None, callb
 
 
 def evaluate(model, normalisation, clean: Dataset, spec=None, *, num_classes: int | None = None,
-             batch_size: int = 256, progress: bool = False) -> dict:
+             batch_size: int = 256, progress: bool = False, dummy_class: int | None = None) -> dict:
     """Benign accuracy on `clean`, and the attack success rate of `spec`'s trigger (a data.attacks.harness
-    PoisonSpec) on it when given."""
+    PoisonSpec) on it when given; with `dummy_class` (a backdoor-hiding model's extra output) how often clean
+    and triggered images land in it."""
     from .models.evaluate import evaluate_model
 
     return evaluate_model(model, normalisation, clean, spec, num_classes=num_classes, batch_size=batch_size,
-                          progress=progress)
+                          progress=progress, dummy_class=dummy_class)
 
 
 def purify(model, normalisation, dataset: Dataset, flags: np.ndarray | None = None, *, strategy: str = "retrain",

@@ -5,6 +5,7 @@ How the engine is put together, and how to add a detector or a repair: docs/arch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -195,6 +196,10 @@ def cmd_train(args) -> int:
     eval_data = open_dataset(args.eval_data) if args.eval_data else None  # a bad path fails before training
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                          augment=not args.no_augment, **({"lr": args.lr} if args.lr is not None else {}))
+    if args.defense == "trap":
+        return _train_with_trap(args, dataset, config, spec, eval_data)
+    if args.param:
+        raise InputError("--param sets the parameters of a --defense; train alone takes none")
     trained = train(dataset, arch=args.arch, config=config)
     record = training_record(config, trained.history, data=str(args.data), n_samples=len(dataset))
     metrics = save_trained(args.out, trained.model, trained.normalisation, arch=args.arch, trained_on=dataset,
@@ -202,6 +207,53 @@ def cmd_train(args) -> int:
                            eval_source=args.eval_data and str(args.eval_data))
     print(json.dumps({"out": args.out, "arch": args.arch, "epochs": args.epochs, "train_seconds": record["seconds"],
                       **metrics}))
+    return 0
+
+
+def _train_with_trap(args, dataset, config, spec, eval_data) -> int:
+    """TRAP end to end: isolation in the first E_d epochs (the trainer's callback), standard training to E_t =
+    --epochs, then backdoor hiding with the isolated samples; the isolation report goes beside the model."""
+    from .api import train
+    from .methods.trap import Isolation, TrapParams, isolation_report
+    from .models.preprocess import fit_normalisation
+    from .models.provenance import save_trained, training_record
+    from .params import build_params, provenance_of
+    from .purify import get_repair
+    from .report import write_report
+
+    given = dict(_parse_param(p) for p in args.param)
+    hiding = {k[len("hiding_"):]: given.pop(k) for k in list(given) if k.startswith("hiding_")}
+    trap_params = build_params(TrapParams, {"train_epochs": args.epochs, "seed": args.seed, **given},
+                               "train --defense trap")
+    strategy = get_repair("backdoor-hiding")
+    strategy.params(hiding)
+    report_dir = Path(args.out).with_suffix(".trap")
+    _check_out(str(report_dir), kind="dir", flag="the isolation report folder")
+    normalisation = fit_normalisation(dataset.x)
+    isolation = Isolation(dataset, normalisation, trap_params, progress=True)
+    t0 = time.perf_counter()
+    trained = train(dataset, arch=args.arch, config=config, normalisation=normalisation, callback=isolation)
+    train_s = time.perf_counter() - t0
+    detection = isolation.detection(params=dataclasses.asdict(trap_params))
+    parts = isolation_report(isolation, dataset)
+    write_report(report_dir, detection, dataset, timings_s=detection.diagnostics["timings_s"],
+                 figures=parts.figures, notes=parts.notes, extra={"data": {"source": str(args.data)}})
+    t0 = time.perf_counter()
+    hidden = strategy.apply(trained.model, normalisation, dataset, detection.flags, params=hiding, progress=True)
+    hiding_s = time.perf_counter() - t0
+    record = training_record(config, trained.history, data=str(args.data), n_samples=len(dataset))
+    defense = {"name": "trap", "report": str(report_dir), "n_isolated": detection.n_flagged,
+               "isolation": dataclasses.asdict(trap_params), "isolation_provenance": provenance_of(TrapParams),
+               "per_epoch_flagged": [int(r.flags.sum()) for r in isolation.results_],
+               "hiding": hidden.config, "hiding_history": hidden.history,
+               "hiding_provenance": provenance_of(strategy.Params), "train_seconds_with_isolation": round(train_s, 1),
+               "hiding_seconds": round(hiding_s, 1)}
+    metrics = save_trained(args.out, hidden.model, normalisation, arch=args.arch, trained_on=dataset,
+                           extra={"train": record, "defense": defense}, attack=spec, eval_data=eval_data,
+                           eval_source=args.eval_data and str(args.eval_data),
+                           dummy_class=hidden.config["dummy_class"])
+    print(json.dumps({"out": args.out, "arch": args.arch, "epochs": args.epochs, "defense": "trap",
+                      "n_isolated": detection.n_flagged, "report": str(report_dir), **metrics}))
     return 0
 
 
@@ -219,8 +271,9 @@ def cmd_eval(args) -> int:
     else:
         spec = _spec_recorded_in(meta)
     data = open_dataset(args.data)
+    dummy = meta.get("dummy_class")  # a backdoor-hiding model: its last output is the dummy class
     metrics = evaluate(model, meta["normalisation"], data, spec, num_classes=meta["num_classes"],
-                       progress=not args.json)
+                       progress=not args.json, dummy_class=dummy)
     out = {"model": args.model, "data": str(args.data), **metrics}
     if spec is not None:
         out["attack"] = spec.to_dict()
@@ -430,7 +483,7 @@ def cmd_purify(args) -> int:
     attack = _spec_recorded_in(meta) if meta is not None else _spec_beside(str(args.data), None)
     metrics = save_trained(args.out, repaired.model, repaired.normalisation, arch=arch, trained_on=dataset,
                            extra={"purify": record}, attack=attack, eval_data=eval_data,
-                           eval_source=args.eval_data)
+                           eval_source=args.eval_data, dummy_class=repaired.config.get("dummy_class"))
     print(json.dumps({"out": args.out, "strategy": args.strategy, "n_flagged": n_flagged,
                       "seconds": round(seconds, 1), **metrics}))
     return 0
@@ -592,6 +645,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "[the images' own size]")
     p.add_argument("--eval-data", help="clean test set: report BA (and ASR when the data has an attack manifest)")
     p.add_argument("--poison-manifest", help="attack manifest for ASR [DATA's .attack.json when present]")
+    p.add_argument("--defense", choices=["trap"],
+                   help="train with a defense: trap = TRAP's isolation in the first detect_epochs epochs (t-SNE + "
+                        "DBSCAN of the penultimate features), then backdoor hiding (a dummy class, the head "
+                        "retrained); the isolation report goes to OUT with .trap instead of .pt")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="--defense trap parameter (scan --help lists trap's: detect_epochs, eps, min_samples, rule, "
+                        "...), or hiding_KEY=VALUE for backdoor hiding's (purify --help)")
     p.add_argument("--out", required=True, help="output checkpoint .pt")
     p.add_argument("--allow-outside-links", action="store_true", help=LINKS_HELP)
     p.set_defaults(func=cmd_train)

@@ -23,6 +23,7 @@ BUILTIN = {
     "ac": "backdoor_engine.methods.activation_clustering:ActivationClustering",
     "spectral": "backdoor_engine.methods.spectral:SpectralSignatures",
     "fct": "backdoor_engine.methods.fct:Fct",
+    "trap": "backdoor_engine.methods.trap:Trap",
 }
 
 __all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "NEEDS", "PIXELS", "Detector", "ReportParts", "ScanData",

@@ -115,6 +115,10 @@ def _check_declared(meta: dict, state: Mapping, path) -> None:
             raise InputError(f"{path}: checkpoint meta {key} must be an integer, got {value!r}")
     if not 2 <= meta["num_classes"] <= MAX_NUM_CLASSES:
         raise InputError(f"{path}: checkpoint meta num_classes is {meta['num_classes']}; expected 2..{MAX_NUM_CLASSES}")
+    dummy = meta.get("dummy_class")
+    if dummy is not None and (not isinstance(dummy, int) or isinstance(dummy, bool) or dummy != meta["num_classes"] - 1):
+        raise InputError(f"{path}: checkpoint meta dummy_class must be the last output ({meta['num_classes'] - 1}), "
+                         f"got {dummy!r}")
     size = meta["input_size"]
     if (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) for s in size)
             and max(size) > MAX_INPUT_SIDE):

@@ -68,17 +68,26 @@ def attack_success_rate(pred: np.ndarray, y_attack: np.ndarray | None, y_true: n
     return float(np.mean(pred == y_attack))
 
 
-def evaluate_model(model, normalisation, clean, spec=None, *,
-             num_classes: int | None = None, batch_size: int = 256, progress: bool = False) -> dict:
-    """Benign accuracy on `clean`, and the attack success rate of `spec`'s trigger on it when given."""
+def evaluate_model(model, normalisation, clean, spec=None, *, num_classes: int | None = None,
+                   batch_size: int = 256, progress: bool = False, dummy_class: int | None = None) -> dict:
+    """Benign accuracy on `clean`, and the attack success rate of `spec`'s trigger on it when given.
+
+    dummy_class: the extra output of a model repaired by backdoor hiding (TRAP). A clean image predicted as
+    it counts as an error; `dummy_rate_clean` / `dummy_rate_triggered` say how often clean and triggered
+    images land there. The attack's classes are then the dummy's index (the data's classes), not the outputs.
+    """
     from ..data.attacks.harness import triggered_test
 
-    num_classes = num_classes or clean.num_classes
+    num_classes = dummy_class if dummy_class is not None else (num_classes or clean.num_classes)
     pred = predict(model, clean.x, normalisation, batch_size=batch_size, progress=progress)
     out = {"ba": float(accuracy(pred, clean.y)), "n_clean": int(len(clean))}
+    if dummy_class is not None:
+        out["dummy_rate_clean"] = float(np.mean(pred == dummy_class))
     if spec is not None:
         trig = triggered_test(clean, spec, num_classes=num_classes)
         pred_t = predict(model, trig.x, normalisation, batch_size=batch_size, progress=progress)
         out["asr"] = float(attack_success_rate(pred_t, trig.y_attack, trig.y_true, spec.mode))
         out["n_triggered"] = int(len(trig.y_attack))
+        if dummy_class is not None:
+            out["dummy_rate_triggered"] = float(np.mean(pred_t == dummy_class))
     return out

@@ -41,13 +41,15 @@ def evaluation_record(metrics: dict, *, data: str | None) -> dict:
 
 def save_trained(path: str | os.PathLike, model, normalisation, *, arch: str, trained_on,
                  extra: dict | None = None, attack=None, eval_data=None,
-                 eval_source: str | None = None, progress: bool = False) -> dict:
+                 eval_source: str | None = None, progress: bool = False, dummy_class: int | None = None) -> dict:
     """Checkpoint a model with the shape metadata of the dataset it was trained on and its provenance.
 
     extra: the producer's record ({"train": ...} or {"purify": ...}, see models.provenance). attack: the
     attack its training data carried, recorded so `eval` needs no flags. eval_data: a clean test set on
     which BA (and `attack`'s ASR) is measured before saving and recorded under "eval" with `eval_source`.
     Returns those metrics ({} without eval_data). The one place train, purify and the demo save through.
+    dummy_class: the model has one output more than the data's classes, this one (backdoor hiding); recorded
+    in the checkpoint so that `eval` reads it.
     """
     from .checkpoint import save_checkpoint
     from .evaluate import evaluate_model
@@ -55,12 +57,16 @@ def save_trained(path: str | os.PathLike, model, normalisation, *, arch: str, tr
     extra = dict(extra or {})
     if attack is not None:
         extra["attack"] = attack.to_dict()
+    num_classes = trained_on.num_classes
+    if dummy_class is not None:
+        extra["dummy_class"] = int(dummy_class)
+        num_classes = int(dummy_class) + 1
     metrics = {}
     if eval_data is not None:
         metrics = evaluate_model(model, normalisation, eval_data, attack, num_classes=trained_on.num_classes,
-                           progress=progress)
+                                 progress=progress, dummy_class=dummy_class)
         extra["eval"] = evaluation_record(metrics, data=eval_source)
     h, w, c = trained_on.image_shape
-    save_checkpoint(path, model, arch=arch, num_classes=trained_on.num_classes, in_channels=c, input_size=[h, w],
+    save_checkpoint(path, model, arch=arch, num_classes=num_classes, in_channels=c, input_size=[h, w],
                     normalisation=normalisation, extra=extra)
     return metrics

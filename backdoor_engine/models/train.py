@@ -146,11 +146,14 @@ def train_epoch(model: nn.Module, x: np.ndarray, y: torch.Tensor, *, optimizer: 
 
 def train_model(x: np.ndarray, y: np.ndarray, *, arch: str, num_classes: int, config: TrainConfig,
                 normalisation: Normalisation | None = None,
-                callback: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
+                callback: Callable[[int, nn.Module], None] | None = None,
+                stop_after: int | None = None) -> TrainResult:
     """Train a fresh `arch` on uint8 NHWC images `x` and labels `y`; the model comes back in eval mode.
 
     `normalisation` defaults to the per-channel statistics of `x`. `callback(epoch, model)` runs after
-    every epoch (epoch counts from 1). Same seed, same weights (on the CPU, with the same thread count).
+    every epoch (epoch counts from 1). `stop_after`: run only the first epochs of the `config.epochs`-long
+    schedule (what a method that watches early training needs; the lr follows the whole run's schedule).
+    Same seed, same weights (on the CPU, with the same thread count).
     """
     check_images(x)
     if len(x) < 2:
@@ -159,6 +162,9 @@ def train_model(x: np.ndarray, y: np.ndarray, *, arch: str, num_classes: int, co
     normalisation = fit_normalisation(x) if normalisation is None else normalisation
     if normalisation.channels != x.shape[-1]:
         raise InputError(f"normalisation has {normalisation.channels} channels but x has {x.shape[-1]}")
+    if stop_after is not None and not 1 <= stop_after <= config.epochs:
+        raise InputError(f"stop_after must be in [1, epochs={config.epochs}], got {stop_after!r}")
+    last_epoch = config.epochs if stop_after is None else stop_after
     with torch_threads(config.num_threads):
         # Seed the initialisation without leaving the caller's global RNG changed.
         with torch.random.fork_rng(devices=[]):
@@ -173,7 +179,7 @@ def train_model(x: np.ndarray, y: np.ndarray, *, arch: str, num_classes: int, co
         scheduler = make_scheduler(optimizer, config, config.epochs * steps_per_epoch)
         labels = torch.from_numpy(y)
         history = []
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(1, last_epoch + 1):
             started = time.perf_counter()
             metrics = train_epoch(model, x, labels, optimizer=optimizer, scheduler=scheduler,
                                   normalisation=normalisation, config=config, generator=generator,

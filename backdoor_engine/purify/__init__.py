@@ -4,6 +4,7 @@
   unlearn-relearn  FLARE(R): per epoch, gradient ascent on the flagged samples, then CE on the kept
   d-br             D-BR: the same loop on a three-way split (poisoned part / clean part, uncertain left out)
   d-st             D-ST: secure training from scratch, SS-CTL encoder then a head with MCE loss
+  backdoor-hiding  TRAP: flagged samples relabelled as a dummy class, only the head retrained (K+1 outputs)
 
 A new strategy is one file with its Repair subclass plus one line in REPAIRS. A third-party package
 registers one through the entry point group `backdoor_engine.repairs` (name = the strategy's name,
@@ -21,10 +22,11 @@ from .retrain import Retrain, RetrainParams, retrain_on_kept
 from .unlearn_relearn import UnlearnRelearn, UnlearnRelearnParams, unlearn_relearn, unlearn_relearn_config
 from .d_br import DBr
 from .d_st import DSt
+from .backdoor_hiding import BackdoorHiding
 
 ENTRY_POINT_GROUP = "backdoor_engine.repairs"
 
-REPAIRS: dict[str, type[Repair]] = {cls.name: cls for cls in (Retrain, UnlearnRelearn, DBr, DSt)}
+REPAIRS: dict[str, type[Repair]] = {cls.name: cls for cls in (Retrain, UnlearnRelearn, DBr, DSt, BackdoorHiding)}
 for _cls in REPAIRS.values():
     check_repair_class(_cls)  # a built-in missing provenance fails at import, not in a user's run
 

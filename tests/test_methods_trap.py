@@ -1,0 +1,166 @@
+"""TRAP (methods/trap.py, purify/backdoor_hiding.py, train --defense trap): isolation stage by stage, the dummy
+class end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from backdoor_engine.data.dataset import Dataset
+from backdoor_engine.errors import InputError
+from backdoor_engine.methods import get_detector, make_detector
+from backdoor_engine.methods.trap import Isolation, TrapParams, isolate_epoch, suspicious_clusters
+from backdoor_engine.models.checkpoint import load_checkpoint, save_checkpoint
+from backdoor_engine.models.preprocess import fit_normalisation
+from backdoor_engine.models.registry import build_model
+from backdoor_engine.models.train import TrainConfig, train_model
+from backdoor_engine.purify import get_repair
+
+
+def test_a_cluster_is_suspicious_when_not_the_largest_and_of_one_class_or_all_classes():
+    clusters = np.array([0] * 50 + [1] * 10 + [2] * 12 + [3] * 9 + [-1] * 5)
+    y = np.array([0, 1, 2] * 16 + [0, 1] + [2] * 10 + [0, 1, 2] * 4 + [0, 1] * 4 + [0] + [1] * 5)
+    table = {c.label: c for c in suspicious_clusters(clusters, y, 3, "one_or_all_classes")}
+    assert not table[0].suspicious and "largest" in table[0].reason
+    assert table[1].suspicious and table[1].n_classes == 1 and table[1].majority == 2
+    assert table[2].suspicious and "all 3 classes" in table[2].reason
+    assert not table[3].suspicious and table[3].n_classes == 2
+    assert -1 not in table  # noise is no cluster
+    loose = {c.label: c.suspicious for c in suspicious_clusters(clusters, y, 3, "not_largest")}
+    assert loose == {0: False, 1: True, 2: True, 3: True}
+
+
+def test_a_planted_one_label_island_in_feature_space_is_isolated_and_the_bulk_is_not():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    features = rng.normal(0, 1, (400, 64)).astype(np.float32)
+    features[:40] += 12
+    y[:40] = 0
+    result = isolate_epoch(features, y, 3, TrapParams(min_samples=10), epoch=1)
+    assert result.flags[:40].all() and not result.flags[40:].any()
+    assert result.embedding.shape == (400, 2) and result.eps == 3.0
+
+
+def test_isolation_runs_as_the_trainers_callback_for_the_first_detect_epochs_only():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (128, 12, 12, 1)).astype(np.uint8)
+    y = rng.integers(0, 2, 128)
+    dataset = Dataset(x, y)
+    isolation = Isolation(dataset, fit_normalisation(x), TrapParams(detect_epochs=2, train_epochs=3, min_samples=5))
+    train_model(x, y, arch="small_resnet", num_classes=2, callback=isolation,
+                config=TrainConfig(epochs=3, batch_size=32, progress=False))
+    assert [r.epoch for r in isolation.results_] == [1, 2]
+    detection = isolation.detection()
+    assert np.array_equal(detection.flags, isolation.results_[0].flags | isolation.results_[1].flags)
+    assert set(np.unique(detection.scores)) <= {0.0, 1.0, 2.0}
+    assert [e["epoch"] for e in detection.diagnostics["epochs"]] == [1, 2]
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"detect_epochs": 20, "train_epochs": 10}, "detect_epochs must be in"),
+    ({"rule": "largest"}, "rule"),
+    ({"eps": 0}, "must be > 0"),
+])
+def test_bad_trap_parameters_are_refused_naming_the_problem(given, message):
+    with pytest.raises(InputError, match=message):
+        make_detector("trap", given)
+
+
+def test_trap_is_registered_needs_no_suspect_model_and_marks_the_papers_values():
+    cls = get_detector("trap")
+    assert not cls.needs_model()
+    text = cls.describe()
+    assert "eps=3.0 (paper" in text and "min_samples=50 (paper" in text and "detect_epochs=10 (paper" in text
+
+
+def _tiny_model(num_classes=3):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build_model("small_resnet", num_classes=num_classes, in_channels=1, input_size=16).eval()
+
+
+def test_backdoor_hiding_adds_a_dummy_output_and_sends_the_flagged_samples_there(tmp_path):
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 300)
+    x = rng.integers(0, 50, (300, 16, 16, 1)).astype(np.uint8)
+    x[:30, -4:, -4:] = 255
+    y[:30] = 0
+    dataset = Dataset(x, y)
+    model, normalisation = _tiny_model(), fit_normalisation(x)
+    flags = np.zeros(300, bool)
+    flags[:30] = True
+    hidden = get_repair("backdoor-hiding").apply(model, normalisation, dataset, flags, params={"epochs": 2},
+                                                 progress=False)
+    assert hidden.model.head.out_features == 4 and hidden.config["dummy_class"] == 3
+    assert len(hidden.history) == 2 and hidden.config["n_relabelled"] == 30
+    # the extractor is the suspect's, untouched
+    for name, value in model.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(value, hidden.model.state_dict()[name])
+    from backdoor_engine.data.attacks.harness import PoisonSpec
+    from backdoor_engine.models.provenance import save_trained
+
+    path = tmp_path / "hidden.pt"
+    spec = PoisonSpec(attack="badnets", mode="a2o", rate=0.1, target=0, seed=0)
+    metrics = save_trained(path, hidden.model, normalisation, arch="small_resnet", trained_on=dataset,
+                           attack=spec, eval_data=dataset, dummy_class=3)
+    assert {"dummy_rate_clean", "dummy_rate_triggered", "asr"} <= set(metrics)
+    loaded, meta = load_checkpoint(path)
+    assert meta["num_classes"] == 4 and meta["dummy_class"] == 3
+    torch.save({"state_dict": torch.load(path, weights_only=True)["state_dict"],
+                "meta": {**torch.load(path, weights_only=True)["meta"], "dummy_class": 1}}, tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="dummy_class must be the last output"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_the_new_head_learns_to_send_separable_flagged_features_to_the_dummy_class():
+    from backdoor_engine.purify.backdoor_hiding import BackdoorHidingParams, hide
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 600)
+    features = rng.normal(0, 1, (600, 16)).astype(np.float32)
+    features[np.arange(600), y] += 4  # each class along its own axis
+    flags = np.zeros(600, bool)
+    flags[:60] = True
+    features[:60, 10] += 6  # the "trigger feature"
+    y[:60] = 0
+    hidden, history = hide(_tiny_model_with_dim(16), features, y, flags, 3, BackdoorHidingParams(epochs=20))
+    assert history[-1]["flagged_to_dummy"] >= 0.95
+    predicted = hidden.head(torch.from_numpy(features)).argmax(1).numpy()
+    assert (predicted[60:] == y[60:]).mean() >= 0.95
+
+
+def _tiny_model_with_dim(dim):
+    model = _tiny_model()
+    model.head = torch.nn.Linear(dim, 3)
+    return model
+
+
+def test_train_with_the_trap_defense_writes_a_dummy_class_model_and_its_isolation_report(tmp_path, capsys):
+    from backdoor_engine.cli import main
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 192)
+    x = rng.integers(0, 60, (192, 16, 16, 1)).astype(np.uint8)
+    x[y == 1, 4:12, 4:12] += 150
+    data = tmp_path / "set.npz"
+    np.savez(data, x=x, y=y)
+    out = tmp_path / "m.pt"
+    assert main(["train", "--data", str(data), "--epochs", "2", "--batch-size", "32", "--defense", "trap",
+                 "--param", "detect_epochs=1", "--param", "min_samples=5", "--param", "hiding_epochs=2",
+                 "--eval-data", str(data), "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["defense"] == "trap" and "dummy_rate_clean" in printed
+    _, meta = load_checkpoint(out)
+    assert meta["num_classes"] == 3 and meta["dummy_class"] == 2
+    defense = meta["defense"]
+    assert defense["name"] == "trap" and defense["isolation"]["detect_epochs"] == 1
+    assert defense["isolation_provenance"]["eps"].startswith("paper")
+    report = json.loads((tmp_path / "m.trap" / "report.json").read_text())
+    assert report["method"] == "trap" and len(report["diagnostics"]["epochs"]) == 1
+    assert "Epoch 1: t-SNE" in (tmp_path / "m.trap" / "report.html").read_text()
+    assert main(["eval", "--model", str(out), "--data", str(data), "--json"]) == 0
+    assert "dummy_rate_clean" in json.loads(capsys.readouterr().out)
+    assert main(["train", "--data", str(data), "--param", "eps=2", "--out", str(tmp_path / "x.pt")]) != 0
+    assert "--param sets the parameters of a --defense" in capsys.readouterr().err
