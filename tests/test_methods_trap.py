@@ -37,9 +37,22 @@ def test_a_planted_one_label_island_in_feature_space_is_isolated_and_the_bulk_is
     features = rng.normal(0, 1, (400, 64)).astype(np.float32)
     features[:40] += 12
     y[:40] = 0
-    result = isolate_epoch(features, y, 3, TrapParams(min_samples=10), epoch=1)
-    assert result.flags[:40].all() and not result.flags[40:].any()
-    assert result.embedding.shape == (400, 2) and result.eps == 3.0
+    for mode in ("absolute", "scaled"):
+        result = isolate_epoch(features, y, 3, TrapParams(min_samples=10, eps_mode=mode), epoch=1)
+        assert result.flags[:40].all() and not result.flags[40:].any(), mode
+        assert result.embedding.shape == (400, 2)
+    assert result.eps > 3.0  # 400 points: a coarser embedding than the reference's 50,000
+
+
+def test_the_scaled_eps_follows_the_embeddings_own_length_unit():
+    from backdoor_engine.methods.trap import REFERENCE_NEIGHBOUR_DISTANCE, effective_eps, neighbour_scale
+
+    embedding = np.random.default_rng(5).normal(0, 10, (500, 2)).astype(np.float32)
+    params = TrapParams()
+    eps = effective_eps(embedding, params)
+    assert eps == pytest.approx(3.0 * neighbour_scale(embedding, 50) / REFERENCE_NEIGHBOUR_DISTANCE)
+    assert effective_eps(2 * embedding, params) == pytest.approx(2 * eps, rel=1e-5)
+    assert effective_eps(2 * embedding, TrapParams(eps_mode="absolute")) == 3.0
 
 
 def test_isolation_runs_as_the_trainers_callback_for_the_first_detect_epochs_only():

@@ -28,12 +28,12 @@ from backdoor_engine.purify import (ENTRY_POINT_GROUP, REQUIRED, UNUSED, Repair,
 
 
 def test_the_registry_lists_every_built_in_strategy():
-    assert {"retrain", "unlearn-relearn", "d-br", "d-st"} <= set(available_repairs())
+    assert {"retrain", "unlearn-relearn", "d-br", "d-st", "backdoor-hiding"} <= set(available_repairs())
     assert get_repair("retrain").name == "retrain"
 
 
 def test_an_unknown_strategy_is_refused_listing_the_registered_ones():
-    with pytest.raises(InputError, match="unknown purify strategy 'retrian'; registered: d-br, d-st, retrain, unlearn-relearn"):
+    with pytest.raises(InputError, match="unknown purify strategy 'retrian'; registered: backdoor-hiding, d-br, d-st, retrain, unlearn-relearn"):
         get_repair("retrian")
 
 
