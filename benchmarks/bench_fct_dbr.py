@@ -174,6 +174,8 @@ def run(args):
         split = np.load(cache / "fct.npz")["split"] if (cache / "fct.npz").exists() else None
         for augment in (False, True):
             variant = "unlearn augmented" if augment else "unlearn plain"
+            if variant.split()[1] not in args.unlearn:
+                continue
             if todo("d-br", variant):
                 emit("d-br", variant, repair_stage("d-br", model, meta, dataset, split,
                                                    {"unlearn_augment": augment}, test))
@@ -234,6 +236,8 @@ def main():
     p.add_argument("--feature-cache", default="runs/feat", help="bench_baselines.py's feature stores (flare-r)")
     p.add_argument("--fct-param", action="append", help="FCT parameter KEY=VALUE (JSON values)")
     p.add_argument("--dst-param", action="append", help="D-ST parameter KEY=VALUE, the CPU budget")
+    p.add_argument("--unlearn", nargs="+", default=["plain", "augmented"], choices=["plain", "augmented"],
+                   help="d-br / flare-r: the unlearning pass's settings to run (un-augmented, augmented)")
     p.add_argument("--normal-epochs", type=int, default=6, help="epochs of the normally trained reference (d-st)")
     p.add_argument("--speed-images", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
