@@ -79,7 +79,7 @@ class TrapParams:
 
 # eps_mode="scaled": the embedding's length unit is the median distance from a point to its 50th neighbour;
 # the reference is its value on an openTSNE embedding (perplexity 30) of 50,000 Fashion-MNIST images (PCA 50),
-# the size of the paper's CIFAR-10 training set (RESULTS.md, TRAP: the t-SNE scale; /work/runs/tsne_scale.py).
+# the size of the paper's CIFAR-10 training set (RESULTS.md, TRAP: the t-SNE scale; benchmarks/tsne_scale.py).
 REFERENCE_K = 50
 REFERENCE_NEIGHBOUR_DISTANCE = 2.458
 
