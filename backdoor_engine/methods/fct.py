@@ -350,7 +350,8 @@ class Fct(Detector):
     needs = frozenset({PIXELS})
     seed_param = "seed"
 
-    def fit(self, x: np.ndarray, y: np.ndarray, *, num_classes: int, progress: bool = False) -> Detection:
+    def fit(self, x, y: np.ndarray, *, num_classes: int, progress: bool = False) -> Detection:
+        """x: uint8 NHWC images (array or memory-mapped) or a Dataset; y: their labels."""
         params = self.params
         y = np.asarray(y)
         if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
@@ -358,13 +359,13 @@ class Fct(Detector):
         if len(x) < params.sd_batch_size:
             raise InputError(f"fct needs at least sd_batch_size={params.sd_batch_size} samples to train its SD model, "
                              f"got {len(x)}")
+        dataset = x if isinstance(x, Dataset) else Dataset(x, y)
         timings = {}
         t0 = time.perf_counter()
-        self.normalisation_ = fit_normalisation(x)
-        self.model_, self.history_ = train_sd_model(x, y, num_classes=num_classes, params=params,
+        self.normalisation_ = fit_normalisation(dataset.x)
+        self.model_, self.history_ = train_sd_model(dataset.x, y, num_classes=num_classes, params=params,
                                                     normalisation=self.normalisation_, progress=progress)
         timings["sd_model"] = time.perf_counter() - t0
-        dataset = x if isinstance(x, Dataset) else Dataset(x, y)
         self.values_, pass_times = fct_values(self.model_, dataset, self.normalisation_, params, progress=progress)
         timings.update(pass_times)
         self.split_ = split_by_rank(self.values_, params.clean_ratio, params.poison_ratio)
@@ -375,7 +376,7 @@ class Fct(Detector):
         sizes = {name: int((self.split_ == code).sum()) for code, name in
                  ((CLEAN, "clean"), (UNCERTAIN, "uncertain"), (POISONED, "poisoned"))}
         diagnostics = {
-            "arch": params.arch or default_arch(x.shape[1:3]), "sd_history": self.history_,
+            "arch": params.arch or default_arch(dataset.image_shape), "sd_history": self.history_,
             "thresholds": self.thresholds_, "split": sizes, "timings_s": timings,
             "fct_quantiles": {str(q): float(np.quantile(self.values_, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
             "note": ("FCT is computed once per sample (tau drawn from the seed) and split by rank; the official "
@@ -385,7 +386,7 @@ class Fct(Detector):
                          diagnostics=diagnostics, split=self.split_)
 
     def fit_scan(self, data: ScanData) -> Detection:
-        return self.fit(data.pixels.x, data.pixels.y, num_classes=data.num_classes, progress=data.progress)
+        return self.fit(data.pixels, data.pixels.y, num_classes=data.num_classes, progress=data.progress)
 
     def report(self, detection: Detection, rows, out_dir) -> ReportParts:
         d = detection.diagnostics
