@@ -83,9 +83,9 @@ def fct_stage(dataset, cache: Path, params: dict) -> dict:
 def speed_stage(dataset, cache: Path, params: dict, images: int, repeats: int) -> dict:
     """Plain forward of the SD model vs FCT's two passes, interleaved, median of `repeats`."""
     from backdoor_engine.data.dataset import Dataset
-    from backdoor_engine.methods.fct import FctParams, default_arch, fct_values
+    from backdoor_engine.methods.fct import FctParams, fct_values
     from backdoor_engine.models.preprocess import fit_normalisation, to_model_input
-    from backdoor_engine.models.registry import build_model
+    from backdoor_engine.models.registry import build_model, default_arch
 
     fct_params = FctParams(**params)
     model = build_model(fct_params.arch or default_arch(dataset.image_shape), num_classes=dataset.num_classes,

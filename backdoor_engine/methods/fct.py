@@ -36,13 +36,12 @@ from ..data.source import Batch, Source
 from ..detection import CLEAN, POISONED, UNCERTAIN, Detection
 from ..errors import InputError
 from ..models.preprocess import Normalisation, fit_normalisation, to_model_input
-from ..models.registry import available_archs, build_model
+from ..models.registry import available_archs, build_model, default_arch
 from ..models.train import TrainConfig, batch_slices, torch_threads, train_epoch
 from ..params import param
 from .base import PIXELS, Detector, ReportParts, ScanData
 
 TAU_OPS = ("rotate", "affine", "flip", "crop", "blur", "erase")
-SMALL_INPUT = 32  # below this side the small ResNet, from it ResNet-18 (the rule)
 CHUNK = 16384  # samples per pair of passes: two chunk x D feature matrices in memory at a time
 
 
@@ -90,10 +89,6 @@ class FctParams:
         if not 0 <= self.rotation <= 180 or not 0 <= self.translate < 1:
             raise InputError(f"fct: rotation must be in [0, 180] degrees and translate in [0, 1), got "
                              f"{self.rotation} and {self.translate}")
-
-
-def default_arch(image_shape) -> str:
-    return "small_resnet" if min(image_shape[:2]) < SMALL_INPUT else "resnet18"
 
 
 # ---------------------------------------------------------------------------------------------- stage 1: SD

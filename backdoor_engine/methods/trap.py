@@ -26,13 +26,12 @@ from ..data.dataset import Dataset
 from ..detection import Detection
 from ..errors import InputError
 from ..models.preprocess import Normalisation, fit_normalisation
-from ..models.registry import available_archs
+from ..models.registry import available_archs, default_arch
 from ..params import param
 from .base import PIXELS, Detector, ReportParts, ScanData
 
 RULES = ("one_or_all_classes", "not_largest")
 EPS_MODES = ("absolute", "scaled")
-SMALL_INPUT = 32
 
 
 @dataclass(frozen=True)
@@ -235,10 +234,6 @@ class Isolation:
                                           "cluster was the largest or held some but not all classes.")
         return Detection(name, self.flags_.copy(), params=params or asdict(self.params), scores=counts,
                          clusters=last.clusters, embedding=last.embedding, diagnostics=diagnostics)
-
-
-def default_arch(image_shape) -> str:
-    return "small_resnet" if min(image_shape[:2]) < SMALL_INPUT else "resnet18"
 
 
 def train_config(params: TrapParams, *, progress: bool):

@@ -55,3 +55,13 @@ def build_model(arch: str, *, num_classes: int, in_channels: int,
         raise InputError(f"in_channels must be 1 or 3, got {in_channels!r}")
     image_size_pair(input_size)
     return ARCHITECTURES[arch](num_classes=num_classes, in_channels=in_channels)
+
+
+# Methods that train their own model pick it by input size unless told: the small ResNet below 32 px (28 x 28
+# Fashion-MNIST), ResNet-18 from 32 px (CIFAR-10 and up), the reference models of the seed papers.
+SMALL_INPUT_SIDE = 32
+
+
+def default_arch(image_shape) -> str:
+    """small_resnet for images under 32 px a side, resnet18 otherwise."""
+    return "small_resnet" if min(image_shape[:2]) < SMALL_INPUT_SIDE else "resnet18"
