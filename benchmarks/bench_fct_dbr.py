@@ -6,11 +6,11 @@ rebuilt from its attack record (bench_flare_detection.scanned_set) and, per stag
            FCT values, time; the split and values cached in --cache/<stem>/fct.npz for the repairs
   speed    the SD model's plain forward vs FCT's two passes (plain + transformed), interleaved, median of
            --repeats, on --speed-images images: images/s and the ratio
-  d-br     purify d-br with FCT's split, unlearning pass not augmented (default) and augmented
-           (--param unlearn_augment=true): BA / ASR on the Fashion-MNIST test set before and after, and the
-           training-split criterion (flagged_acc: accuracy on the un-augmented poisoned part) of the last epoch
+  d-br     purify d-br with FCT's split, for each --unlearn setting of the unlearning pass (UNLEARN_VARIANTS):
+           BA / ASR on the Fashion-MNIST test set before and after, and the training-split criterion
+           (flagged_acc: eval-mode accuracy on the un-augmented poisoned part) of the last epoch
   flare-r  purify unlearn-relearn with FLARE's flags (FLARE re-run on the cached single-pass features of
-           bench_baselines.py under --feature-cache), both unlearning settings
+           bench_baselines.py under --feature-cache), the same settings
   d-st     purify d-st with FCT's split at a CPU budget (--dst-param), BA / ASR, and a model trained normally on
            the same data with the same arch for the comparison the issue asks (BA within 3 points)
 One JSON line per (model, stage, variant) is appended to --out (resumable). No threshold or epoch is chosen with
@@ -44,6 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_flare_detection import scanned_set  # noqa: E402
 
 STAGES = ("fct", "speed", "d-br", "flare-r", "d-st")
+# The unlearning pass's settings compared (d-br, flare-r): the default (un-augmented, BatchNorm statistics frozen),
+# the official code's (augmented, BatchNorm in train mode), and each departure alone.
+UNLEARN_VARIANTS = {
+    "plain": {"unlearn_augment": False, "unlearn_frozen_bn": True},
+    "plain, BN train mode": {"unlearn_augment": False, "unlearn_frozen_bn": False},
+    "augmented, BN train mode": {"unlearn_augment": True, "unlearn_frozen_bn": False},
+    "augmented": {"unlearn_augment": True, "unlearn_frozen_bn": True},
+}
 
 
 def _parse(values):
@@ -172,17 +180,14 @@ def run(args):
         if todo("speed"):
             emit("speed", "", speed_stage(dataset, cache, fct_params, args.speed_images, args.repeats))
         split = np.load(cache / "fct.npz")["split"] if (cache / "fct.npz").exists() else None
-        for augment in (False, True):
-            variant = "unlearn augmented" if augment else "unlearn plain"
-            if variant.split()[1] not in args.unlearn:
-                continue
+        for name in args.unlearn:
+            settings = UNLEARN_VARIANTS[name]
+            variant = f"unlearn {name}"
             if todo("d-br", variant):
-                emit("d-br", variant, repair_stage("d-br", model, meta, dataset, split,
-                                                   {"unlearn_augment": augment}, test))
+                emit("d-br", variant, repair_stage("d-br", model, meta, dataset, split, settings, test))
             if todo("flare-r", variant):
                 flags = flare_flags(model, meta, dataset, Path(args.feature_cache) / Path(model_path).stem)
-                result = repair_stage("unlearn-relearn", model, meta, dataset, flags, {"unlearn_augment": augment},
-                                      test)
+                result = repair_stage("unlearn-relearn", model, meta, dataset, flags, settings, test)
                 truth = dataset.poison.astype(bool)
                 emit("flare-r", variant, {**result, "n_flagged": int(flags.sum()),
                                           "flag_tpr": float((flags & truth).sum() / max(truth.sum(), 1))})
@@ -236,8 +241,8 @@ def main():
     p.add_argument("--feature-cache", default="runs/feat", help="bench_baselines.py's feature stores (flare-r)")
     p.add_argument("--fct-param", action="append", help="FCT parameter KEY=VALUE (JSON values)")
     p.add_argument("--dst-param", action="append", help="D-ST parameter KEY=VALUE, the CPU budget")
-    p.add_argument("--unlearn", nargs="+", default=["plain", "augmented"], choices=["plain", "augmented"],
-                   help="d-br / flare-r: the unlearning pass's settings to run (un-augmented, augmented)")
+    p.add_argument("--unlearn", nargs="+", default=["plain"], choices=list(UNLEARN_VARIANTS),
+                   help="d-br / flare-r: the unlearning pass's settings to run [plain: the default]")
     p.add_argument("--normal-epochs", type=int, default=6, help="epochs of the normally trained reference (d-st)")
     p.add_argument("--speed-images", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)

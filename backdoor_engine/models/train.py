@@ -112,12 +112,19 @@ def check_labels(y: np.ndarray, count: int, num_classes: int) -> np.ndarray:
 
 def train_epoch(model: nn.Module, x: np.ndarray, y: torch.Tensor, *, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, normalisation: Normalisation, config: TrainConfig,
-                generator: torch.Generator, description: str = "", ascend: bool = False) -> dict:
+                generator: torch.Generator, description: str = "", ascend: bool = False,
+                frozen_batchnorm: bool = False) -> dict:
     """One shuffled pass of cross-entropy SGD over (x, y); returns {"loss", "train_acc"} on the seen batches.
 
     ascend: maximise the cross-entropy instead (gradient ascent, the unlearning step of FLARE(R) and D-BR).
+    frozen_batchnorm: BatchNorm layers normalise with their running statistics and do not update them (the
+    model as it is used at test time), the rest trains as usual.
     """
     model.train()
+    if frozen_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     device = torch.device(config.device)
     order = torch.randperm(len(x), generator=generator)
     slices = batch_slices(len(x), config.batch_size)

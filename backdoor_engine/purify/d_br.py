@@ -19,7 +19,7 @@ import numpy as np
 from ..detection import CLEAN, POISONED
 from ..errors import InputError
 from .base import REQUIRED, UNUSED, Repaired
-from .unlearn_relearn import UnlearnRelearn, UnlearnRelearnParams, _train_config, unlearn_relearn
+from .unlearn_relearn import UNLEARN_OPTIONS, UnlearnRelearn, UnlearnRelearnParams, _train_config, unlearn_relearn
 
 
 class DBr(UnlearnRelearn):
@@ -39,8 +39,9 @@ class DBr(UnlearnRelearn):
             raise InputError(f"D-BR relearns on the split's clean part, which holds {len(clean)} sample(s)")
         config = _train_config(**dataclasses.asdict(params), progress=progress)
         repaired, history = unlearn_relearn(model, normalisation, dataset, split == POISONED, config,
-                                            relearn=clean, unlearn_augment=params.unlearn_augment)
+                                            relearn=clean, unlearn_augment=params.unlearn_augment,
+                                            unlearn_frozen_bn=params.unlearn_frozen_bn)
         settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
         sizes = {name: int((split == code).sum()) for code, name in enumerate(("clean", "uncertain", "poisoned"))}
         return Repaired(repaired, normalisation, history,
-                        {**settings, "unlearn_augment": params.unlearn_augment, "split": sizes})
+                        {**settings, **{k: getattr(params, k) for k in UNLEARN_OPTIONS}, "split": sizes})
