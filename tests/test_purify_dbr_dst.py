@@ -227,3 +227,27 @@ def test_cli_d_br_after_any_detectors_report_can_keep_only_the_surest_fraction_a
                  "0.5", "--out", str(tmp_path / "x.pt")]) != 0
     assert "give --report" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_the_unlearning_pass_keeps_batchnorm_statistics_frozen_unless_asked_otherwise(tiny):
+    import copy
+
+    from backdoor_engine.models.train import TrainConfig, train_epoch
+
+    dataset, model, normalisation = tiny
+    config = TrainConfig(epochs=1, batch_size=32, lr=1e-3, augment=False, progress=False)
+    labels = torch.from_numpy(dataset.y.astype(np.int64))
+
+    def bn_means(m):
+        return [b.running_mean.clone() for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+
+    for frozen in (True, False):
+        copy_ = copy.deepcopy(model)
+        before = bn_means(copy_)
+        optimizer = torch.optim.SGD(copy_.parameters(), lr=1e-3)
+        train_epoch(copy_, dataset.x[:64], labels[:64], optimizer=optimizer,
+                    scheduler=torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0, 0), normalisation=normalisation,
+                    config=config, generator=torch.Generator().manual_seed(0), ascend=True, frozen_batchnorm=frozen)
+        same = all(torch.equal(a, b) for a, b in zip(before, bn_means(copy_)))
+        assert same is frozen
+        assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy_.state_dict().values()))
