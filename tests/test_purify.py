@@ -51,8 +51,11 @@ def test_unlearn_raises_the_loss_on_flagged_keeps_kept_and_leaves_the_input_alon
     flags = np.zeros(len(data), bool)
     flags[data.y == 1] = True
     flagged_loss = mean_loss(result.model, result.normalisation, data.x[flags], data.y[flags])
+    # The official loop's BatchNorm (train mode). With the statistics frozen, this toy (a whole class unlearned at
+    # 100x D-BR's lr) also erodes the kept classes (58% kept accuracy): measured settings are in RESULTS.md.
     repaired, history = unlearn_relearn(result.model, result.normalisation, data, flags,
-                                        unlearn_relearn_config(epochs=3, lr=0.01, **config()))
+                                        unlearn_relearn_config(epochs=3, lr=0.01, **config()),
+                                        unlearn_frozen_bn=False)
     for name, value in result.model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert len(history) == 3 and {"unlearn_loss", "relearn_loss"} <= history[0].keys()
