@@ -50,6 +50,8 @@ class UnlearnRelearnParams:
                                   "D-BR on BadNets kept ASR 9.1% with it, 2.0% without (RESULTS.md)")
     unlearn_frozen_bn: bool = param(False, "official code: the unlearning pass runs BatchNorm in train mode; frozen "
                                     "statistics (true) were measured on Blend a2o and did not help (RESULTS.md)")
+    hflip: bool = param(True, "official code: D-BR's CIFAR-10 loaders flip (its other datasets crop only)")
+    seed: int = param(0, "ours", reason="any fixed seed: the same seed repeats the run")
 
 
 UNLEARN_OPTIONS = ("unlearn_augment", "unlearn_frozen_bn")
