@@ -191,15 +191,17 @@ def cmd_train(args) -> int:
         from .models.registry import image_size_pair
 
         image_size_pair(image_size)
+    # A defense's settings and its report folder are checked before the data are read.
+    defense = _trap_settings(args) if args.defense == "trap" else None
+    if defense is None and args.param:
+        raise InputError("--param sets the parameters of a --defense; train alone takes none")
     dataset = open_dataset(args.data, **_links(args), **({} if image_size is None else {"image_size": image_size}))
     spec = _spec_beside(str(args.data), args.poison_manifest)
     eval_data = open_dataset(args.eval_data) if args.eval_data else None  # a bad path fails before training
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                          augment=not args.no_augment, **({"lr": args.lr} if args.lr is not None else {}))
-    if args.defense == "trap":
-        return _train_with_trap(args, dataset, config, spec, eval_data)
-    if args.param:
-        raise InputError("--param sets the parameters of a --defense; train alone takes none")
+    if defense is not None:
+        return _train_with_trap(args, dataset, config, spec, eval_data, *defense)
     trained = train(dataset, arch=args.arch, config=config)
     record = training_record(config, trained.history, data=str(args.data), n_samples=len(dataset))
     metrics = save_trained(args.out, trained.model, trained.normalisation, arch=args.arch, trained_on=dataset,
@@ -210,16 +212,12 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _train_with_trap(args, dataset, config, spec, eval_data) -> int:
-    """TRAP end to end: isolation in the first E_d epochs (the trainer's callback), standard training to E_t =
-    --epochs, then backdoor hiding with the isolated samples; the isolation report goes beside the model."""
-    from .api import train
-    from .methods.trap import Isolation, TrapParams, isolation_report
-    from .models.preprocess import fit_normalisation
-    from .models.provenance import save_trained, training_record
-    from .params import build_params, provenance_of
+def _trap_settings(args):
+    """`train --defense trap`'s checked settings: TRAP's params, backdoor hiding's options (--param hiding_*),
+    the strategy and the isolation report folder (OUT with .trap)."""
+    from .methods.trap import TrapParams
+    from .params import build_params
     from .purify import get_repair
-    from .report import write_report
 
     given = dict(_parse_param(p) for p in args.param)
     hiding = {k[len("hiding_"):]: given.pop(k) for k in list(given) if k.startswith("hiding_")}
@@ -229,6 +227,19 @@ def _train_with_trap(args, dataset, config, spec, eval_data) -> int:
     strategy.params(hiding)
     report_dir = Path(args.out).with_suffix(".trap")
     _check_out(str(report_dir), kind="dir", flag="the isolation report folder")
+    return trap_params, hiding, strategy, report_dir
+
+
+def _train_with_trap(args, dataset, config, spec, eval_data, trap_params, hiding, strategy, report_dir) -> int:
+    """TRAP end to end: isolation in the first E_d epochs (the trainer's callback), standard training to E_t =
+    --epochs, then backdoor hiding with the isolated samples; the isolation report goes beside the model."""
+    from .api import train
+    from .methods.trap import Isolation, TrapParams, isolation_report
+    from .models.preprocess import fit_normalisation
+    from .models.provenance import save_trained, training_record
+    from .params import provenance_of
+    from .report import write_report
+
     normalisation = fit_normalisation(dataset.x)
     isolation = Isolation(dataset, normalisation, trap_params, progress=True)
     t0 = time.perf_counter()
@@ -436,6 +447,7 @@ def cmd_purify(args) -> int:
     from .models.provenance import repair_record, save_trained
     from .params import provenance_of
     from .purify import get_repair
+    from .detection import POISONED
     from .report.reading import flags_from_report, split_from_report
 
     _check_out(args.out, kind="file", suffix=".pt")
@@ -443,8 +455,10 @@ def cmd_purify(args) -> int:
     strategy = get_repair(args.strategy)
     params = _purify_params(args)
     strategy.params(params)
-    if args.model is None and strategy.needs_model:
-        raise InputError(f"purify strategy {args.strategy!r} repairs the suspect model: give --model")
+    if args.clean_fraction is not None and args.report is None:
+        raise InputError("--clean-fraction selects the clean part from a scan's scores: give --report")
+    strategy.check_declared(has_flags=args.report is not None, has_aux=args.aux is not None, has_arch=True,
+                            has_model=args.model is not None)
     if args.model is None and not args.arch:
         raise InputError(f"purify strategy {args.strategy!r} trains from scratch: without --model, name the "
                          "architecture with --arch")
@@ -453,9 +467,6 @@ def cmd_purify(args) -> int:
 
         if args.arch not in available_archs():
             raise InputError(f"--arch {args.arch!r} is not a registered architecture: {', '.join(available_archs())}")
-    if args.clean_fraction is not None and args.report is None:
-        raise InputError("--clean-fraction selects the clean part from a scan's scores: give --report")
-    strategy.check_declared(has_flags=args.report is not None, has_aux=args.aux is not None, has_arch=True)
     dataset = open_dataset(args.data)
     flags = None
     if args.report is not None:
@@ -473,7 +484,7 @@ def cmd_purify(args) -> int:
     repaired = purify(model, None if meta is None else meta["normalisation"], dataset, flags, strategy=args.strategy,
                       aux=aux, arch=arch, **params)
     seconds = time.perf_counter() - t0
-    n_flagged = 0 if flags is None else int((flags == 2).sum() if flags.dtype != bool else flags.sum())
+    n_flagged = 0 if flags is None else int((flags == POISONED).sum() if flags.dtype != bool else flags.sum())
     record = repair_record(repaired, strategy=args.strategy, data=str(args.data), report=args.report,
                            model=None if args.model is None else str(args.model), n_flagged=n_flagged,
                            seconds=seconds, provenance=provenance_of(strategy.Params), aux=args.aux)

@@ -85,6 +85,11 @@ def score_auroc(scores: np.ndarray, poison: np.ndarray) -> float | None:
     return float((ranks[truth].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
+def split_sizes(split: np.ndarray) -> dict[str, int]:
+    """{"clean": n, "uncertain": n, "poisoned": n} of a three-way split."""
+    return {name: int((split == code).sum()) for code, name in enumerate(SPLIT_NAMES)}
+
+
 def split_metrics(split: np.ndarray, poison: np.ndarray) -> dict:
     """How pure each part of a three-way split is: sizes, the precision of the poisoned part (share of
     poison in it), the poison share of the clean part and how much of all poison each part holds."""

@@ -33,11 +33,11 @@ from torch.nn import functional as F
 from ..data.dataset import Dataset
 from ..data.fingerprint import content_digest
 from ..data.source import Batch, Source
-from ..detection import CLEAN, POISONED, UNCERTAIN, Detection
+from ..detection import CLEAN, POISONED, UNCERTAIN, Detection, split_sizes
 from ..errors import InputError
-from ..models.preprocess import Normalisation, fit_normalisation, to_model_input
+from ..models.preprocess import Normalisation, fit_normalisation
 from ..models.registry import available_archs, build_model, default_arch
-from ..models.train import TrainConfig, batch_slices, torch_threads, train_epoch
+from ..models.train import TrainConfig, train_epoch
 from ..params import param
 from .base import PIXELS, Detector, ReportParts, ScanData
 
@@ -140,32 +140,17 @@ def train_sd_model(x: np.ndarray, y: np.ndarray, *, num_classes: int, params: Fc
         history.append({"epoch": epoch, "phase": "cross-entropy", **metrics, "seconds": time.perf_counter() - started})
     for epoch in range(params.ce_epochs + 1, total + 1):
         started = time.perf_counter()
-        loss = _separation_epoch(model, x, labels, optimizer, normalisation, config, generator,
-                                 f"fct: SD model, centre separation {epoch}/{total}")
+        metrics = train_epoch(model, x, labels, optimizer=optimizer, scheduler=_PerEpoch(), normalisation=normalisation,
+                              config=config, generator=generator, objective=_separation_objective,
+                              description=f"fct: SD model, centre separation {epoch}/{total}")
         schedule.step()
-        history.append({"epoch": epoch, "phase": "centre separation", "loss": loss,
+        history.append({"epoch": epoch, "phase": "centre separation", "loss": metrics["loss"],
                         "seconds": time.perf_counter() - started})
     return model.to(memory_format=torch.contiguous_format).eval(), history
 
 
-def _separation_epoch(model, x, labels, optimizer, normalisation, config, generator, description) -> float:
-    from tqdm import tqdm
-
-    model.train()
-    order = torch.randperm(len(x), generator=generator)
-    slices = batch_slices(len(x), config.batch_size)
-    total, seen = 0.0, 0
-    for batch in tqdm(slices, desc=description, disable=not config.progress, unit="batch"):
-        indices = order[batch]
-        images = torch.from_numpy(np.ascontiguousarray(x[indices.numpy()]))
-        inputs = to_model_input(images, normalisation).contiguous(memory_format=torch.channels_last)
-        loss = centre_separation_loss(model.penultimate(inputs), labels[indices])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(indices)
-        seen += len(indices)
-    return total / max(seen, 1)
+def _separation_objective(model, inputs, labels) -> torch.Tensor:
+    return centre_separation_loss(model.penultimate(inputs), labels)
 
 
 # --------------------------------------------------------------------------------------------- stage 2: tau
@@ -368,8 +353,7 @@ class Fct(Detector):
         n = len(ordered)
         self.thresholds_ = {"gamma_c": float(ordered[max(int(n * params.clean_ratio) - 1, 0)]),
                             "gamma_p": float(ordered[n - max(int(n * params.poison_ratio), 1)])}
-        sizes = {name: int((self.split_ == code).sum()) for code, name in
-                 ((CLEAN, "clean"), (UNCERTAIN, "uncertain"), (POISONED, "poisoned"))}
+        sizes = split_sizes(self.split_)
         diagnostics = {
             "arch": params.arch or default_arch(dataset.image_shape), "sd_history": self.history_,
             "thresholds": self.thresholds_, "split": sizes, "timings_s": timings,

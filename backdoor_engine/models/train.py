@@ -113,12 +113,15 @@ def check_labels(y: np.ndarray, count: int, num_classes: int) -> np.ndarray:
 def train_epoch(model: nn.Module, x: np.ndarray, y: torch.Tensor, *, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, normalisation: Normalisation, config: TrainConfig,
                 generator: torch.Generator, description: str = "", ascend: bool = False,
-                frozen_batchnorm: bool = False) -> dict:
+                frozen_batchnorm: bool = False,
+                objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict:
     """One shuffled pass of cross-entropy SGD over (x, y); returns {"loss", "train_acc"} on the seen batches.
 
     ascend: maximise the cross-entropy instead (gradient ascent, the unlearning step of FLARE(R) and D-BR).
     frozen_batchnorm: BatchNorm layers normalise with their running statistics and do not update them (the
     model as it is used at test time), the rest trains as usual.
+    objective: `objective(model, inputs, targets)` -> the batch's loss, instead of cross-entropy on the logits
+    (e.g. FCT's centre separation on the penultimate features); no accuracy is counted (train_acc None).
     """
     model.train()
     if frozen_batchnorm:
@@ -137,18 +140,22 @@ def train_epoch(model: nn.Module, x: np.ndarray, y: torch.Tensor, *, optimizer: 
                 images = random_crop_flip(images, generator, hflip=config.hflip)
             inputs = to_model_input(images, normalisation).contiguous(memory_format=torch.channels_last)
             targets = y[indices].to(device)
-            logits = model(inputs)
-            loss = nn.functional.cross_entropy(logits, targets)
+            if objective is None:
+                logits = model(inputs)
+                loss = nn.functional.cross_entropy(logits, targets)
+            else:
+                loss = objective(model, inputs, targets)
             optimizer.zero_grad(set_to_none=True)
             (-loss if ascend else loss).backward()
             optimizer.step()
             scheduler.step()
             loss_sum += loss.item() * len(indices)
-            correct += int((logits.argmax(1) == targets).sum())
+            if objective is None:
+                correct += int((logits.argmax(1) == targets).sum())
             seen += len(indices)
             bar.update()
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
-    return {"loss": loss_sum / seen, "train_acc": correct / seen}
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", **({} if objective else {"acc": f"{correct / seen:.4f}"}))
+    return {"loss": loss_sum / seen, "train_acc": None if objective else correct / seen}
 
 
 def train_model(x: np.ndarray, y: np.ndarray, *, arch: str, num_classes: int, config: TrainConfig,

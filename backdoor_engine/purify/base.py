@@ -82,9 +82,8 @@ class Repair(ABC):
               arch: str | None = None, progress: bool = True) -> Repaired:
         """Check the inputs against what the strategy declared, run `repair`, check its result."""
         built = self.params(params)
-        self.check_declared(has_flags=flags is not None, has_aux=aux is not None, has_arch=bool(arch))
-        if model is None and self.needs_model:
-            raise InputError(f"purify strategy {self.name!r} repairs the suspect model: give it (model / --model)")
+        self.check_declared(has_flags=flags is not None, has_aux=aux is not None, has_arch=bool(arch),
+                            has_model=model is not None)
         flags = self._check_flags(dataset, flags)
         if aux is not None and tuple(aux.image_shape) != tuple(dataset.image_shape):
             raise InputError(f"aux images are {tuple(aux.image_shape)} but the dataset's are "
@@ -94,7 +93,7 @@ class Repair(ABC):
             raise TypeError(f"purify strategy {self.name!r} returned {type(result).__name__}, not Repaired")
         return result
 
-    def check_declared(self, *, has_flags: bool, has_aux: bool, has_arch: bool) -> None:
+    def check_declared(self, *, has_flags: bool, has_aux: bool, has_arch: bool, has_model: bool = True) -> None:
         """InputError unless the inputs given are the ones the strategy declared (callers check this before
         loading anything heavy; `apply` checks it again)."""
         if not has_flags and self.uses_flags == REQUIRED:
@@ -105,6 +104,8 @@ class Repair(ABC):
             raise InputError(f"purify strategy {self.name!r} needs a small clean auxiliary set (aux / --aux SOURCE)")
         if has_aux and self.uses_aux == UNUSED:
             raise InputError(f"purify strategy {self.name!r} takes no auxiliary clean set; drop aux / --aux")
+        if not has_model and self.needs_model:
+            raise InputError(f"purify strategy {self.name!r} repairs the suspect model: give it (model / --model)")
         if not has_arch and self.needs_arch:
             raise InputError(f"purify strategy {self.name!r} trains a fresh model: give the suspect model's "
                              "architecture name (arch=, recorded in its checkpoint)")

@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from ..detection import CLEAN, POISONED
+from ..detection import CLEAN, POISONED, split_sizes
 from ..errors import InputError
 from .base import REQUIRED, UNUSED, Repaired
 from .unlearn_relearn import UNLEARN_OPTIONS, UnlearnRelearn, UnlearnRelearnParams, _train_config, unlearn_relearn
@@ -42,6 +42,5 @@ class DBr(UnlearnRelearn):
                                             relearn=clean, unlearn_augment=params.unlearn_augment,
                                             unlearn_frozen_bn=params.unlearn_frozen_bn)
         settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
-        sizes = {name: int((split == code).sum()) for code, name in enumerate(("clean", "uncertain", "poisoned"))}
         return Repaired(repaired, normalisation, history,
-                        {**settings, **{k: getattr(params, k) for k in UNLEARN_OPTIONS}, "split": sizes})
+                        {**settings, **{k: getattr(params, k) for k in UNLEARN_OPTIONS}, "split": split_sizes(split)})

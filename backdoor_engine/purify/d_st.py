@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from ..detection import CLEAN, POISONED, UNCERTAIN
+from ..detection import CLEAN, POISONED, UNCERTAIN, split_sizes
 from ..errors import InputError
 from ..models.augment import strong_view
 from ..models.preprocess import fit_normalisation, to_model_input
@@ -227,6 +227,4 @@ class DSt(Repair):
         history = train_encoder(fresh, x, y, split, normalisation, params, progress)
         history += train_classifier(fresh, x, y, split, normalisation, params, progress)
         fresh = fresh.to(memory_format=torch.contiguous_format).eval()
-        sizes = {name: int((split == code).sum()) for code, name in ((CLEAN, "clean"), (UNCERTAIN, "uncertain"),
-                                                                     (POISONED, "poisoned"))}
-        return Repaired(fresh, normalisation, history, {"arch": arch, **asdict(params), "split": sizes})
+        return Repaired(fresh, normalisation, history, {"arch": arch, **asdict(params), "split": split_sizes(split)})

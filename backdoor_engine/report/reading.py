@@ -14,7 +14,7 @@ from ..errors import InputError
 def flags_from_report(dataset, report_path: str | os.PathLike) -> np.ndarray:
     """One bool per sample of `dataset`: True where the scan report (report.json) flagged its id."""
     report, path = _read_report(dataset, report_path)
-    return _mark(dataset, report["flagged"], path)
+    return _mark(_positions(dataset), len(dataset), report["flagged"], path)
 
 
 def split_from_report(dataset, report_path: str | os.PathLike, *, clean_fraction: float | None = None) -> np.ndarray:
@@ -31,13 +31,14 @@ def split_from_report(dataset, report_path: str | os.PathLike, *, clean_fraction
     uncertain = report.get("uncertain", [])
     if not isinstance(uncertain, list):
         raise InputError(f"{path}: 'uncertain' must be a list of ids")
-    split[_mark(dataset, uncertain, path)] = UNCERTAIN
-    split[_mark(dataset, report["flagged"], path)] = POISONED
+    position = _positions(dataset)
+    split[_mark(position, len(dataset), uncertain, path)] = UNCERTAIN
+    split[_mark(position, len(dataset), report["flagged"], path)] = POISONED
     if clean_fraction is None:
         return split
     if not 0 < clean_fraction <= 1:
         raise InputError(f"clean_fraction must be in (0, 1], got {clean_fraction!r}")
-    scores = _scores_from_csv(dataset, path.parent / "samples.csv")
+    scores = _scores_from_csv(position, len(dataset), path.parent / "samples.csv")
     clean = np.flatnonzero(split == CLEAN)
     keep = min(len(clean), int(round(clean_fraction * len(dataset))))
     surest = clean[np.argsort(scores[clean], kind="stable")[:keep]]
@@ -63,24 +64,27 @@ def _read_report(dataset, report_path) -> tuple[dict, Path]:
     return report, path
 
 
-def _mark(dataset, ids: list, path: Path) -> np.ndarray:
-    position = {str(i): k for k, i in enumerate(dataset.ids.tolist())}
+def _positions(dataset) -> dict[str, int]:
+    """{id as text: row}: built once per report read, for every id list and the csv."""
+    return {str(i): k for k, i in enumerate(dataset.ids.tolist())}
+
+
+def _mark(position: dict[str, int], n: int, ids: list, path: Path) -> np.ndarray:
     unknown = [i for i in ids if str(i) not in position]
     if unknown:
         raise InputError(f"{path} lists {len(unknown)} id(s) the dataset does not have, e.g. {unknown[:3]}")
-    marked = np.zeros(len(dataset), bool)
+    marked = np.zeros(n, bool)
     marked[[position[str(i)] for i in ids]] = True
     return marked
 
 
-def _scores_from_csv(dataset, csv_path: Path) -> np.ndarray:
+def _scores_from_csv(position: dict[str, int], n: int, csv_path: Path) -> np.ndarray:
     """samples.csv's score column, in the dataset's order."""
     import csv
 
     from .writers import unescape_id
 
-    position = {str(i): k for k, i in enumerate(dataset.ids.tolist())}
-    scores = np.full(len(dataset), np.nan)
+    scores = np.full(n, np.nan)
     try:
         with open(csv_path, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
