@@ -44,13 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_flare_detection import scanned_set  # noqa: E402
 
 STAGES = ("fct", "speed", "d-br", "flare-r", "d-st")
-# The unlearning pass's settings compared (d-br, flare-r): the default (un-augmented, BatchNorm statistics frozen),
-# the official code's (augmented, BatchNorm in train mode), and each departure alone.
+# The unlearning pass's settings compared (d-br, flare-r): the default (the margin loss, un-augmented, BatchNorm
+# statistics frozen), the official code's (cross-entropy ascent, augmented, BatchNorm in train mode), and the steps
+# between them.
 UNLEARN_VARIANTS = {
-    "plain": {"unlearn_augment": False, "unlearn_frozen_bn": True},
-    "plain, BN train mode": {"unlearn_augment": False, "unlearn_frozen_bn": False},
-    "augmented, BN train mode": {"unlearn_augment": True, "unlearn_frozen_bn": False},
-    "augmented": {"unlearn_augment": True, "unlearn_frozen_bn": True},
+    "margin, frozen BN": {"unlearn_augment": False, "unlearn_loss": "margin", "unlearn_frozen_bn": True},
+    "ce, frozen BN": {"unlearn_augment": False, "unlearn_loss": "ce", "unlearn_frozen_bn": True},
+    "ce, BN train mode": {"unlearn_augment": False, "unlearn_loss": "ce", "unlearn_frozen_bn": False},
+    "ce, augmented, BN train mode": {"unlearn_augment": True, "unlearn_loss": "ce", "unlearn_frozen_bn": False},
 }
 
 
@@ -241,8 +242,8 @@ def main():
     p.add_argument("--feature-cache", default="runs/feat", help="bench_baselines.py's feature stores (flare-r)")
     p.add_argument("--fct-param", action="append", help="FCT parameter KEY=VALUE (JSON values)")
     p.add_argument("--dst-param", action="append", help="D-ST parameter KEY=VALUE, the CPU budget")
-    p.add_argument("--unlearn", nargs="+", default=["plain"], choices=list(UNLEARN_VARIANTS),
-                   help="d-br / flare-r: the unlearning pass's settings to run [plain: the default]")
+    p.add_argument("--unlearn", nargs="+", default=["margin, frozen BN"], choices=list(UNLEARN_VARIANTS),
+                   help="d-br / flare-r: the unlearning pass's settings to run [the default's]")
     p.add_argument("--normal-epochs", type=int, default=6, help="epochs of the normally trained reference (d-st)")
     p.add_argument("--speed-images", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)

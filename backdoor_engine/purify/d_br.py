@@ -19,7 +19,7 @@ import numpy as np
 from ..detection import CLEAN, POISONED, split_sizes
 from ..errors import InputError
 from .base import REQUIRED, UNUSED, Repaired
-from .unlearn_relearn import UNLEARN_OPTIONS, UnlearnRelearn, UnlearnRelearnParams, _train_config, unlearn_relearn
+from .unlearn_relearn import UnlearnRelearn, UnlearnRelearnParams, _train_config, unlearn_options, unlearn_relearn
 
 
 class DBr(UnlearnRelearn):
@@ -39,8 +39,7 @@ class DBr(UnlearnRelearn):
             raise InputError(f"D-BR relearns on the split's clean part, which holds {len(clean)} sample(s)")
         config = _train_config(**dataclasses.asdict(params), progress=progress)
         repaired, history = unlearn_relearn(model, normalisation, dataset, split == POISONED, config,
-                                            relearn=clean, unlearn_augment=params.unlearn_augment,
-                                            unlearn_frozen_bn=params.unlearn_frozen_bn)
+                                            relearn=clean, **unlearn_options(params))
         settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
         return Repaired(repaired, normalisation, history,
-                        {**settings, **{k: getattr(params, k) for k in UNLEARN_OPTIONS}, "split": split_sizes(split)})
+                        {**settings, **unlearn_options(params), "split": split_sizes(split)})
