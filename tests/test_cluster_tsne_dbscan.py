@@ -141,7 +141,9 @@ class FakeTSNE:
                  angle=0.5, n_neighbors=90, perplexity_max_iter=100, exaggeration_iter=250, pre_momentum=0.5,
                  post_momentum=0.8, learning_rate_method="adaptive", square_distances=True,
                  precomputed_knn=None, verbose=False, output_type=None):
-        self.params = {"n_components": n_components, "perplexity": perplexity, "random_state": random_state}
+        self.params = {"n_components": n_components, "perplexity": perplexity, "random_state": random_state,
+                       "exaggeration_iter": exaggeration_iter, "max_iter": max_iter}
+        FakeTSNE.last = self.params
 
     def fit_transform(self, X):
         return np.asarray(X, dtype=np.float64)[:, :2]
@@ -156,6 +158,20 @@ class FakeDBSCAN:
 
     def fit_predict(self, X):
         return DBSCAN(eps=self.eps, min_samples=self.min_samples).fit_predict(X).astype(np.int32)
+
+
+def test_tsne_continues_from_a_given_embedding_with_a_short_schedule():
+    X, truth = planted_blobs(per_blob=75)
+    first = cluster.tsne(X, random_state=0)
+    moved = X + np.random.default_rng(1).normal(0, 0.05, X.shape).astype(np.float32)
+    warm = cluster.tsne(moved, random_state=0, init=first, exaggeration_iter=0, n_iter=100)
+    assert knn_label_agreement(warm, truth) >= 0.95
+    # it continued from `first` (same layout, same scale) rather than starting afresh
+    assert np.corrcoef(first[:, 0], warm[:, 0])[0, 1] > 0.9 and np.corrcoef(first[:, 1], warm[:, 1])[0, 1] > 0.9
+    with pytest.raises(InputError, match=r"init must be a finite \[300, 2\] embedding"):
+        cluster.tsne(X, init=first[:10])
+    with pytest.raises(InputError, match="n_iter must be"):
+        cluster.tsne(X, n_iter=0)
 
 
 @pytest.fixture
@@ -179,3 +195,8 @@ def test_cuml_twins_run_through_the_dispatch_with_cumls_keywords(fake_cuml):
     assert embedding.dtype == np.float32 and embedding.shape == (40, 2)
     with pytest.raises(InputError, match="cuml's TSNE embeds in 2 dimensions only"):
         cluster.tsne(blobs, n_components=1, perplexity=5.0, backend="cuml")
+    with pytest.raises(InputError, match="cuml's TSNE starts from random or PCA positions only"):
+        cluster.tsne(blobs, perplexity=5.0, backend="cuml", init=embedding)
+    cluster.tsne(blobs, perplexity=5.0, backend="cuml", exaggeration_iter=0, n_iter=100)
+    assert FakeTSNE.last == {"n_components": 2, "perplexity": 5.0, "random_state": None, "exaggeration_iter": 0,
+                             "max_iter": 100}

@@ -44,6 +44,63 @@ def test_a_planted_one_label_island_in_feature_space_is_isolated_and_the_bulk_is
     assert result.eps > 3.0  # 400 points: a coarser embedding than the reference's 50,000
 
 
+def planted_island(n=1200, island=120, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    features = rng.normal(0, 1, (n, 64)).astype(np.float32)
+    features[:island] += 12
+    y[:island] = 0
+    return features, y
+
+
+def test_the_sampled_tsne_places_the_other_rows_and_flags_as_the_full_fit():
+    features, y = planted_island()
+    full = isolate_epoch(features, y, 3, TrapParams(min_samples=10), epoch=1)
+    sampled = isolate_epoch(features, y, 3, TrapParams(min_samples=10, tsne_sample=400), epoch=1)
+    assert full.flags[:120].all() and not full.flags[120:].any()
+    assert (sampled.flags == full.flags).mean() >= 0.99
+    assert sampled.embedding.shape == (1200, 2) and sampled.clusters.shape == (1200,)
+    assert sampled.seconds["place"] > 0
+
+
+def test_placing_takes_the_majority_cluster_and_mean_position_of_the_nearest_embedded_rows():
+    from backdoor_engine.methods.trap import place
+
+    reduced = np.array([[0.0], [1.0], [2.0], [10.0], [11.0], [0.4], [10.6], [1.6]], np.float32)
+    rows = np.arange(5)
+    embedding = np.array([[0, 0], [1, 0], [2, 0], [10, 5], [11, 5]], np.float32)
+    clusters = np.array([0, 0, -1, 1, 1])
+    full_embedding, full_clusters = place(reduced, rows, embedding, clusters, k=2)
+    assert np.array_equal(full_embedding[:5], embedding) and np.array_equal(full_clusters[:5], clusters)
+    assert full_clusters[5] == 0 and full_clusters[6] == 1
+    assert full_clusters[7] == -1  # neighbours 2 (noise) and 1 (cluster 0) tie: noise, the lower label
+    assert np.allclose(full_embedding[5], [0.5, 0]) and np.allclose(full_embedding[6], [10.5, 5])
+
+
+def test_a_warm_start_continues_from_the_previous_epochs_embedding_of_the_same_rows(monkeypatch):
+    from backdoor_engine import cluster
+
+    features, y = planted_island(n=600, island=60)
+    dataset = Dataset(np.random.default_rng(0).integers(0, 256, (600, 4, 4, 1)).astype(np.uint8), y)
+    calls = []
+    original = cluster.tsne
+
+    def spy(X, **kwargs):
+        calls.append(kwargs)
+        return original(X, **kwargs)
+
+    monkeypatch.setattr(cluster, "tsne", spy)
+    params = TrapParams(min_samples=10, tsne_sample=300, tsne_warm_start=True, warm_iter=100)
+    isolation = Isolation(dataset, fit_normalisation(dataset.x), params, num_classes=3)
+    first = isolation.observe(1, features)
+    second = isolation.observe(2, features + 0.01)
+    assert "init" not in calls[0]
+    rows = np.flatnonzero(np.isin(np.arange(600), np.random.default_rng(0).choice(600, 300, replace=False)))
+    assert np.array_equal(calls[1]["init"], first.embedding[rows])
+    assert calls[1]["exaggeration_iter"] == 0 and calls[1]["n_iter"] == 100
+    assert first.flags[:60].all() and (second.flags == first.flags).mean() >= 0.99
+
+
 def test_the_scaled_eps_follows_the_embeddings_own_length_unit():
     from backdoor_engine.methods.trap import REFERENCE_NEIGHBOUR_DISTANCE, effective_eps, neighbour_scale
 
@@ -74,6 +131,8 @@ def test_isolation_runs_as_the_trainers_callback_for_the_first_detect_epochs_onl
     ({"detect_epochs": 20, "train_epochs": 10}, "detect_epochs must be in"),
     ({"rule": "largest"}, "rule"),
     ({"eps": 0}, "must be > 0"),
+    ({"tsne_sample": 60}, "tsne_sample must exceed"),
+    ({"tsne_warm_start": True, "tsne_backend": "cuml"}, "tsne_warm_start needs openTSNE"),
 ])
 def test_bad_trap_parameters_are_refused_naming_the_problem(given, message):
     with pytest.raises(InputError, match=message):

@@ -109,7 +109,8 @@ def hdbscan(X, *, min_cluster_size: int = 100, min_samples: int | None = None, b
 
 
 def tsne(
-    X, *, n_components: int = 2, perplexity: float = 30.0, random_state: int | None = None, backend: str = "auto"
+    X, *, n_components: int = 2, perplexity: float = 30.0, random_state: int | None = None, backend: str = "auto",
+    init: np.ndarray | None = None, exaggeration_iter: int | None = None, n_iter: int | None = None,
 ) -> np.ndarray:
     """float32 [N, n_components] t-SNE embedding of X [N, D] (euclidean; perplexity 30: both libraries' default).
 
@@ -117,6 +118,11 @@ def tsne(
     1 or 2: openTSNE's FFT gradient (its choice from 10k samples on) takes no more, cuML only 2.
     random_state fixes the initialisation; the parallel optimisation of either library can still
     vary in the last digits between runs.
+
+    The schedule, each None for the library's default: `exaggeration_iter` iterations with early
+    exaggeration, then `n_iter` without (openTSNE 250 + 500, cuML 250 + 750). `init` [N, n_components]:
+    start from this embedding (e.g. an earlier fit of nearly the same data, to continue from it with a
+    short schedule and no exaggeration); openTSNE only, cuML starts from random or PCA positions.
     """
     runner = choose("tsne", backend)
     data = runner.matrix(X)
@@ -128,7 +134,21 @@ def tsne(
         raise InputError(f"perplexity={perplexity} needs more than 3 x perplexity = {int(3 * perplexity)} samples, "
                          f"got {n}")
     n_components = integer(n_components, "n_components", 1, 2)
-    return runner(data, n_components=n_components, perplexity=perplexity, random_state=_seed(random_state))
+    schedule = {}
+    if exaggeration_iter is not None:
+        schedule["exaggeration_iter"] = integer(exaggeration_iter, "exaggeration_iter", 0)
+    if n_iter is not None:
+        schedule["n_iter"] = integer(n_iter, "n_iter", 1)
+    if init is not None:
+        init = np.ascontiguousarray(init, dtype=np.float32)
+        if init.shape != (n, n_components) or not np.isfinite(init).all():
+            raise InputError(f"init must be a finite [{n}, {n_components}] embedding, got shape {init.shape}")
+        if runner.name == "cuml":
+            raise InputError("cuml's TSNE starts from random or PCA positions only, not from a given embedding: "
+                             "use backend='opentsne' to start from one")
+        schedule["init"] = init
+    return runner(data, n_components=n_components, perplexity=perplexity, random_state=_seed(random_state),
+                  **schedule)
 
 
 def dbscan(X, *, eps: float, min_samples: int = 5, backend: str = "auto") -> np.ndarray:

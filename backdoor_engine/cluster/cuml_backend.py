@@ -57,14 +57,21 @@ def hdbscan_cuml(X, *, min_cluster_size: int, min_samples: int | None) -> HDBSCA
     return result_from_clusterer(clusterer, backend="cuml")
 
 
-def tsne_cuml(X, *, n_components: int, perplexity: float, random_state: int | None) -> np.ndarray:
-    """float32 [N, 2] embedding with cuML's TSNE, its defaults otherwise (FFT gradient, 1000 iterations)."""
+def tsne_cuml(X, *, n_components: int, perplexity: float, random_state: int | None,
+              exaggeration_iter: int | None = None, n_iter: int | None = None) -> np.ndarray:
+    """float32 [N, 2] embedding with cuML's TSNE, its defaults otherwise (FFT gradient, 250 exaggerated of
+    1000 iterations); the schedule as cluster.tsne gives it (exaggerated, then the rest)."""
     if n_components != 2:
         raise InputError(f"cuml's TSNE embeds in 2 dimensions only, got n_components={n_components}: "
                          "use backend='opentsne'")
     from cuml.manifold import TSNE
 
-    model = TSNE(n_components=n_components, perplexity=perplexity, random_state=random_state, output_type="numpy")
+    schedule = {}
+    if exaggeration_iter is not None or n_iter is not None:
+        exaggerated = 250 if exaggeration_iter is None else exaggeration_iter
+        schedule = {"exaggeration_iter": exaggerated, "max_iter": exaggerated + (750 if n_iter is None else n_iter)}
+    model = TSNE(n_components=n_components, perplexity=perplexity, random_state=random_state, output_type="numpy",
+                 **schedule)
     return to_host(model.fit_transform(to_device(X)), np.float32)
 
 

@@ -6,10 +6,15 @@ does not give are `ours` with the reason.
 Per epoch e <= E_d (Algorithm 1), each stage a plain function:
   1 epoch_features      every training sample's penultimate features, un-augmented, through the engine's
                         single pass (a probe on the head of the model being trained; no second copy)
-  2 embed               PCA to `pca_components` (ours, for speed), then 2-D t-SNE through the cluster registry
-                        (openTSNE on CPU, cuML on GPU)
+  2 reduce_features     PCA to `pca_components` (ours, for speed)
+    embed               2-D t-SNE through the cluster registry (openTSNE on CPU, cuML on GPU)
   3 cluster_embedding   DBSCAN (eps 3, min_samples 50) through the cluster registry
+    place               (only with `tsne_sample`) the rows t-SNE did not see take the majority cluster of their
+                        nearest embedded rows in the reduced space, through the engine's kNN search
   4 suspicious_clusters a cluster that is not the largest and holds one class or all classes (section IV-A3)
+Two cost cuts, off by default (the paper fits t-SNE on every sample every epoch), measured in RESULTS.md:
+`tsne_sample` (t-SNE and DBSCAN on a fixed random sample, the rest placed) and `tsne_warm_start` (each epoch's
+t-SNE continues from the previous epoch's embedding with a short schedule and no early exaggeration).
 The flags are the union over the E_d epochs. `Isolation` is the trainer's per-epoch callback (the training loop
 is models.train's, not a copy), so `train --defense trap` isolates while it trains; `Trap` is the detector
 (`scan --method trap`), which trains only the first E_d epochs of an E_t-epoch schedule.
@@ -57,6 +62,16 @@ class TrapParams:
                       "the standard training stage")
     train_batch_size: int = param(128, "ours", reason="the engine trainer's default (the paper gives none)")
     augment: bool = param(True, "ours", reason="standard supervised learning = crop + flip, the engine's recipe")
+    tsne_sample: int | None = param(None, "ours", reason="t-SNE and DBSCAN on this many rows (drawn once from "
+                                    "the seed, the same every epoch), the rest placed by their nearest embedded "
+                                    "rows: the cost cut for large sets; None = every row, as the paper")
+    assign_k: int = param(15, "ours", reason="neighbours that place a row outside the t-SNE sample (majority "
+                          "cluster, mean position); the engine's kNN assignment")
+    tsne_warm_start: bool = param(False, "ours", reason="epochs after the first continue from the previous "
+                                  "epoch's embedding (openTSNE only): the features move little between epochs; "
+                                  "false = a fresh fit every epoch, as the paper")
+    warm_iter: int = param(250, "ours", reason="iterations of a warm-started t-SNE (no early exaggeration), a "
+                           "third of openTSNE's 750")
     tsne_backend: str = param("auto", "ours", choices=("auto", "cuml", "opentsne"),
                               reason="cuML on a GPU (the paper's GPU t-SNE), openTSNE on CPU")
     dbscan_backend: str = param("auto", "ours", choices=("auto", "cuml", "sklearn"),
@@ -74,6 +89,14 @@ class TrapParams:
                              f"{self.perplexity}, {self.min_samples}")
         if self.pca_components is not None and self.pca_components < 2:
             raise InputError(f"trap: pca_components must be >= 2 or None, got {self.pca_components}")
+        if self.tsne_sample is not None and self.tsne_sample <= max(3 * self.perplexity, self.min_samples):
+            raise InputError(f"trap: tsne_sample must exceed 3 x perplexity and min_samples "
+                             f"({int(max(3 * self.perplexity, self.min_samples))}), got {self.tsne_sample}")
+        if self.assign_k < 1 or self.warm_iter < 1:
+            raise InputError(f"trap: assign_k and warm_iter must be >= 1, got {self.assign_k}, {self.warm_iter}")
+        if self.tsne_warm_start and self.tsne_backend == "cuml":
+            raise InputError("trap: tsne_warm_start needs openTSNE (cuML's TSNE cannot start from an embedding); "
+                             "on a GPU the full fit is the cheap one")
 
 
 # eps_mode="scaled": the embedding's length unit is the median distance from a point to its 50th neighbour;
@@ -120,15 +143,54 @@ def epoch_features(model, dataset: Dataset, normalisation: Normalisation, batch_
                                        batch_size=batch_size, progress=False).penultimate, dtype=np.float32)
 
 
-def embed(features: np.ndarray, params: TrapParams, random_state: int) -> np.ndarray:
+def sample_rows(n: int, params: TrapParams) -> np.ndarray | None:
+    """The rows t-SNE embeds (sorted), the same every epoch; None = all of them."""
+    if params.tsne_sample is None or params.tsne_sample >= n:
+        return None
+    return np.sort(np.random.default_rng(params.seed).choice(n, params.tsne_sample, replace=False))
+
+
+def reduce_features(features: np.ndarray, params: TrapParams, random_state: int,
+                    rows: np.ndarray | None = None) -> np.ndarray:
+    """float32 features, PCA-reduced to `pca_components` (fitted on the rows t-SNE will see)."""
+    data = np.asarray(features, dtype=np.float32)
+    if params.pca_components is None or data.shape[1] <= params.pca_components:
+        return data
+    from sklearn.decomposition import PCA
+
+    pca = PCA(params.pca_components, random_state=random_state).fit(data if rows is None else data[rows])
+    return pca.transform(data).astype(np.float32)
+
+
+def embed(reduced: np.ndarray, params: TrapParams, random_state: int, init: np.ndarray | None = None) -> np.ndarray:
+    """2-D t-SNE; from `init` (the previous epoch's embedding) with the short warm schedule when given."""
     from .. import cluster
 
-    data = np.asarray(features, dtype=np.float32)
-    if params.pca_components is not None and data.shape[1] > params.pca_components:
-        from sklearn.decomposition import PCA
+    warm = {} if init is None else {"init": init, "exaggeration_iter": 0, "n_iter": params.warm_iter}
+    return cluster.tsne(reduced, perplexity=params.perplexity, random_state=random_state,
+                        backend=params.tsne_backend, **warm)
 
-        data = PCA(params.pca_components, random_state=random_state).fit_transform(data).astype(np.float32)
-    return cluster.tsne(data, perplexity=params.perplexity, random_state=random_state, backend=params.tsne_backend)
+
+def place(reduced: np.ndarray, rows: np.ndarray, embedding: np.ndarray, clusters: np.ndarray,
+          k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Embedding and cluster labels of every row, from those of the embedded `rows`: each other row takes the
+    majority label (noise counts as one) and the mean position of its k nearest embedded rows, found in the
+    reduced feature space the t-SNE read."""
+    from .. import cluster
+
+    n = len(reduced)
+    others = np.setdiff1d(np.arange(n), rows)
+    full_embedding = np.empty((n, embedding.shape[1]), np.float32)
+    full_clusters = np.empty(n, np.int64)
+    full_embedding[rows], full_clusters[rows] = embedding, clusters
+    if len(others):
+        neighbours = cluster.knn_search(reduced[rows], reduced[others], min(k, len(rows)))
+        votes = clusters[neighbours] + 1  # noise (-1) votes as label 0
+        counts = np.zeros((len(others), int(votes.max()) + 1), np.int64)
+        np.add.at(counts, (np.repeat(np.arange(len(others)), votes.shape[1]), votes.ravel()), 1)
+        full_clusters[others] = counts.argmax(1) - 1  # ties: the lower label, noise first
+        full_embedding[others] = embedding[neighbours].mean(axis=1)
+    return full_embedding, full_clusters
 
 
 def neighbour_scale(embedding: np.ndarray, k: int) -> float:
@@ -181,18 +243,25 @@ def suspicious_clusters(clusters: np.ndarray, y: np.ndarray, num_classes: int, r
 
 
 def isolate_epoch(features: np.ndarray, y: np.ndarray, num_classes: int, params: TrapParams,
-                  epoch: int) -> EpochResult:
-    """Stages 2-4 on one epoch's features."""
+                  epoch: int, previous: "EpochResult | None" = None) -> EpochResult:
+    """Stages 2-4 on one epoch's features; `previous` (the last epoch's result) seeds a warm start."""
     t0 = time.perf_counter()
-    embedding = embed(features, params, random_state=params.seed + epoch)
+    rows = sample_rows(len(features), params)
+    fitted = slice(None) if rows is None else rows
+    reduced = reduce_features(features, params, params.seed + epoch, rows)
+    init = previous.embedding[fitted] if params.tsne_warm_start and previous is not None else None
+    embedding = embed(reduced[fitted], params, random_state=params.seed + epoch, init=init)
     t1 = time.perf_counter()
     eps = effective_eps(embedding, params)
     clusters = cluster_embedding(embedding, eps, params)
+    t2 = time.perf_counter()
+    if rows is not None:
+        embedding, clusters = place(reduced, rows, embedding, clusters, params.assign_k)
     table = suspicious_clusters(clusters, y, num_classes, params.rule)
     flagged = [c.label for c in table if c.suspicious]
     flags = np.isin(clusters, flagged)
     return EpochResult(epoch, flags, clusters, embedding, table, eps,
-                       {"tsne": t1 - t0, "dbscan": time.perf_counter() - t1})
+                       {"tsne": t1 - t0, "dbscan": t2 - t1, "place": time.perf_counter() - t2})
 
 
 class Isolation:
@@ -211,13 +280,19 @@ class Isolation:
             return
         t0 = time.perf_counter()
         features = epoch_features(model, self.dataset, self.normalisation)
-        result = isolate_epoch(features, np.asarray(self.dataset.y), self.num_classes, self.params, epoch)
-        result.seconds["features"] = time.perf_counter() - t0 - sum(result.seconds.values())
+        self.observe(epoch, features, features_s=time.perf_counter() - t0)
+
+    def observe(self, epoch: int, features: np.ndarray, features_s: float = 0.0) -> EpochResult:
+        """Isolation on one epoch's features (what __call__ does after extracting them)."""
+        previous = self.results_[-1] if self.results_ else None
+        result = isolate_epoch(features, np.asarray(self.dataset.y), self.num_classes, self.params, epoch, previous)
+        result.seconds["features"] = features_s
         self.results_.append(result)
         self.flags_ |= result.flags
         if self.progress:
             print(f"trap: epoch {epoch}: {len(result.table)} clusters, {int(result.flags.sum())} flagged, "
                   f"{int(self.flags_.sum())} in the union", flush=True)
+        return result
 
     def detection(self, name: str = "trap", params: dict | None = None, timings: dict | None = None) -> Detection:
         """The union as a Detection; scores = how many of the E_d epochs flagged the sample."""
@@ -226,7 +301,8 @@ class Isolation:
         counts = np.sum([r.flags for r in self.results_], axis=0).astype(np.float64)
         last = self.results_[-1]
         per_epoch = [r.summary() for r in self.results_]
-        seconds = {key: sum(r.seconds.get(key, 0.0) for r in self.results_) for key in ("features", "tsne", "dbscan")}
+        seconds = {key: sum(r.seconds.get(key, 0.0) for r in self.results_)
+                   for key in ("features", "tsne", "dbscan", "place")}
         diagnostics = {"epochs": per_epoch, "timings_s": {**(timings or {}), **{f"isolation_{k}": v
                                                                                  for k, v in seconds.items()}}}
         if not self.flags_.any():

@@ -1,0 +1,145 @@
+"""TRAP's isolation per epoch (the paper's Table V form) and its t-SNE cost cuts, on one training run per set.
+
+For each checkpoint of train_attacks.py, only its attack record is used: the poisoned training set is rebuilt
+(bench_flare_detection.scanned_set) and TRAP trains its OWN model on it (TrapParams: the paper's E_d = 10 epochs of
+an E_t = 100 schedule). After each epoch the penultimate features are extracted once and every --variants setting
+isolates on those same features (`Isolation.observe`), so the variants differ only in the embedding:
+    full    the paper: a fresh t-SNE of every row every epoch
+    warm    every row, each epoch after the first continuing from the previous embedding (tsne_warm_start)
+    sample  t-SNE + DBSCAN on --sample rows (fixed), the rest placed by their nearest embedded rows
+    fast    sample + warm
+Per (set, variant, epoch): flags, recall and precision against the ground truth, agreement with `full` on the same
+epoch (share of rows with the same flag, and the Jaccard index of the two flagged sets), stage seconds; the union
+over the epochs the same way; the training time of each epoch for the comparison the issue asks (isolation cost
+<= training cost). One JSON line per (set, variant) to --out; ground truth is only read to score.
+
+    python benchmarks/bench_trap.py --models runs/attacks/badnets-a2o-10000-e6.pt --out benchmarks/results/trap.jsonl
+    python benchmarks/bench_trap.py --out benchmarks/results/trap.jsonl --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backdoor_engine.methods.trap import Isolation, TrapParams, epoch_features, train_config
+from backdoor_engine.models.checkpoint import load_checkpoint
+from backdoor_engine.models.preprocess import fit_normalisation
+from backdoor_engine.models.registry import default_arch
+from backdoor_engine.models.train import train_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_flare_detection import scanned_set  # noqa: E402
+
+
+def variant_params(name: str, sample: int, base: dict) -> TrapParams:
+    options = {"full": {}, "warm": {"tsne_warm_start": True}, "sample": {"tsne_sample": sample},
+               "fast": {"tsne_sample": sample, "tsne_warm_start": True}}[name]
+    return TrapParams(**{**base, **options})
+
+
+def scores(flags: np.ndarray, truth: np.ndarray, reference: np.ndarray | None) -> dict:
+    out = {"n_flagged": int(flags.sum()), "recall": float((flags & truth).sum() / max(truth.sum(), 1)),
+           "precision": float((flags & truth).sum() / flags.sum()) if flags.any() else None}
+    if reference is not None:
+        union = (flags | reference).sum()
+        out["agreement"] = float((flags == reference).mean())
+        out["jaccard"] = float((flags & reference).sum() / union) if union else 1.0
+    return out
+
+
+def run(args):
+    out = Path(args.out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    done = {(r["model"], r["variant"]) for r in rows}
+    base = dict(json.loads(args.params)) if args.params else {}
+    for model_path in args.models:
+        if all((str(model_path), v) in done for v in args.variants):
+            continue
+        _, meta = load_checkpoint(model_path)
+        dataset, (attack, mode) = scanned_set(meta, args.seed)
+        truth = dataset.poison.astype(bool) if dataset.poison is not None else np.zeros(len(dataset), bool)
+        normalisation = fit_normalisation(dataset.x)
+        isolations = {v: Isolation(dataset, normalisation, variant_params(v, args.sample, base))
+                      for v in args.variants}
+        params = next(iter(isolations.values())).params
+        epoch_log, clock = [], [time.perf_counter()]
+
+        def callback(epoch, model):
+            training_s = time.perf_counter() - clock[0]
+            t0 = time.perf_counter()
+            features = epoch_features(model, dataset, normalisation)
+            features_s = time.perf_counter() - t0
+            entry = {"epoch": epoch, "training_s": round(training_s, 1), "features_s": round(features_s, 1)}
+            for name, isolation in isolations.items():
+                result = isolation.observe(epoch, features, features_s)
+                entry[name] = {"seconds": {k: round(v, 1) for k, v in result.seconds.items() if k != "features"},
+                               "eps": result.eps, "n_clusters": len(result.table)}
+            reference = isolations["full"].results_[-1].flags if "full" in isolations else None
+            for name, isolation in isolations.items():
+                entry[name].update(scores(isolation.results_[-1].flags, truth, reference))
+            epoch_log.append(entry)
+            print(json.dumps({"model": Path(model_path).stem, **entry}), flush=True)
+            clock[0] = time.perf_counter()
+
+        train_model(dataset.x, dataset.y, arch=params.arch or default_arch(dataset.image_shape),
+                    num_classes=dataset.num_classes, config=train_config(params, progress=False),
+                    normalisation=normalisation, callback=callback, stop_after=params.detect_epochs)
+        reference = isolations["full"].flags_ if "full" in isolations else None
+        for name, isolation in isolations.items():
+            row = {"model": str(model_path), "attack": attack, "mode": mode, "n": len(dataset),
+                   "poisoned": int(truth.sum()), "variant": name, "params": dataclasses.asdict(isolation.params),
+                   "union": scores(isolation.flags_, truth, reference),
+                   "epochs": [{"epoch": e["epoch"], "training_s": e["training_s"], "features_s": e["features_s"],
+                               **e[name]} for e in epoch_log],
+                   "versions": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                "python": platform.python_version()}}
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _pct(value):
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def table(args):
+    rows = [json.loads(line) for line in Path(args.out).read_text().splitlines()]
+    print("| attack | mode | variant | per epoch: flagged / recall / precision (agreement with full) | union: recall "
+          "/ precision (agreement, Jaccard) | t-SNE + DBSCAN s per epoch (median) | training s per epoch (median) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        per_epoch = "; ".join(
+            f"e{e['epoch']} {e['n_flagged']} / {_pct(e['recall'])} / {_pct(e['precision'])}"
+            + (f" ({_pct(e['agreement'])})" if "agreement" in e else "") for e in r["epochs"])
+        u = r["union"]
+        cost = np.median([sum(e["seconds"].values()) for e in r["epochs"]])
+        train = np.median([e["training_s"] for e in r["epochs"]])
+        agree = f" ({_pct(u['agreement'])}, {u['jaccard']:.3f})" if "agreement" in u else ""
+        print(f"| {r['attack']} | {r['mode']} | {r['variant']} | {per_epoch} | {_pct(u['recall'])} / "
+              f"{_pct(u['precision'])}{agree} | {cost:.1f} | {train:.1f} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="*", default=[], help="train_attacks.py checkpoints (their attack records)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--variants", nargs="+", default=["full", "warm", "fast"],
+                   choices=["full", "warm", "sample", "fast"])
+    p.add_argument("--sample", type=int, default=5000, help="rows t-SNE embeds in the sample / fast variants")
+    p.add_argument("--params", help="TrapParams overrides for every variant, as JSON")
+    p.add_argument("--seed", type=int, default=0, help="the subset seed of train_attacks.py")
+    p.add_argument("--table", action="store_true")
+    args = p.parse_args()
+    table(args) if args.table else run(args)
+
+
+if __name__ == "__main__":
+    main()
