@@ -11,7 +11,9 @@ isolates on those same features (`Isolation.observe`), so the variants differ on
 Per (set, variant, epoch): flags, recall and precision against the ground truth, agreement with `full` on the same
 epoch (share of rows with the same flag, and the Jaccard index of the two flagged sets), stage seconds; the union
 over the epochs the same way; the training time of each epoch for the comparison the issue asks (isolation cost
-<= training cost). One JSON line per (set, variant) to --out; ground truth is only read to score.
+<= training cost). One JSON line per (set, variant) to --out; ground truth is only read to score. Each variant's
+union and per-epoch flags go to --cache/<stem>/<variant>.npz, for a repair (`--stages hiding`: TRAP's backdoor
+hiding on the checkpoint itself with the `full` union, BA / ASR on the Fashion-MNIST test set before and after).
 
     python benchmarks/bench_trap.py --models runs/attacks/badnets-a2o-10000-e6.pt --out benchmarks/results/trap.jsonl
     python benchmarks/bench_trap.py --out benchmarks/results/trap.jsonl --table
@@ -94,7 +96,11 @@ def run(args):
                     num_classes=dataset.num_classes, config=train_config(params, progress=False),
                     normalisation=normalisation, callback=callback, stop_after=params.detect_epochs)
         reference = isolations["full"].flags_ if "full" in isolations else None
+        cache = Path(args.cache) / Path(model_path).stem
+        cache.mkdir(parents=True, exist_ok=True)
         for name, isolation in isolations.items():
+            np.savez(cache / f"{name}.npz", union=isolation.flags_,
+                     per_epoch=np.array([r.flags for r in isolation.results_]))
             row = {"model": str(model_path), "attack": attack, "mode": mode, "n": len(dataset),
                    "poisoned": int(truth.sum()), "variant": name, "params": dataclasses.asdict(isolation.params),
                    "union": scores(isolation.flags_, truth, reference),
@@ -136,6 +142,7 @@ def main():
     p.add_argument("--sample", type=int, default=5000, help="rows t-SNE embeds in the sample / fast variants")
     p.add_argument("--params", help="TrapParams overrides for every variant, as JSON")
     p.add_argument("--seed", type=int, default=0, help="the subset seed of train_attacks.py")
+    p.add_argument("--cache", default="runs/trap", help="where each variant's flags are kept")
     p.add_argument("--table", action="store_true")
     args = p.parse_args()
     table(args) if args.table else run(args)
