@@ -16,6 +16,8 @@ union and per-epoch flags go to --cache/<stem>/<variant>.npz, for a repair (`--s
 hiding on the checkpoint itself with the `full` union, BA / ASR on the Fashion-MNIST test set before and after).
 
     python benchmarks/bench_trap.py --models runs/attacks/badnets-a2o-10000-e6.pt --out benchmarks/results/trap.jsonl
+    python benchmarks/bench_trap.py --models runs/attacks/badnets-a2o-10000-e6.pt --stages hiding \
+        --out benchmarks/results/trap.jsonl
     python benchmarks/bench_trap.py --out benchmarks/results/trap.jsonl --table
 """
 
@@ -58,10 +60,46 @@ def scores(flags: np.ndarray, truth: np.ndarray, reference: np.ndarray | None) -
     return out
 
 
+def hiding(args):
+    """TRAP's backdoor hiding on the checkpoint with each cached variant's union: BA / ASR before and after, the
+    share of triggered images sent to the dummy class, and of clean images lost to it."""
+    from backdoor_engine import api
+    from backdoor_engine.data.attacks import harness
+    from backdoor_engine.data.fashion_mnist import load_fashion_mnist
+
+    out = Path(args.out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    done = {(r["model"], r["variant"]) for r in rows if r.get("stage") == "hiding"}
+    test = load_fashion_mnist("test")
+    for model_path in args.models:
+        model, meta = load_checkpoint(model_path)
+        dataset, (attack, mode) = scanned_set(meta, args.seed)
+        spec = harness.PoisonSpec.from_dict(meta["attack"])
+        before = api.evaluate(model, meta["normalisation"], test, spec, num_classes=dataset.num_classes)
+        for variant in args.variants:
+            path = Path(args.cache) / Path(model_path).stem / f"{variant}.npz"
+            if (str(model_path), variant) in done or not path.exists():
+                continue
+            flags = np.load(path)["union"]
+            t0 = time.perf_counter()
+            repaired = api.purify(model, meta["normalisation"], dataset, flags, strategy="backdoor-hiding",
+                                  progress=False)
+            seconds = time.perf_counter() - t0
+            dummy = repaired.config["dummy_class"]
+            after = api.evaluate(repaired.model, repaired.normalisation, test, spec,
+                                 num_classes=dataset.num_classes, dummy_class=dummy)
+            row = {"model": str(model_path), "attack": attack, "mode": mode, "stage": "hiding", "variant": variant,
+                   "n_relabelled": int(flags.sum()), "ba_before": before["ba"], "asr_before": before["asr"],
+                   "after": after, "seconds": round(seconds, 1), "config": repaired.config}
+            print(json.dumps(row), flush=True)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
 def run(args):
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    done = {(r["model"], r["variant"]) for r in rows}
+    done = {(r["model"], r["variant"]) for r in rows if r.get("stage", "isolation") == "isolation"}
     base = dict(json.loads(args.params)) if args.params else {}
     for model_path in args.models:
         if all((str(model_path), v) in done for v in args.variants):
@@ -101,7 +139,7 @@ def run(args):
         for name, isolation in isolations.items():
             np.savez(cache / f"{name}.npz", union=isolation.flags_,
                      per_epoch=np.array([r.flags for r in isolation.results_]))
-            row = {"model": str(model_path), "attack": attack, "mode": mode, "n": len(dataset),
+            row = {"model": str(model_path), "attack": attack, "mode": mode, "stage": "isolation", "n": len(dataset),
                    "poisoned": int(truth.sum()), "variant": name, "params": dataclasses.asdict(isolation.params),
                    "union": scores(isolation.flags_, truth, reference),
                    "epochs": [{"epoch": e["epoch"], "training_s": e["training_s"], "features_s": e["features_s"],
@@ -118,6 +156,8 @@ def _pct(value):
 
 def table(args):
     rows = [json.loads(line) for line in Path(args.out).read_text().splitlines()]
+    hidings = [r for r in rows if r.get("stage") == "hiding"]
+    rows = [r for r in rows if r.get("stage", "isolation") == "isolation"]
     print("| attack | mode | variant | per epoch: flagged / recall / precision (agreement with full) | union: recall "
           "/ precision (agreement, Jaccard) | t-SNE + DBSCAN s per epoch (median) | training s per epoch (median) |")
     print("|---|---|---|---|---|---|---|")
@@ -131,6 +171,15 @@ def table(args):
         agree = f" ({_pct(u['agreement'])}, {u['jaccard']:.3f})" if "agreement" in u else ""
         print(f"| {r['attack']} | {r['mode']} | {r['variant']} | {per_epoch} | {_pct(u['recall'])} / "
               f"{_pct(u['precision'])}{agree} | {cost:.1f} | {train:.1f} |")
+    if hidings:
+        print("\n| attack | mode | flags of | relabelled | BA before | ASR before | BA after | ASR after | triggered to "
+              "dummy | clean to dummy | s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in hidings:
+            a = r["after"]
+            print(f"| {r['attack']} | {r['mode']} | {r['variant']} | {r['n_relabelled']} | {_pct(r['ba_before'])} | "
+                  f"{_pct(r['asr_before'])} | {_pct(a['ba'])} | {_pct(a['asr'])} | {_pct(a.get('dummy_rate_triggered'))} "
+                  f"| {_pct(a.get('dummy_rate_clean'))} | {r['seconds']} |")
 
 
 def main():
@@ -143,9 +192,15 @@ def main():
     p.add_argument("--params", help="TrapParams overrides for every variant, as JSON")
     p.add_argument("--seed", type=int, default=0, help="the subset seed of train_attacks.py")
     p.add_argument("--cache", default="runs/trap", help="where each variant's flags are kept")
+    p.add_argument("--stages", nargs="+", default=["isolation"], choices=["isolation", "hiding"])
     p.add_argument("--table", action="store_true")
     args = p.parse_args()
-    table(args) if args.table else run(args)
+    if args.table:
+        return table(args)
+    if "isolation" in args.stages:
+        run(args)
+    if "hiding" in args.stages:
+        hiding(args)
 
 
 if __name__ == "__main__":
