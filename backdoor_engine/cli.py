@@ -554,6 +554,34 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .atomic import atomic_write, write_json_atomic
+    from .auxiliary.gic import GicParams, calibrate, calibration_page
+    from .data.dataset import ArraySource, read_all, save_npz
+    from .data.open import open_source
+    from .params import build_params
+
+    _check_out(args.out, kind="file", suffix=".npz")
+    params = build_params(GicParams, dict(_parse_param(p) for p in args.param), "calibrate")
+    model, meta = _model_from_args(args)
+    source = open_source(args.aux, image_size=tuple(meta["input_size"]), channels=meta["in_channels"],
+                         **_links(args))
+    aux = source.dataset if isinstance(source, ArraySource) else read_all(source)
+    _check_labels_fit(aux.y, meta, args.aux)
+    device = _device_from_args(args.device)
+    result = calibrate(model.to(device), meta["normalisation"], aux, params, device=device, progress=not args.json)
+    stem = args.out[: -len(".npz")]
+    summary = {"out": args.out, "summary": f"{stem}.gic.json", "page": f"{stem}.html", "aux": str(args.aux),
+               "model": str(args.model), **result.summary()}
+    # The page and the summary first: the calibrated set, what later steps read, appears last and whole.
+    with atomic_write(f"{stem}.html", "w") as f:
+        f.write(calibration_page(result, aux, source=str(args.aux), model=str(args.model)))
+    write_json_atomic(f"{stem}.gic.json", summary)
+    save_npz(result.dataset, args.out)
+    print(json.dumps(summary, indent=None if args.json else 2))
+    return 0
+
+
 def cmd_bench(args) -> int:
     import torch
 
@@ -626,7 +654,9 @@ def _model_library_versions(spec) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .auxiliary.gic import GicParams
     from .engine.prefetch import default_workers
+    from .params import provenance_of
 
     parser = argparse.ArgumentParser(prog="backdoor-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -792,6 +822,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one-line JSON summary, no progress output")
     p.add_argument("--allow-outside-links", action="store_true", help=LINKS_HELP)
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("calibrate", help="GIC: calibrate a small auxiliary set to the victim model before a purifier",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Guided Input Calibration: learn g(x) = clip(x + delta, 0, 1) that minimises the "
+                                   "victim model's cross-entropy\non the auxiliary labels within ||delta||_inf <= "
+                                   "radius (eval mode, the model unchanged). Writes OUT.npz\n(the calibrated set, "
+                                   "uint8), OUT.gic.json (settings, loss / accuracy before and after, delta\n"
+                                   "statistics) and OUT.html (original, calibrated and perturbation images).",
+                       epilog="Parameters (--param KEY=VALUE), defaults and provenance:\n"
+                              + "\n".join(f"  {name}={value!r} ({provenance_of(GicParams)[name]})"
+                                          for name, value in dataclasses.asdict(GicParams()).items()))
+    _add_model_args(p, required=True)
+    p.add_argument("--aux", required=True, help="the auxiliary set (images with labels); " + DATA_HELP)
+    p.add_argument("--out", required=True, help="the calibrated set, .npz")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="radius, lr, steps, mode (per_sample|universal), batch_size")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where it runs [cpu]")
+    p.add_argument("--json", action="store_true", help="one-line JSON summary, no progress output")
+    p.add_argument("--allow-outside-links", action="store_true", help=LINKS_HELP)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("bench", help="extraction throughput on this machine: plain forward vs engine vs official-style",
                        description="Time, in one process and interleaved (median of --repeats), a plain forward "

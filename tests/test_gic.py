@@ -1,0 +1,101 @@
+"""GIC (auxiliary/gic.py): the calibration lowers the victim model's loss on the auxiliary labels inside the
+radius, batches give the one-at-a-time result, the model is left untouched, and bad input is refused."""
+
+import numpy as np
+import pytest
+import torch
+
+from backdoor_engine.auxiliary import GicParams, calibrate
+from backdoor_engine.data.dataset import Dataset
+from backdoor_engine.errors import InputError
+from backdoor_engine.models.preprocess import fit_normalisation
+from backdoor_engine.models.train import TrainConfig, train_model
+
+
+@pytest.fixture(scope="module")
+def victim():
+    """A small model trained on bright-left vs bright-right images, and a darkened (shifted) auxiliary set."""
+    rng = np.random.default_rng(0)
+    n = 256
+    y = rng.integers(0, 2, n)
+    x = rng.integers(0, 60, (n, 12, 12, 1))
+    x[y == 0, :, :6] += 150
+    x[y == 1, :, 6:] += 150
+    x = x.astype(np.uint8)
+    result = train_model(x, y, arch="small_resnet", num_classes=2,
+                         config=TrainConfig(epochs=3, batch_size=32, progress=False))
+    shifted = Dataset((x[:64] * 0.35).astype(np.uint8), y[:64])
+    return result.model, result.normalisation, shifted
+
+
+def test_calibration_lowers_the_loss_within_the_radius_and_keeps_labels(victim):
+    model, normalisation, aux = victim
+    result = calibrate(model, normalisation, aux, GicParams(steps=30))
+    assert result.after["loss"] < result.before["loss"]
+    assert result.after["acc"] >= result.before["acc"]
+    moved = np.abs(result.dataset.x.astype(np.int16) - aux.x.astype(np.int16))
+    assert moved.max() <= round(0.1 * 255) + 1  # the radius, plus rounding to uint8
+    assert np.array_equal(result.dataset.y, aux.y) and np.array_equal(result.dataset.ids, aux.ids)
+    assert np.abs(result.delta).max() <= 0.1 + 1e-6 and result.delta.shape == (64, 12, 12, 1)
+    summary = result.summary()
+    assert summary["mode"] == "per_sample" and 0 < summary["delta"]["mean_abs"] <= 0.1
+
+
+def test_a_batch_of_images_gives_each_the_delta_it_gets_alone(victim):
+    model, normalisation, aux = victim
+    small = aux.subset(np.arange(6))
+    together = calibrate(model, normalisation, small, GicParams(steps=10, batch_size=6))
+    alone = calibrate(model, normalisation, small, GicParams(steps=10, batch_size=1))
+    np.testing.assert_allclose(together.delta, alone.delta, atol=2e-3)
+
+
+def test_the_universal_mode_shares_one_delta_and_the_model_is_left_as_it_was(victim):
+    model, normalisation, aux = victim
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = calibrate(model, normalisation, aux, GicParams(steps=20, mode="universal", batch_size=16))
+    assert result.delta.shape == (1, 12, 12, 1)
+    assert result.after["loss"] < result.before["loss"]
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("given, message", [({"radius": 0}, "radius must be in"), ({"steps": 0}, "steps"),
+                                            ({"mode": "global"}, "mode must be one of")])
+def test_bad_calibration_settings_are_refused(given, message):
+    with pytest.raises(InputError, match=message):
+        GicParams(**given)
+
+
+def test_an_auxiliary_set_that_does_not_fit_the_model_is_refused(victim):
+    model, normalisation, _ = victim
+    rgb = Dataset(np.zeros((4, 12, 12, 3), np.uint8), np.zeros(4, np.int64))
+    with pytest.raises(InputError, match="3 channels"):
+        calibrate(model, normalisation, rgb)
+
+
+def test_the_calibrate_command_writes_the_set_its_summary_and_a_page(victim, tmp_path, capsys):
+    import json
+
+    from backdoor_engine.cli import main
+    from backdoor_engine.data.dataset import load_npz, save_npz
+    from backdoor_engine.models.checkpoint import save_checkpoint
+
+    model, normalisation, aux = victim
+    save_checkpoint(tmp_path / "victim.pt", model, arch="small_resnet", num_classes=2, in_channels=1, input_size=12,
+                    normalisation=normalisation)
+    save_npz(aux, tmp_path / "aux.npz")
+    out = tmp_path / "aux_cal.npz"
+    assert main(["calibrate", "--model", str(tmp_path / "victim.pt"), "--aux", str(tmp_path / "aux.npz"),
+                 "--out", str(out), "--param", "steps=5", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 5 and summary["after"]["loss"] < summary["before"]["loss"]
+    calibrated = load_npz(out)
+    assert calibrated.x.shape == aux.x.shape and np.array_equal(calibrated.y, aux.y)
+    assert json.loads((tmp_path / "aux_cal.gic.json").read_text())["mode"] == "per_sample"
+    assert "data:image/png;base64," in (tmp_path / "aux_cal.html").read_text()
+    assert main(["calibrate", "--model", str(tmp_path / "victim.pt"), "--aux", str(tmp_path / "aux.npz"),
+                 "--out", str(tmp_path / "bad.npz"), "--param", "radius=2"]) != 0
+    assert "radius must be in" in capsys.readouterr().err
+    assert not (tmp_path / "bad.npz").exists() and not (tmp_path / "bad.html").exists()
