@@ -554,6 +554,24 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_aux(args) -> int:
+    import numpy as np
+
+    from .auxiliary.sets import make_aux
+    from .data.dataset import save_npz
+    from .data.open import open_dataset
+
+    _check_out(args.out, kind="file", suffix=".npz")
+    train = open_dataset(args.train, **_links(args))
+    pool = open_dataset(args.pool, **_links(args)) if args.pool else None
+    aux = make_aux(args.kind, train, pool, size=args.size, ratio=args.ratio, seed=args.seed)
+    save_npz(aux, args.out)
+    print(json.dumps({"out": args.out, "kind": args.kind, "n_samples": len(aux),
+                      "per_class": np.bincount(aux.y, minlength=train.num_classes).tolist(),
+                      "train": str(args.train), "pool": args.pool}))
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from .atomic import atomic_write, write_json_atomic
     from .auxiliary.gic import GicParams, calibrate, calibration_page
@@ -655,6 +673,7 @@ def _model_library_versions(spec) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from .auxiliary.gic import GicParams
+    from .auxiliary.sets import KINDS as AUX_KINDS, describe_kinds
     from .engine.prefetch import default_workers
     from .params import provenance_of
 
@@ -822,6 +841,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one-line JSON summary, no progress output")
     p.add_argument("--allow-outside-links", action="store_true", help=LINKS_HELP)
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("aux", help="build an auxiliary set for the purifiers: seen, reserved, or shifted",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="A small labelled clean set, stratified by class, 5% of the training set by default "
+                                   "(BackdoorBenchER's ratio).\n\n" + describe_kinds())
+    p.add_argument("--kind", required=True, choices=AUX_KINDS, help="which auxiliary set (above)")
+    p.add_argument("--train", required=True, help="the victim's training set (its ids are never drawn for the "
+                                                  "reserved kinds; seen draws its clean part); " + DATA_HELP)
+    p.add_argument("--pool", help="clean images of the training distribution to reserve from (every kind but "
+                                  "seen), e.g. fashion-mnist; " + DATA_HELP)
+    p.add_argument("--size", type=int, help="number of images [ratio x the training set]")
+    p.add_argument("--ratio", type=float, default=0.05, help="size relative to the training set [0.05]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw [0]")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--allow-outside-links", action="store_true", help=LINKS_HELP)
+    p.set_defaults(func=cmd_aux)
 
     p = sub.add_parser("calibrate", help="GIC: calibrate a small auxiliary set to the victim model before a purifier",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -99,3 +99,60 @@ def test_the_calibrate_command_writes_the_set_its_summary_and_a_page(victim, tmp
                  "--out", str(tmp_path / "bad.npz"), "--param", "radius=2"]) != 0
     assert "radius must be in" in capsys.readouterr().err
     assert not (tmp_path / "bad.npz").exists() and not (tmp_path / "bad.html").exists()
+
+
+def test_auxiliary_sets_are_stratified_unseen_and_shifted_as_their_kind_says():
+    from backdoor_engine.auxiliary.sets import make_aux, stratified
+
+    rng = np.random.default_rng(3)
+    pool = Dataset(rng.integers(0, 256, (400, 6, 6, 1)).astype(np.uint8), np.repeat(np.arange(4), 100))
+    train = pool.subset(np.arange(0, 400, 2))  # the victim saw the even ids
+    poison = np.zeros(len(train), np.int64)
+    poison[:30] = 1
+    train = Dataset(train.x, train.y, train.ids, poison)
+    seen = make_aux("seen", train, size=20)
+    assert len(seen) == 20 and (seen.poison == 0).all() and np.bincount(seen.y).tolist() == [5, 5, 5, 5]
+    reserved = make_aux("reserved", train, pool)  # default: 5% of the training set
+    assert len(reserved) == 10 and not np.isin(reserved.ids, train.ids).any()
+    assert np.array_equal(reserved.x, pool.x[reserved.ids])
+    inverted = make_aux("inverted", train, pool)
+    assert np.array_equal(inverted.ids, reserved.ids) and np.array_equal(inverted.x, 255 - reserved.x)
+    bright = make_aux("bright", train, pool)
+    assert (bright.x >= reserved.x).all() and bright.x.mean() > reserved.x.mean()
+    # a class short of samples gives what it has, the others fill the size
+    y = np.array([0] * 2 + [1] * 50 + [2] * 50)
+    assert np.bincount(y[stratified(y, 30, 3, 0)]).tolist() == [2, 14, 14]
+
+
+@pytest.mark.parametrize("kind, given, message", [
+    ("seen", {}, "ground-truth `poison` column"),
+    ("reserved", {}, "give --pool"),
+    ("external", {}, "kind must be one of"),
+])
+def test_auxiliary_sets_refuse_what_they_cannot_build(kind, given, message):
+    from backdoor_engine.auxiliary.sets import make_aux
+
+    train = Dataset(np.zeros((40, 4, 4, 1), np.uint8), np.arange(40) % 2)
+    with pytest.raises(InputError, match=message):
+        make_aux(kind, train, **given)
+
+
+def test_the_aux_command_writes_a_reserved_set_outside_the_training_ids(tmp_path, capsys):
+    import json
+
+    from backdoor_engine.cli import main
+    from backdoor_engine.data.dataset import load_npz, save_npz
+
+    rng = np.random.default_rng(4)
+    pool = Dataset(rng.integers(0, 256, (200, 6, 6, 1)).astype(np.uint8), np.arange(200) % 4)
+    save_npz(pool, tmp_path / "pool.npz")
+    save_npz(pool.subset(np.arange(100)), tmp_path / "train.npz")
+    assert main(["aux", "--kind", "dark", "--train", str(tmp_path / "train.npz"), "--pool",
+                 str(tmp_path / "pool.npz"), "--out", str(tmp_path / "aux.npz")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    aux = load_npz(tmp_path / "aux.npz")
+    assert summary["n_samples"] == 5 == len(aux) and (aux.ids >= 100).all()
+    assert np.array_equal(aux.x, np.round(pool.x[aux.ids] * 0.5).astype(np.uint8))
+    assert main(["aux", "--kind", "seen", "--train", str(tmp_path / "train.npz"), "--out",
+                 str(tmp_path / "seen.npz")]) != 0
+    assert "ground-truth `poison` column" in capsys.readouterr().err and not (tmp_path / "seen.npz").exists()
