@@ -467,17 +467,20 @@ def cmd_purify(args) -> int:
 
         if args.arch not in available_archs():
             raise InputError(f"--arch {args.arch!r} is not a registered architecture: {', '.join(available_archs())}")
-    dataset = open_dataset(args.data)
+    if args.data is None and strategy.uses_flags != "unused":
+        raise InputError(f"purify strategy {args.strategy!r} works on the scanned set: give --data")
+    aux = None if args.aux is None else open_dataset(args.aux)
+    # A strategy that tunes on the auxiliary set alone needs no scanned set: the aux set stands in for it.
+    dataset = open_dataset(args.data) if args.data is not None else aux
     flags = None
     if args.report is not None:
         flags = (split_from_report(dataset, args.report, clean_fraction=args.clean_fraction)
                  if strategy.uses_split or args.clean_fraction is not None else flags_from_report(dataset, args.report))
-    aux = None if args.aux is None else open_dataset(args.aux)
     eval_data = None if args.eval_data is None else open_dataset(args.eval_data)
     model, meta = (None, None) if args.model is None else load_checkpoint(args.model)
     num_classes = dataset.num_classes if meta is None else meta["num_classes"]
     arch = args.arch or meta["arch"]
-    _check_labels_fit(dataset.y, {"num_classes": num_classes}, args.data)
+    _check_labels_fit(dataset.y, {"num_classes": num_classes}, args.data or args.aux)
     if aux is not None:
         _check_labels_fit(aux.y, {"num_classes": num_classes}, args.aux)
     t0 = time.perf_counter()
@@ -485,7 +488,7 @@ def cmd_purify(args) -> int:
                       aux=aux, arch=arch, **params)
     seconds = time.perf_counter() - t0
     n_flagged = 0 if flags is None else int((flags == POISONED).sum() if flags.dtype != bool else flags.sum())
-    record = repair_record(repaired, strategy=args.strategy, data=str(args.data), report=args.report,
+    record = repair_record(repaired, strategy=args.strategy, data=None if args.data is None else str(args.data), report=args.report,
                            model=None if args.model is None else str(args.model), n_flagged=n_flagged,
                            seconds=seconds, provenance=provenance_of(strategy.Params), aux=args.aux)
     if args.clean_fraction is not None:
@@ -792,7 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "where that default comes from:\n\n"
                               + "\n\n".join(get_repair(name).describe() for name in repairs)
                               + "".join(f"\n\n{name}: plugin failed to load ({why})" for name, why in broken.items()))
-    p.add_argument("--data", required=True, help="the scanned dataset; " + DATA_HELP)
+    p.add_argument("--data", help="the scanned dataset (not needed by strategies that tune on --aux alone, e.g. "
+                                  "ft); " + DATA_HELP)
     p.add_argument("--model", help="the suspect checkpoint that was scanned (not needed by strategies that train "
                                    "from scratch, e.g. d-st)")
     p.add_argument("--arch", help="architecture of a model trained from scratch [the suspect model's]")

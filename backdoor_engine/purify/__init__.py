@@ -5,6 +5,9 @@
   d-br             D-BR: the same loop on a three-way split (poisoned part / clean part, uncertain left out)
   d-st             D-ST: secure training from scratch, SS-CTL encoder then a head with MCE loss
   backdoor-hiding  TRAP: flagged samples relabelled as a dummy class, only the head retrained (K+1 outputs)
+  ft               fine-tuning on a small clean auxiliary set (BackdoorBenchER)
+  ft-sam           the same with (adaptive) sharpness-aware minimisation
+  fst              feature shift tuning: a re-initialised head pushed away from the old one
 
 A new strategy is one file with its Repair subclass plus one line in REPAIRS. A third-party package
 registers one through the entry point group `backdoor_engine.repairs` (name = the strategy's name,
@@ -23,10 +26,14 @@ from .unlearn_relearn import UnlearnRelearn, UnlearnRelearnParams, unlearn_relea
 from .d_br import DBr
 from .d_st import DSt
 from .backdoor_hiding import BackdoorHiding
+from .finetune import Finetune
+from .ft_sam import FtSam
+from .fst import Fst
 
 ENTRY_POINT_GROUP = "backdoor_engine.repairs"
 
-REPAIRS: dict[str, type[Repair]] = {cls.name: cls for cls in (Retrain, UnlearnRelearn, DBr, DSt, BackdoorHiding)}
+REPAIRS: dict[str, type[Repair]] = {cls.name: cls for cls in (Retrain, UnlearnRelearn, DBr, DSt, BackdoorHiding,
+                                                                    Finetune, FtSam, Fst)}
 for _cls in REPAIRS.values():
     check_repair_class(_cls)  # a built-in missing provenance fails at import, not in a user's run
 

@@ -1,0 +1,130 @@
+"""The purifiers that tune on a small clean auxiliary set (purify/finetune.py, ft_sam.py, fst.py): each as
+BackdoorBenchER runs it, checked on a toy model; the schedules, the SAM step and FST's head constraint."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from backdoor_engine.data.dataset import Dataset
+from backdoor_engine.errors import InputError
+from backdoor_engine.models.preprocess import to_model_input
+from backdoor_engine.models.train import TrainConfig, train_model
+from backdoor_engine.purify import get_repair
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """A small model that learned a 'backdoor': a bright corner sends class-0 images to class 1; and a clean
+    auxiliary set without the corner."""
+    rng = np.random.default_rng(0)
+    n = 320
+    y = rng.integers(0, 2, n)
+    x = rng.integers(0, 60, (n, 12, 12, 1))
+    x[y == 0, :, :6] += 150
+    x[y == 1, :, 6:] += 150
+    poisoned = np.flatnonzero(y == 0)[:40]
+    x[poisoned, :3, :3] = 255
+    y_train = y.copy()
+    y_train[poisoned] = 1
+    x = x.astype(np.uint8)
+    result = train_model(x, y_train, arch="small_resnet", num_classes=2,
+                         config=TrainConfig(epochs=4, batch_size=32, progress=False))
+    clean = np.setdiff1d(np.arange(n), poisoned)[:64]
+    return result.model, result.normalisation, Dataset(x[clean], y[clean])
+
+
+def run(strategy, toy, **params):
+    model, normalisation, aux = toy
+    settings = {"epochs": 3, "batch_size": 32, **params}
+    return get_repair(strategy).apply(model, normalisation, aux, None, aux, params=settings, progress=False)
+
+
+@pytest.mark.parametrize("strategy", ["ft", "ft-sam", "fst"])
+def test_each_aux_purifier_tunes_a_copy_keeps_aux_accuracy_and_records_its_settings(toy, strategy):
+    model, _, aux = toy
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    repaired = run(strategy, toy)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert [h["epoch"] for h in repaired.history] == [1, 2, 3]
+    assert repaired.history[-1]["aux_acc"] >= 0.8
+    assert repaired.config["n_aux"] == len(aux) and not repaired.model.training
+
+
+def test_ft_follows_the_official_per_epoch_cosine_of_100_epochs_whatever_the_budget(toy):
+    history = run("ft", toy).history
+    assert [h["lr"] for h in history] == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * e / 100))
+                                                        for e in range(3)])
+    annealed = run("ft", toy, t_max=3).history
+    assert annealed[-1]["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))
+
+
+def test_ft_sam_steps_the_cosine_every_batch_as_the_official_code():
+    # 64 aux images, batch 32: two batches per epoch, so epoch e's last batch is step 2e + 1
+    from backdoor_engine.purify.ft_sam import FtSamParams
+
+    params = FtSamParams()
+    lr = [0.5 * params.lr * (1 + math.cos(math.pi * step / params.t_max)) for step in (1, 3, 5)]
+    assert lr[0] > lr[1] > lr[2]  # and with 200 steps it would come back up: period 2 x T_max
+
+
+def test_the_sam_step_returns_the_weights_and_keeps_batchnorm_running_statistics_of_the_first_pass(toy):
+    import copy
+
+    from backdoor_engine.purify.ft_sam import sam_step, smoothed_loss
+
+    model, normalisation, aux = toy
+    tuned = copy.deepcopy(model).train()
+    inputs = to_model_input(aux.x[:16], normalisation)
+    targets = torch.from_numpy(aux.y[:16].astype(np.int64))
+    weights = {k: v.clone() for k, v in tuned.named_parameters()}
+    reference = copy.deepcopy(model).train()
+    smoothed_loss(reference(inputs), targets, 0.1)  # one training-mode pass: the statistics SAM must end with
+    sam_step(2.0, True, 0.1)(tuned, inputs, targets)
+    for name, value in tuned.named_parameters():
+        assert torch.allclose(value, weights[name], atol=1e-6), name
+        assert value.grad is not None
+    for (name, a), b in zip(tuned.named_buffers(), reference.buffers()):
+        if "running" in name:  # num_batches_tracked counts both passes, as in the official momentum-0 trick
+            assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_fst_reinitialises_the_head_at_the_old_norm_and_keeps_that_norm(toy):
+    from backdoor_engine.purify.fst import reinitialised
+
+    model, _, _ = toy
+    start, old = reinitialised(model, 0)
+    assert torch.allclose(start.head.weight.norm(), old.norm()) and not torch.allclose(start.head.weight, old)
+    repaired = run("fst", toy)
+    assert torch.allclose(repaired.model.head.weight.norm(), old.norm(), rtol=1e-4)
+    cosine = (repaired.model.head.weight * old).sum() / old.norm() ** 2
+    assert cosine < 0.5  # pushed away from the backdoored head
+
+
+def test_aux_purifiers_refuse_to_run_without_an_auxiliary_set(toy):
+    model, normalisation, aux = toy
+    with pytest.raises(InputError, match="needs a small clean auxiliary set"):
+        get_repair("ft").apply(model, normalisation, aux, None, None, params={"epochs": 1})
+
+
+def test_purify_ft_from_the_cli_needs_no_scanned_set(toy, tmp_path, capsys):
+    import json
+
+    from backdoor_engine.cli import main
+    from backdoor_engine.data.dataset import save_npz
+    from backdoor_engine.models.checkpoint import load_checkpoint, save_checkpoint
+
+    model, normalisation, aux = toy
+    save_checkpoint(tmp_path / "m.pt", model, arch="small_resnet", num_classes=2, in_channels=1, input_size=12,
+                    normalisation=normalisation)
+    save_npz(aux, tmp_path / "aux.npz")
+    assert main(["purify", "--strategy", "ft", "--model", str(tmp_path / "m.pt"), "--aux", str(tmp_path / "aux.npz"),
+                 "--epochs", "1", "--param", "batch_size=32", "--out", str(tmp_path / "ft.pt")]) == 0
+    assert json.loads(capsys.readouterr().out)["strategy"] == "ft"
+    _, meta = load_checkpoint(tmp_path / "ft.pt")
+    assert meta["purify"]["strategy"] == "ft"
+    assert main(["purify", "--strategy", "retrain", "--model", str(tmp_path / "m.pt"), "--report", "x",
+                 "--out", str(tmp_path / "r.pt")]) != 0
+    assert "give --data" in capsys.readouterr().err
