@@ -37,7 +37,7 @@ def toy():
 
 def run(strategy, toy, **params):
     model, normalisation, aux = toy
-    settings = {"epochs": 3, "batch_size": 32, **params}
+    settings = {**({} if strategy == "anp" else {"epochs": 3, "batch_size": 32}), **params}
     return get_repair(strategy).apply(model, normalisation, aux, None, aux, params=settings, progress=False)
 
 
@@ -128,3 +128,42 @@ def test_purify_ft_from_the_cli_needs_no_scanned_set(toy, tmp_path, capsys):
     assert main(["purify", "--strategy", "retrain", "--model", str(tmp_path / "m.pt"), "--report", "x",
                  "--out", str(tmp_path / "r.pt")]) != 0
     assert "give --data" in capsys.readouterr().err
+
+
+def test_anp_hooks_change_nothing_until_the_mask_or_noise_moves(toy):
+    import copy
+
+    from backdoor_engine.purify.anp import ChannelPerturbation
+
+    model, normalisation, aux = toy
+    work = copy.deepcopy(model).eval()
+    inputs = to_model_input(aux.x[:8], normalisation)
+    plain = work(inputs)
+    channels = ChannelPerturbation(work)
+    assert torch.allclose(work(inputs), plain, atol=1e-5)
+    with torch.no_grad():
+        channels.mask[0][:] = 0.0
+    assert not torch.allclose(work(inputs), plain, atol=1e-3)
+    channels.remove()
+    assert torch.allclose(work(inputs), plain, atol=1e-5)
+
+
+def test_anp_prunes_the_low_mask_channels_at_the_largest_threshold_the_aux_accuracy_allows(toy):
+    from backdoor_engine.purify.anp import pruned
+
+    model, normalisation, aux = toy
+    name = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    channels = dict(model.named_modules())[name].num_features
+    mask = np.linspace(0, 1, channels)
+    copy_, count = pruned(model, {name: mask}, 0.3)
+    assert count == int((mask <= 0.3).sum())
+    weight = dict(copy_.named_modules())[name].weight.detach().numpy()
+    assert (weight[mask <= 0.3] == 0).all() and (weight[mask > 0.3] != 0).all()
+    repaired = run("anp", toy, iterations=30, batch_size=32)
+    config = repaired.config
+    table = [h for h in repaired.history if h["stage"] == "prune"]
+    assert [row["threshold"] for row in table][:3] == [0.0, 0.05, 0.1] and table[-1]["threshold"] == 0.9
+    allowed = [row["threshold"] for row in table if row["aux_acc"] >= 0.9 * config["aux_acc_unpruned"]]
+    assert config["threshold"] == max(allowed)
+    chosen = next(row for row in table if row["threshold"] == config["threshold"])
+    assert config["pruned_channels"] == chosen["pruned_channels"]

@@ -8,6 +8,7 @@
   ft               fine-tuning on a small clean auxiliary set (BackdoorBenchER)
   ft-sam           the same with (adaptive) sharpness-aware minimisation
   fst              feature shift tuning: a re-initialised head pushed away from the old one
+  anp              adversarial neuron pruning of BatchNorm channels, learned on the auxiliary set
 
 A new strategy is one file with its Repair subclass plus one line in REPAIRS. A third-party package
 registers one through the entry point group `backdoor_engine.repairs` (name = the strategy's name,
@@ -29,11 +30,12 @@ from .backdoor_hiding import BackdoorHiding
 from .finetune import Finetune
 from .ft_sam import FtSam
 from .fst import Fst
+from .anp import Anp
 
 ENTRY_POINT_GROUP = "backdoor_engine.repairs"
 
 REPAIRS: dict[str, type[Repair]] = {cls.name: cls for cls in (Retrain, UnlearnRelearn, DBr, DSt, BackdoorHiding,
-                                                                    Finetune, FtSam, Fst)}
+                                                                    Finetune, FtSam, Fst, Anp)}
 for _cls in REPAIRS.values():
     check_repair_class(_cls)  # a built-in missing provenance fails at import, not in a user's run
 
