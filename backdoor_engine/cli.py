@@ -457,6 +457,10 @@ def cmd_purify(args) -> int:
     strategy.params(params)
     if args.clean_fraction is not None and args.report is None:
         raise InputError("--clean-fraction selects the clean part from a scan's scores: give --report")
+    if args.calibrate and (args.aux is None or args.model is None):
+        raise InputError("--calibrate calibrates the --aux set to the suspect --model (GIC): give both")
+    if args.gic_param and not args.calibrate:
+        raise InputError("--gic-param sets GIC's calibration: add --calibrate")
     strategy.check_declared(has_flags=args.report is not None, has_aux=args.aux is not None, has_arch=True,
                             has_model=args.model is not None)
     if args.model is None and not args.arch:
@@ -483,6 +487,16 @@ def cmd_purify(args) -> int:
     _check_labels_fit(dataset.y, {"num_classes": num_classes}, args.data or args.aux)
     if aux is not None:
         _check_labels_fit(aux.y, {"num_classes": num_classes}, args.aux)
+    calibration = None
+    if args.calibrate:
+        from .auxiliary.gic import GicParams, calibrate
+        from .params import build_params
+
+        gic = build_params(GicParams, dict(_parse_param(p) for p in args.gic_param), "purify --calibrate")
+        result = calibrate(model, meta["normalisation"], aux, gic, progress=True)
+        aux, calibration = result.dataset, result.summary()
+        if args.data is None:
+            dataset = aux
     t0 = time.perf_counter()
     repaired = purify(model, None if meta is None else meta["normalisation"], dataset, flags, strategy=args.strategy,
                       aux=aux, arch=arch, **params)
@@ -493,6 +507,8 @@ def cmd_purify(args) -> int:
                            seconds=seconds, provenance=provenance_of(strategy.Params), aux=args.aux)
     if args.clean_fraction is not None:
         record["clean_fraction"] = args.clean_fraction
+    if calibration is not None:
+        record["gic"] = calibration
     # The attack to measure ASR with: the suspect model's record, else the manifest beside the data.
     attack = _spec_recorded_in(meta) if meta is not None else _spec_beside(str(args.data), None)
     metrics = save_trained(args.out, repaired.model, repaired.normalisation, arch=arch, trained_on=dataset,
@@ -813,6 +829,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="shorthand for --param lr=LR [the strategy's default]")
     p.add_argument("--seed", type=int, default=None, help="shorthand for --param seed=S [the strategy's default, 0]")
     p.add_argument("--aux", help="small clean auxiliary set, for strategies that take one; " + DATA_HELP)
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrate the --aux set to the suspect model with GIC first (see `calibrate --help`)")
+    p.add_argument("--gic-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="GIC setting with --calibrate: radius, lr, steps, mode, batch_size")
     p.add_argument("--eval-data", help="clean test set: report BA (and ASR from the model's attack record)")
     p.add_argument("--out", required=True, help="output checkpoint .pt")
     p.set_defaults(func=cmd_purify)

@@ -167,3 +167,24 @@ def test_anp_prunes_the_low_mask_channels_at_the_largest_threshold_the_aux_accur
     assert config["threshold"] == max(allowed)
     chosen = next(row for row in table if row["threshold"] == config["threshold"])
     assert config["pruned_channels"] == chosen["pruned_channels"]
+
+
+def test_purify_calibrates_the_aux_set_with_gic_first_when_asked(toy, tmp_path, capsys):
+    from backdoor_engine.cli import main
+    from backdoor_engine.data.dataset import save_npz
+    from backdoor_engine.models.checkpoint import load_checkpoint, save_checkpoint
+
+    model, normalisation, aux = toy
+    save_checkpoint(tmp_path / "m.pt", model, arch="small_resnet", num_classes=2, in_channels=1, input_size=12,
+                    normalisation=normalisation)
+    save_npz(aux, tmp_path / "aux.npz")
+    assert main(["purify", "--strategy", "ft", "--model", str(tmp_path / "m.pt"), "--aux", str(tmp_path / "aux.npz"),
+                 "--calibrate", "--gic-param", "steps=3", "--epochs", "1", "--param", "batch_size=32",
+                 "--out", str(tmp_path / "ft.pt")]) == 0
+    _, meta = load_checkpoint(tmp_path / "ft.pt")
+    gic = meta["purify"]["gic"]
+    assert gic["steps"] == 3 and gic["n_samples"] == len(aux) and gic["after"]["loss"] <= gic["before"]["loss"]
+    capsys.readouterr()
+    assert main(["purify", "--strategy", "ft", "--model", str(tmp_path / "m.pt"), "--aux", str(tmp_path / "aux.npz"),
+                 "--gic-param", "steps=3", "--out", str(tmp_path / "x.pt")]) != 0
+    assert "add --calibrate" in capsys.readouterr().err
