@@ -41,7 +41,7 @@ def run(strategy, toy, **params):
     return get_repair(strategy).apply(model, normalisation, aux, None, aux, params=settings, progress=False)
 
 
-@pytest.mark.parametrize("strategy", ["ft", "ft-sam", "fst"])
+@pytest.mark.parametrize("strategy", ["ft", "ft-sam", "fst", "sau"])
 def test_each_aux_purifier_tunes_a_copy_keeps_aux_accuracy_and_records_its_settings(toy, strategy):
     model, _, aux = toy
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -188,3 +188,21 @@ def test_purify_calibrates_the_aux_set_with_gic_first_when_asked(toy, tmp_path, 
     assert main(["purify", "--strategy", "ft", "--model", str(tmp_path / "m.pt"), "--aux", str(tmp_path / "aux.npz"),
                  "--gic-param", "steps=3", "--out", str(tmp_path / "x.pt")]) != 0
     assert "add --calibrate" in capsys.readouterr().err
+
+
+def test_the_shared_perturbation_stays_in_the_radius_and_the_unlearning_loss_is_clean_ce_without_shared_fooling(toy):
+    import copy
+
+    from backdoor_engine.purify.sau import SauParams, _normalise, shared_perturbation, unlearning_loss
+
+    model, normalisation, aux = toy
+    model = copy.deepcopy(model).eval()
+    pixels = torch.from_numpy(aux.x[:16]).permute(0, 3, 1, 2).float() / 255
+    targets = torch.from_numpy(aux.y[:16].astype(np.int64))
+    normalise = _normalise(normalisation, "cpu")
+    params = SauParams()
+    delta = shared_perturbation(model, model, pixels, targets, normalise, params)
+    assert delta.shape == pixels.shape and delta.abs().max() <= 0.2 + 1e-6
+    clean_ce = torch.nn.functional.cross_entropy(model(normalise(pixels)), targets)
+    no_shift = unlearning_loss(model, model, pixels, targets, torch.zeros_like(pixels), normalise, params)
+    assert torch.allclose(no_shift, clean_ce, atol=1e-5)  # unperturbed: nothing fools the reference, shared = 0

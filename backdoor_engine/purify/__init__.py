@@ -9,6 +9,7 @@
   ft-sam           the same with (adaptive) sharpness-aware minimisation
   fst              feature shift tuning: a re-initialised head pushed away from the old one
   anp              adversarial neuron pruning of BatchNorm channels, learned on the auxiliary set
+  sau              shared adversarial unlearning on the auxiliary set (reference: the frozen suspect model)
 
 A new strategy is one file with its Repair subclass plus one line in REPAIRS. A third-party package
 registers one through the entry point group `backdoor_engine.repairs` (name = the strategy's name,
@@ -31,11 +32,12 @@ from .finetune import Finetune
 from .ft_sam import FtSam
 from .fst import Fst
 from .anp import Anp
+from .sau import Sau
 
 ENTRY_POINT_GROUP = "backdoor_engine.repairs"
 
 REPAIRS: dict[str, type[Repair]] = {cls.name: cls for cls in (Retrain, UnlearnRelearn, DBr, DSt, BackdoorHiding,
-                                                                    Finetune, FtSam, Fst, Anp)}
+                                                                    Finetune, FtSam, Fst, Anp, Sau)}
 for _cls in REPAIRS.values():
     check_repair_class(_cls)  # a built-in missing provenance fails at import, not in a user's run
 
