@@ -37,11 +37,12 @@ def toy():
 
 def run(strategy, toy, **params):
     model, normalisation, aux = toy
-    settings = {**({} if strategy == "anp" else {"epochs": 3, "batch_size": 32}), **params}
+    settings = {**({} if strategy == "anp" else {"epochs": 3, "batch_size": 32}),
+                **({"warm_epochs": 0} if strategy == "npd" else {}), **params}
     return get_repair(strategy).apply(model, normalisation, aux, None, aux, params=settings, progress=False)
 
 
-@pytest.mark.parametrize("strategy", ["ft", "ft-sam", "fst", "sau"])
+@pytest.mark.parametrize("strategy", ["ft", "ft-sam", "fst", "sau", "npd"])
 def test_each_aux_purifier_tunes_a_copy_keeps_aux_accuracy_and_records_its_settings(toy, strategy):
     model, _, aux = toy
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -206,3 +207,32 @@ def test_the_shared_perturbation_stays_in_the_radius_and_the_unlearning_loss_is_
     clean_ce = torch.nn.functional.cross_entropy(model(normalise(pixels)), targets)
     no_shift = unlearning_loss(model, model, pixels, targets, torch.zeros_like(pixels), normalise, params)
     assert torch.allclose(no_shift, clean_ce, atol=1e-5)  # unperturbed: nothing fools the reference, shared = 0
+
+
+def test_npd_trains_only_its_polarizer_which_starts_as_the_identity_and_survives_a_checkpoint(toy, tmp_path):
+    import copy
+
+    from backdoor_engine.models.checkpoint import load_checkpoint, save_checkpoint
+    from backdoor_engine.models.polarizer import attach_polarizer, default_layer
+
+    model, normalisation, aux = toy
+    work = copy.deepcopy(model).eval()
+    inputs = to_model_input(aux.x[:8], normalisation)
+    plain = work(inputs)
+    polarizer = attach_polarizer(work, default_layer(work)).eval()
+    with torch.no_grad():  # conv = identity; BatchNorm at its initial statistics (mean 0, var 1) is ~ the identity
+        assert torch.allclose(work(inputs), plain, atol=1e-3)
+    assert copy.deepcopy(work).npd_polarizer is not polarizer
+    repaired = run("npd", toy, epochs=2, warm_epochs=1)
+    assert [h["stage"] for h in repaired.history] == ["warm-up", "polarize", "polarize"]
+    backbone = {k: v for k, v in repaired.model.state_dict().items() if not k.startswith("npd_polarizer")}
+    for name, value in model.state_dict().items():
+        assert torch.equal(backbone[name], value), name
+    assert not torch.allclose(repaired.model.npd_polarizer.conv.weight,
+                              torch.eye(repaired.model.npd_polarizer.conv.in_channels).view_as(
+                                  repaired.model.npd_polarizer.conv.weight))
+    save_checkpoint(tmp_path / "npd.pt", repaired.model, arch="small_resnet", num_classes=2, in_channels=1,
+                    input_size=12, normalisation=normalisation)
+    loaded, meta = load_checkpoint(tmp_path / "npd.pt")
+    assert meta["polarizer"] == {"layer": repaired.config["layer"], "channels": polarizer.conv.in_channels}
+    assert torch.allclose(loaded(inputs), repaired.model(inputs), atol=1e-5)

@@ -33,7 +33,7 @@ def test_the_registry_lists_every_built_in_strategy():
 
 
 def test_an_unknown_strategy_is_refused_listing_the_registered_ones():
-    with pytest.raises(InputError, match="unknown purify strategy 'retrian'; registered: anp, backdoor-hiding, d-br, d-st, fst, ft, ft-sam, retrain, sau, unlearn-relearn"):
+    with pytest.raises(InputError, match="unknown purify strategy 'retrian'; registered: anp, backdoor-hiding, d-br, d-st, fst, ft, ft-sam, npd, retrain, sau, unlearn-relearn"):
         get_repair("retrian")
 
 

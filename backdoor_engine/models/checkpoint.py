@@ -20,12 +20,13 @@ from .. import __version__
 from ..atomic import atomic_write
 from ..data.dataset import MAX_CLASSES
 from ..errors import InputError
+from .polarizer import attach_polarizer, polarizer_meta
 from .preprocess import Normalisation
 from .registry import build_model, image_size_pair
 
 FORMAT_VERSION = 1
 REQUIRED_META = ("arch", "num_classes", "in_channels", "input_size", "normalisation", "format_version")
-RESERVED_META = (*REQUIRED_META, "engine_version")
+RESERVED_META = (*REQUIRED_META, "engine_version", "polarizer")
 # Sane bounds on declared metadata, checked before anything is built from it: a crafted num_classes of
 # 10^12 would otherwise allocate the head first and fail (or exhaust memory) afterwards. The class bound is
 # the one labels are held to (data.dataset.MAX_CLASSES).
@@ -67,8 +68,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, num
     meta = {"arch": arch, "num_classes": num_classes, "in_channels": in_channels, "input_size": [height, width],
             "normalisation": normalisation.to_dict(), "format_version": FORMAT_VERSION,
             "engine_version": __version__, **extra}
+    polarizer = polarizer_meta(model)
+    if polarizer is not None:  # NPD: the polarizer is part of the model and rebuilt on load
+        meta["polarizer"] = polarizer
     # Rebuilding now catches a wrong arch / size before anything is written.
     expected = build_quietly(arch, num_classes=num_classes, in_channels=in_channels, input_size=(height, width))
+    if polarizer is not None:
+        attach_polarizer(expected, polarizer["layer"], polarizer["channels"])
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     check_state_dict(expected, state, f"model (as {arch})")
     with atomic_write(path) as file:
@@ -166,6 +172,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     check_finite_weights(state, str(path))
     model = build_quietly(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
                           input_size=meta["input_size"])
+    polarizer = meta.get("polarizer")
+    if polarizer is not None:
+        if not (isinstance(polarizer, dict) and isinstance(polarizer.get("layer"), str)
+                and isinstance(polarizer.get("channels"), int)):
+            raise InputError(f"{path}: checkpoint meta polarizer must be {{'layer': str, 'channels': int}}, "
+                             f"got {polarizer!r}")
+        attach_polarizer(model, polarizer["layer"], polarizer["channels"])
     check_state_dict(model, state, str(path))
     normalisation = Normalisation.from_dict(meta["normalisation"])
     if normalisation.channels != meta["in_channels"]:

@@ -10,6 +10,7 @@
   fst              feature shift tuning: a re-initialised head pushed away from the old one
   anp              adversarial neuron pruning of BatchNorm channels, learned on the auxiliary set
   sau              shared adversarial unlearning on the auxiliary set (reference: the frozen suspect model)
+  npd              a neural polarizer layer trained on the auxiliary set inside the frozen suspect model
 
 A new strategy is one file with its Repair subclass plus one line in REPAIRS. A third-party package
 registers one through the entry point group `backdoor_engine.repairs` (name = the strategy's name,
@@ -33,11 +34,12 @@ from .ft_sam import FtSam
 from .fst import Fst
 from .anp import Anp
 from .sau import Sau
+from .npd import Npd
 
 ENTRY_POINT_GROUP = "backdoor_engine.repairs"
 
 REPAIRS: dict[str, type[Repair]] = {cls.name: cls for cls in (Retrain, UnlearnRelearn, DBr, DSt, BackdoorHiding,
-                                                                    Finetune, FtSam, Fst, Anp, Sau)}
+                                                                    Finetune, FtSam, Fst, Anp, Sau, Npd)}
 for _cls in REPAIRS.values():
     check_repair_class(_cls)  # a built-in missing provenance fails at import, not in a user's run
 
