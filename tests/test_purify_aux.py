@@ -194,13 +194,14 @@ def test_purify_calibrates_the_aux_set_with_gic_first_when_asked(toy, tmp_path, 
 def test_the_shared_perturbation_stays_in_the_radius_and_the_unlearning_loss_is_clean_ce_without_shared_fooling(toy):
     import copy
 
-    from backdoor_engine.purify.sau import SauParams, _normalise, shared_perturbation, unlearning_loss
+    from backdoor_engine.models.preprocess import normaliser
+    from backdoor_engine.purify.sau import SauParams, shared_perturbation, unlearning_loss
 
     model, normalisation, aux = toy
     model = copy.deepcopy(model).eval()
     pixels = torch.from_numpy(aux.x[:16]).permute(0, 3, 1, 2).float() / 255
     targets = torch.from_numpy(aux.y[:16].astype(np.int64))
-    normalise = _normalise(normalisation, "cpu")
+    normalise = normaliser(normalisation)
     params = SauParams()
     delta = shared_perturbation(model, model, pixels, targets, normalise, params)
     assert delta.shape == pixels.shape and delta.abs().max() <= 0.2 + 1e-6

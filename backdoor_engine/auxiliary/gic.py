@@ -26,7 +26,8 @@ from torch.nn import functional as F
 
 from ..data.dataset import Dataset
 from ..errors import InputError
-from ..models.preprocess import Normalisation, check_images
+from ..models.preprocess import Normalisation, check_images, normaliser
+from ..models.preprocess import float_pixels as _pixels
 from ..params import param
 
 MODES = ("per_sample", "universal")
@@ -74,12 +75,6 @@ class Calibration:
                           "mean_abs_per_channel": magnitude.reshape(-1, magnitude.shape[-1]).mean(0).tolist()}}
 
 
-def _normaliser(normalisation: Normalisation, device) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(normalisation.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(normalisation.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    return mean, std
-
-
 def _frozen(model: nn.Module) -> list[bool]:
     """Eval mode and no weight gradients; returns the requires_grad flags to restore."""
     model.eval()
@@ -89,14 +84,9 @@ def _frozen(model: nn.Module) -> list[bool]:
     return flags
 
 
-def _pixels(x: np.ndarray, device) -> torch.Tensor:
-    """uint8 NHWC -> float [0, 1] NCHW."""
-    return torch.from_numpy(np.ascontiguousarray(x)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-
-
 def _loss_acc(model, x: np.ndarray, y: np.ndarray, normalisation: Normalisation, batch_size: int, device,
               delta: torch.Tensor | None = None, universal: bool = False) -> dict:
-    mean, std = _normaliser(normalisation, device)
+    normalise = normaliser(normalisation, device)
     total, correct = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
@@ -104,7 +94,7 @@ def _loss_acc(model, x: np.ndarray, y: np.ndarray, normalisation: Normalisation,
             if delta is not None:
                 shift = delta if universal else delta[start:start + batch_size]
                 pixels = (pixels + shift).clamp_(0, 1)
-            logits = model((pixels - mean) / std)
+            logits = model(normalise(pixels))
             target = torch.from_numpy(y[start:start + batch_size].astype(np.int64)).to(device)
             total += float(F.cross_entropy(logits, target, reduction="sum"))
             correct += int((logits.argmax(1) == target).sum())
@@ -151,15 +141,15 @@ def calibrate(model: nn.Module, normalisation: Normalisation, dataset: Dataset, 
     return Calibration(out, delta_hwc, before, after, seconds, params, history)
 
 
-def _step_batch(model, pixels, target, delta, mean, std) -> torch.Tensor:
-    logits = model(((pixels + delta).clamp(0, 1) - mean) / std)
+def _step_batch(model, pixels, target, delta, normalise) -> torch.Tensor:
+    logits = model(normalise((pixels + delta).clamp(0, 1)))
     return F.cross_entropy(logits, target, reduction="sum")
 
 
 def _per_sample(model, x, y, normalisation, params: GicParams, device, progress: bool):
     from tqdm.auto import tqdm
 
-    mean, std = _normaliser(normalisation, device)
+    normalise = normaliser(normalisation, device)
     n, h, w, c = x.shape
     delta = torch.zeros((n, c, h, w), dtype=torch.float32, device=device)
     history = np.zeros(params.steps)
@@ -172,7 +162,7 @@ def _per_sample(model, x, y, normalisation, params: GicParams, device, progress:
         part = torch.zeros_like(pixels, requires_grad=True)
         optimizer = torch.optim.Adam([part], lr=params.lr)
         for step in range(params.steps):
-            loss = _step_batch(model, pixels, target, part, mean, std)
+            loss = _step_batch(model, pixels, target, part, normalise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -186,7 +176,7 @@ def _per_sample(model, x, y, normalisation, params: GicParams, device, progress:
 def _universal(model, x, y, normalisation, params: GicParams, device, progress: bool):
     from tqdm.auto import tqdm
 
-    mean, std = _normaliser(normalisation, device)
+    normalise = normaliser(normalisation, device)
     n, h, w, c = x.shape
     delta = torch.zeros((1, c, h, w), dtype=torch.float32, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=params.lr)
@@ -197,7 +187,7 @@ def _universal(model, x, y, normalisation, params: GicParams, device, progress: 
         for start in range(0, n, params.batch_size):
             pixels = _pixels(x[start:start + params.batch_size], device)
             target = torch.from_numpy(y[start:start + params.batch_size].astype(np.int64)).to(device)
-            loss = _step_batch(model, pixels, target, delta, mean, std) / n
+            loss = _step_batch(model, pixels, target, delta, normalise) / n
             loss.backward()
             total += float(loss.detach())
         optimizer.step()

@@ -97,3 +97,17 @@ def to_model_input(x: np.ndarray | torch.Tensor, normalisation: Normalisation) -
     scale, shift = 1.0 / (255.0 * std), -mean / std
     normalised = torch.addcmul(shift, pixels.to(torch.float32), scale)
     return normalised.permute(0, 3, 1, 2).contiguous()
+
+
+def float_pixels(x: np.ndarray, device="cpu") -> torch.Tensor:
+    """uint8 N x H x W x C images as float32 N x C x H x W on [0, 1]: the space in which the purifiers and GIC
+    perturb images (their radii are on [0, 1] pixels)."""
+    check_images(x)
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normaliser(normalisation: Normalisation, device="cpu"):
+    """The model's input normalisation of [0, 1] N x C x H x W pixels (float_pixels), differentiable."""
+    mean = torch.tensor(normalisation.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(normalisation.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return lambda pixels: (pixels - mean) / std

@@ -28,10 +28,10 @@ from torch.nn import functional as F
 from ..errors import InputError
 from ..models.evaluate import accuracy, predict
 from ..models.polarizer import attach_polarizer, default_layer
+from ..models.preprocess import float_pixels, normaliser
 from ..models.train import torch_threads
 from ..params import param
 from .base import REQUIRED, UNUSED, Repair, Repaired
-from .sau import _normalise
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class Npd(Repair):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(params.seed)
             polarizer = attach_polarizer(polarized, layer)
-        normalise = _normalise(normalisation, "cpu")
+        normalise = normaliser(normalisation)
         labels = torch.from_numpy(np.asarray(aux.y, dtype=np.int64))
         generator = torch.Generator().manual_seed(params.seed)
         warm = torch.optim.SGD(polarizer.parameters(), lr=params.warm_lr)
@@ -133,8 +133,7 @@ class Npd(Repair):
                 total = 0.0
                 for start in range(0, len(aux), params.batch_size):
                     rows = order[start:start + params.batch_size]
-                    pixels = torch.from_numpy(np.ascontiguousarray(aux.x[rows.numpy()])).permute(0, 3, 1, 2)
-                    pixels = pixels.float().div_(255.0)
+                    pixels = float_pixels(aux.x[rows.numpy()])
                     polarizer.train(warming)
                     if warming:
                         loss = F.cross_entropy(polarized(normalise(pixels)), labels[rows])

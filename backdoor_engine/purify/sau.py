@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from ..errors import InputError
 from ..models.evaluate import accuracy, predict
+from ..models.preprocess import float_pixels, normaliser
 from ..models.train import torch_threads
 from ..params import param
 from .base import REQUIRED, UNUSED, Repair, Repaired
@@ -51,12 +52,6 @@ class SauParams:
         if self.epochs < 1 or self.batch_size < 1 or self.adv_steps < 1 or not self.lr > 0 or not self.radius > 0:
             raise InputError(f"sau: epochs, batch_size and adv_steps must be >= 1, lr and radius > 0; got "
                              f"{self.epochs}, {self.batch_size}, {self.adv_steps}, {self.lr}, {self.radius}")
-
-
-def _normalise(normalisation, device):
-    mean = torch.tensor(normalisation.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(normalisation.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    return lambda pixels: (pixels - mean) / std
 
 
 def shared_perturbation(model: nn.Module, reference: nn.Module, pixels: torch.Tensor, targets: torch.Tensor,
@@ -121,7 +116,7 @@ class Sau(Repair):
         tuned = copy.deepcopy(model).eval()
         optimizer = torch.optim.Adam(tuned.parameters(), lr=params.lr, betas=(0.9, 0.999),
                                      weight_decay=params.weight_decay, amsgrad=True)
-        normalise = _normalise(normalisation, "cpu")
+        normalise = normaliser(normalisation)
         labels = torch.from_numpy(np.asarray(aux.y, dtype=np.int64))
         generator = torch.Generator().manual_seed(params.seed)
         history = []
@@ -131,8 +126,7 @@ class Sau(Repair):
                 total = 0.0
                 for start in range(0, len(aux), params.batch_size):
                     rows = order[start:start + params.batch_size]
-                    pixels = torch.from_numpy(np.ascontiguousarray(aux.x[rows.numpy()])).permute(0, 3, 1, 2)
-                    pixels = pixels.float().div_(255.0)
+                    pixels = float_pixels(aux.x[rows.numpy()])
                     delta = shared_perturbation(tuned, reference, pixels, labels[rows], normalise, params)
                     loss = unlearning_loss(tuned, reference, pixels, labels[rows], delta, normalise, params)
                     optimizer.zero_grad(set_to_none=True)
