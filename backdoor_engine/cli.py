@@ -446,8 +446,8 @@ def cmd_purify(args) -> int:
     from .models.checkpoint import load_checkpoint
     from .models.provenance import repair_record, save_trained
     from .params import provenance_of
-    from .purify import get_repair
     from .detection import POISONED
+    from .purify import UNUSED, get_repair
     from .report.reading import flags_from_report, split_from_report
 
     _check_out(args.out, kind="file", suffix=".pt")
@@ -471,22 +471,21 @@ def cmd_purify(args) -> int:
 
         if args.arch not in available_archs():
             raise InputError(f"--arch {args.arch!r} is not a registered architecture: {', '.join(available_archs())}")
-    if args.data is None and strategy.uses_flags != "unused":
+    if args.data is None and strategy.uses_flags != UNUSED:
         raise InputError(f"purify strategy {args.strategy!r} works on the scanned set: give --data")
     aux = None if args.aux is None else open_dataset(args.aux)
-    # A strategy that tunes on the auxiliary set alone needs no scanned set: the aux set stands in for it.
-    dataset = open_dataset(args.data) if args.data is not None else aux
+    data = None if args.data is None else open_dataset(args.data)
     flags = None
-    if args.report is not None:
-        flags = (split_from_report(dataset, args.report, clean_fraction=args.clean_fraction)
-                 if strategy.uses_split or args.clean_fraction is not None else flags_from_report(dataset, args.report))
+    if args.report is not None:  # check_declared above: a strategy using flags has --data
+        flags = (split_from_report(data, args.report, clean_fraction=args.clean_fraction)
+                 if strategy.uses_split or args.clean_fraction is not None else flags_from_report(data, args.report))
     eval_data = None if args.eval_data is None else open_dataset(args.eval_data)
     model, meta = (None, None) if args.model is None else load_checkpoint(args.model)
-    num_classes = dataset.num_classes if meta is None else meta["num_classes"]
+    num_classes = (data if data is not None else aux).num_classes if meta is None else meta["num_classes"]
     arch = args.arch or meta["arch"]
-    _check_labels_fit(dataset.y, {"num_classes": num_classes}, args.data or args.aux)
-    if aux is not None:
-        _check_labels_fit(aux.y, {"num_classes": num_classes}, args.aux)
+    for given, source in ((data, args.data), (aux, args.aux)):
+        if given is not None:
+            _check_labels_fit(given.y, {"num_classes": num_classes}, source)
     calibration = None
     if args.calibrate:
         from .auxiliary.gic import GicParams, calibrate
@@ -495,15 +494,15 @@ def cmd_purify(args) -> int:
         gic = build_params(GicParams, dict(_parse_param(p) for p in args.gic_param), "purify --calibrate")
         result = calibrate(model, meta["normalisation"], aux, gic, progress=True)
         aux, calibration = result.dataset, result.summary()
-        if args.data is None:
-            dataset = aux
+    # A strategy that tunes on the auxiliary set alone needs no scanned set: the (calibrated) aux set stands in.
+    dataset = data if data is not None else aux
     t0 = time.perf_counter()
     repaired = purify(model, None if meta is None else meta["normalisation"], dataset, flags, strategy=args.strategy,
                       aux=aux, arch=arch, **params)
     seconds = time.perf_counter() - t0
     n_flagged = 0 if flags is None else int((flags == POISONED).sum() if flags.dtype != bool else flags.sum())
-    record = repair_record(repaired, strategy=args.strategy, data=None if args.data is None else str(args.data), report=args.report,
-                           model=None if args.model is None else str(args.model), n_flagged=n_flagged,
+    record = repair_record(repaired, strategy=args.strategy, data=None if args.data is None else str(args.data),
+                           report=args.report, model=None if args.model is None else str(args.model), n_flagged=n_flagged,
                            seconds=seconds, provenance=provenance_of(strategy.Params), aux=args.aux)
     if args.clean_fraction is not None:
         record["clean_fraction"] = args.clean_fraction

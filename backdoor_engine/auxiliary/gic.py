@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from ..data.dataset import Dataset
 from ..errors import InputError
 from ..models.preprocess import Normalisation, check_images, normaliser
+from ..models.train import frozen_copy
 from ..models.preprocess import float_pixels as _pixels
 from ..params import param
 
@@ -75,15 +76,6 @@ class Calibration:
                           "mean_abs_per_channel": magnitude.reshape(-1, magnitude.shape[-1]).mean(0).tolist()}}
 
 
-def _frozen(model: nn.Module) -> list[bool]:
-    """Eval mode and no weight gradients; returns the requires_grad flags to restore."""
-    model.eval()
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return flags
-
-
 def _loss_acc(model, x: np.ndarray, y: np.ndarray, normalisation: Normalisation, batch_size: int, device,
               delta: torch.Tensor | None = None, universal: bool = False) -> dict:
     normalise = normaliser(normalisation, device)
@@ -113,22 +105,15 @@ def calibrate(model: nn.Module, normalisation: Normalisation, dataset: Dataset, 
         raise InputError(f"gic: the auxiliary set has {x.shape[-1]} channels, the model's normalisation "
                          f"{normalisation.channels}")
     device = torch.device(device)
-    was_training = model.training
-    requires = _frozen(model)
-    try:
-        before = _loss_acc(model, x, y, normalisation, params.batch_size, device)
-        t0 = time.perf_counter()
-        if params.mode == "per_sample":
-            delta, history = _per_sample(model, x, y, normalisation, params, device, progress)
-        else:
-            delta, history = _universal(model, x, y, normalisation, params, device, progress)
-        seconds = time.perf_counter() - t0
-        universal = params.mode == "universal"
-        after = _loss_acc(model, x, y, normalisation, params.batch_size, device, delta, universal)
-    finally:
-        for p, flag in zip(model.parameters(), requires):
-            p.requires_grad_(flag)
-        model.train(was_training)
+    model = frozen_copy(model)  # eval mode, BatchNorm statistics frozen; the caller's model is left as it was
+    before = _loss_acc(model, x, y, normalisation, params.batch_size, device)
+    t0 = time.perf_counter()
+    if params.mode == "per_sample":
+        delta, history = _per_sample(model, x, y, normalisation, params, device, progress)
+    else:
+        delta, history = _universal(model, x, y, normalisation, params, device, progress)
+    seconds = time.perf_counter() - t0
+    after = _loss_acc(model, x, y, normalisation, params.batch_size, device, delta, params.mode == "universal")
     calibrated = np.empty_like(x)
     with torch.no_grad():
         for start in range(0, len(x), params.batch_size):

@@ -57,3 +57,12 @@ class ReferenceIndex:
 def vote(neighbour_flags: np.ndarray) -> np.ndarray:
     """Share of flagged neighbours per row of a bool [n, k] matrix (float32)."""
     return np.asarray(neighbour_flags, dtype=np.float32).mean(axis=1)
+
+
+def majority_label(neighbour_labels: np.ndarray) -> np.ndarray:
+    """The most frequent label per row of an int [n, k] matrix of labels >= -1 (DBSCAN's noise, -1, is a label
+    too); ties go to the lower label."""
+    votes = np.asarray(neighbour_labels, dtype=np.int64) + 1
+    counts = np.zeros((votes.shape[0], int(votes.max(initial=0)) + 1), np.int64)
+    np.add.at(counts, (np.repeat(np.arange(votes.shape[0]), votes.shape[1]), votes.ravel()), 1)
+    return counts.argmax(1) - 1

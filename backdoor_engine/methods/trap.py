@@ -177,6 +177,7 @@ def place(reduced: np.ndarray, rows: np.ndarray, embedding: np.ndarray, clusters
     majority label (noise counts as one) and the mean position of its k nearest embedded rows, found in the
     reduced feature space the t-SNE read."""
     from .. import cluster
+    from ..cluster.assign import majority_label
 
     n = len(reduced)
     others = np.setdiff1d(np.arange(n), rows)
@@ -185,10 +186,7 @@ def place(reduced: np.ndarray, rows: np.ndarray, embedding: np.ndarray, clusters
     full_embedding[rows], full_clusters[rows] = embedding, clusters
     if len(others):
         neighbours = cluster.knn_search(reduced[rows], reduced[others], min(k, len(rows)))
-        votes = clusters[neighbours] + 1  # noise (-1) votes as label 0
-        counts = np.zeros((len(others), int(votes.max()) + 1), np.int64)
-        np.add.at(counts, (np.repeat(np.arange(len(others)), votes.shape[1]), votes.ravel()), 1)
-        full_clusters[others] = counts.argmax(1) - 1  # ties: the lower label, noise first
+        full_clusters[others] = majority_label(clusters[neighbours])  # ties: the lower label, noise first
         full_embedding[others] = embedding[neighbours].mean(axis=1)
     return full_embedding, full_clusters
 

@@ -1,6 +1,7 @@
 """A plain, seeded SGD trainer for the reference architectures."""
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,6 +86,15 @@ def batch_slices(count: int, batch_size: int) -> list[slice]:
     if count % batch_size == 1 and count > 1:
         slices.pop()
     return slices
+
+
+def frozen_copy(model: nn.Module, *, training: bool = False) -> nn.Module:
+    """A copy of `model` (eval mode unless `training`) whose weights take no gradient: a reference to compare
+    against, or a backbone only inputs, masks or an added layer are optimised through; the input is untouched."""
+    out = copy.deepcopy(model).train(training)
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out
 
 
 @contextlib.contextmanager

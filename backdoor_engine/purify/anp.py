@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from ..errors import InputError
 from ..models.evaluate import accuracy, predict
 from ..models.preprocess import to_model_input
-from ..models.train import torch_threads
+from ..models.train import frozen_copy, torch_threads
 from ..params import param
 from .base import REQUIRED, UNUSED, Repair, Repaired
 
@@ -97,9 +97,7 @@ class ChannelPerturbation:
 
 def optimise_mask(model: nn.Module, normalisation, aux, params: AnpParams) -> tuple[dict[str, np.ndarray], list]:
     """The learned mask per BatchNorm2d layer (name -> [C] in [0, 1]) and the losses every 100 batches."""
-    work = copy.deepcopy(model).train()
-    for p in work.parameters():
-        p.requires_grad_(False)
+    work = frozen_copy(model, training=True)  # the official loop keeps BatchNorm in train mode
     channels = ChannelPerturbation(work)
     mask_opt = torch.optim.SGD(channels.mask, lr=params.mask_lr, momentum=params.momentum)
     noise = channels.noise + channels.noise_bias

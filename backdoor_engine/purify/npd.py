@@ -18,7 +18,6 @@ another). The last epoch is kept; no test data picks it.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,7 +28,7 @@ from ..errors import InputError
 from ..models.evaluate import accuracy, predict
 from ..models.polarizer import attach_polarizer, default_layer
 from ..models.preprocess import float_pixels, normaliser
-from ..models.train import torch_threads
+from ..models.train import frozen_copy, torch_threads
 from ..params import param
 from .base import REQUIRED, UNUSED, Repair, Repaired
 
@@ -111,9 +110,7 @@ class Npd(Repair):
 
         if len(aux) < 2:
             raise InputError(f"npd: the auxiliary set holds {len(aux)} sample(s)")
-        polarized = copy.deepcopy(model).eval()
-        for p in polarized.parameters():
-            p.requires_grad_(False)
+        polarized = frozen_copy(model)  # only the polarizer trains
         layer = params.layer or default_layer(polarized)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(params.seed)

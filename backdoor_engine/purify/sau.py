@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from ..errors import InputError
 from ..models.evaluate import accuracy, predict
 from ..models.preprocess import float_pixels, normaliser
-from ..models.train import torch_threads
+from ..models.train import frozen_copy, torch_threads
 from ..params import param
 from .base import REQUIRED, UNUSED, Repair, Repaired
 
@@ -110,9 +110,7 @@ class Sau(Repair):
 
         if len(aux) < 1:
             raise InputError("sau: the auxiliary set is empty")
-        reference = copy.deepcopy(model).eval()
-        for p in reference.parameters():
-            p.requires_grad_(False)
+        reference = frozen_copy(model)
         tuned = copy.deepcopy(model).eval()
         optimizer = torch.optim.Adam(tuned.parameters(), lr=params.lr, betas=(0.9, 0.999),
                                      weight_decay=params.weight_decay, amsgrad=True)
