@@ -64,7 +64,7 @@ class ScanReport:
 def scan(dataset, model=None, normalisation=None, *, method: str = "flare", out_dir=None,
          batch_size: int = 256, store=None, kernel_backend: str = "auto", workers: int = 0, dtype: str = "float32",
          executor: str = "local", checkpoint=None, actors: int = 2, head: str = "head", pixel_cache=None,
-         progress: bool = True, data_name: str | None = None, model_info: dict | None = None,
+         progress: bool = True, data_name: str | None = None, model_info: dict | None = None, clean=None,
          **params) -> ScanReport:
     """Run the registered detector `method` over `dataset` (a Dataset, or a Source streamed from disk) and
     write the report to out_dir (report.json, samples.csv, report.html and the detector's own files).
@@ -77,6 +77,9 @@ def scan(dataset, model=None, normalisation=None, *, method: str = "flare", out_
        A detector that trains its own models (needs "pixels") gets the decoded images instead: a streamed
        source is decoded once into a memory-mapped file under `pixel_cache` (default OUT/pixels);
     3. fit, then report. Unreadable images are skipped and listed in the report.
+    A detector that needs a clean reference set (SCAn, STRIP) reads `clean` (a Dataset or Source the user
+    vouches for), extracted the same way in a pass of its own; a detector that needs the model itself (extra
+    passes by definition) gets it with its normalisation.
 
     The report names what was scanned: `data` {source: data_name or the source's description, fingerprint,
     fingerprint_of} (purify refuses flags of another dataset by it) and `model` (`model_info`, the caller's
@@ -88,16 +91,21 @@ def scan(dataset, model=None, normalisation=None, *, method: str = "flare", out_
     from .data.source import SourceRows
     from .methods import PIXELS, ScanData, make_detector
     from .report import build_report, write_report
+    from .report.verdict import build_verdict
 
-    detector = make_detector(method, params)
+    detector = make_detector(method, params, have_reference=clean is not None)
     source = as_source(dataset)
     timings, features, pixels = {}, None, None
     skipped = list(source.listing_skipped)
     kept = np.arange(len(source))
-    if detector.needs_model():
-        if model is None or normalisation is None:
-            raise InputError(f"method {method!r} reads the suspect model's activations: pass the model and its "
-                             "normalisation")
+    if detector.needs_model() and (model is None or normalisation is None):
+        raise InputError(f"method {method!r} reads the suspect model: pass the model and its normalisation")
+    if detector.needs_reference() and clean is None:
+        raise InputError(f"method {method!r} needs a small clean reference set that you vouch for (CLI: --clean "
+                         "DIR_OR_FILE; API: clean=Dataset); without one it cannot run")
+    if clean is not None and not detector.needs_reference():
+        raise InputError(f"method {method!r} does not read a clean reference set; drop clean= / --clean")
+    if detector.captures():
         t0 = time.perf_counter()
         features = _extract(detector.captures(), model, source, normalisation, batch_size=batch_size, store=store,
                             kernel_backend=kernel_backend, workers=workers, dtype=dtype, executor=executor,
@@ -118,9 +126,16 @@ def scan(dataset, model=None, normalisation=None, *, method: str = "flare", out_
             timings["decode"] = time.perf_counter() - t0
             skipped += failures
             kept = np.flatnonzero(np.isin(source.ids, pixels.ids))
+    reference = None
+    if clean is not None:
+        t0 = time.perf_counter()
+        reference = _reference(detector, clean, model, normalisation, num_classes=source.num_classes,
+                               batch_size=batch_size, kernel_backend=kernel_backend, workers=workers)
+        timings["reference"] = time.perf_counter() - t0
     rows = dataset if isinstance(dataset, Dataset) and len(kept) == len(source) else SourceRows(source, kept)
     data = ScanData(ids=source.ids[kept], y=source.y[kept], num_classes=source.num_classes, features=features,
-                    pixels=pixels, progress=progress)
+                    pixels=pixels, progress=progress, reference=reference,
+                    **({"model": model, "normalisation": normalisation} if detector.needs_model() else {}))
     t0 = time.perf_counter()
     detection = detector.fit_scan(data)
     timings["detect"] = time.perf_counter() - t0
@@ -138,11 +153,41 @@ def scan(dataset, model=None, normalisation=None, *, method: str = "flare", out_
                "fingerprint_of": type(source).__name__}
     extra = {**skipped_field, "data": scanned, **({} if model_info is None else {"model": model_info}),
              **parts.extra}
+    verdict, verdict_figures = build_verdict(detection, rows, extra, num_classes=source.num_classes,
+                                             class_names=getattr(source, "class_names", ()), out_dir=out_dir)
+    extra["verdict"] = verdict
     if out_dir is None:
         return ScanReport({**build_report(detection, rows, timings_s=timings), **extra}, detection, features)
-    report = write_report(out_dir, detection, rows, timings_s=timings, figures=parts.figures, notes=notes,
-                          extra=extra)
+    report = write_report(out_dir, detection, rows, timings_s=timings, figures=verdict_figures + parts.figures,
+                          notes=notes, extra=extra)
     return ScanReport(report, detection, features)
+
+
+def _reference(detector, clean, model, normalisation, *, num_classes: int, **settings):
+    """The clean reference set as a ScanData: the same captures as the suspect set (in memory: it is small), and
+    its decoded images when the detector reads pixels."""
+    from .data.dataset import as_source, read_all
+    from .methods import PIXELS, ScanData
+
+    source = as_source(clean)
+    if len(source) == 0:
+        raise InputError("the clean reference set is empty")
+    if source.num_classes != num_classes:
+        raise InputError(f"the clean reference set has {source.num_classes} classes, the scanned set {num_classes}: "
+                         "they must share one label space")
+    features, kept = None, np.arange(len(source))
+    if detector.captures():
+        features = _extract(detector.captures(), model, source, normalisation, executor="local", checkpoint=None,
+                            store=None, actors=1, progress=False, **settings)
+        skipped_ids = {sample_id for sample_id, _ in features.metadata["skipped"]}
+        if skipped_ids:
+            kept = np.flatnonzero(~np.isin(source.ids, list(skipped_ids)))
+    pixels = None
+    if PIXELS in detector.needs:
+        pixels = clean if isinstance(clean, Dataset) else read_all(source)
+        kept = np.flatnonzero(np.isin(source.ids, pixels.ids))
+    return ScanData(ids=source.ids[kept], y=source.y[kept], num_classes=num_classes, features=features,
+                    pixels=pixels)
 
 
 def _extract(capture, model, source, normalisation, *, executor: str, checkpoint, store, actors: int,

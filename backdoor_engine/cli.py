@@ -24,6 +24,20 @@ DATA_HELP = ("dataset: an npz file (x uint8 NxHxWxC, y int64, optional ids, pois
              "cifar10-samples")
 
 
+def _method_choice(methods: list[str]):
+    """argparse type for scan --method: one registered name, several separated by commas, or 'all'."""
+
+    def check(text: str) -> str:
+        names = [name.strip() for name in text.split(",")]
+        unknown = [name for name in names if name not in methods and not (name == "all" and len(names) == 1)]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(map(repr, unknown))}; registered: "
+                                             f"{', '.join(methods)} (several separated by commas, or all)")
+        return ",".join(names)
+
+    return check
+
+
 def _parse_param(text: str):
     """`key=value`; the value is read as JSON when it parses (numbers, lists), else kept as a string."""
     if "=" not in text:
@@ -296,24 +310,34 @@ def cmd_scan(args) -> int:
     from .api import scan
     from .data.dataset import ArraySource
     from .data.open import open_source
-    from .methods import get_detector
+    from .methods import available_detectors, get_detector, make_detector
+    from .methods.consensus import method_list
 
     _check_out(args.out, kind="dir")
     if args.store:
         _check_out(args.store, kind="dir", flag="--store")
     _check_counts(args, "batch_size", "actors")
     _check_counts(args, "workers", minimum=0)
-    detector = get_detector(args.method)
     params = dict(_parse_param(p) for p in args.param)
+    members = method_list(args.method, available_detectors(), have_reference=bool(args.clean))
     if args.seed is not None:
-        if detector.seed_param is None:
+        seeded = {name: get_detector(name).seed_param for name in (members or [args.method])}
+        if not any(seeded.values()):
             raise InputError(f"--seed: method {args.method!r} draws nothing at random")
-        params[detector.seed_param] = args.seed
-    detector(**params)  # parameters checked before the model and the data are read
+        for name, key in seeded.items():
+            if key is not None:
+                params[key if members is None else f"{name}.{key}"] = args.seed
+    # parameters checked before the model and the data are read
+    detector = make_detector(args.method, params, have_reference=bool(args.clean))
+    if detector.needs_reference() and not args.clean:
+        raise InputError(f"--method {args.method} needs a small clean reference set that you vouch for: --clean "
+                         "DIR_OR_FILE (without one it cannot run)")
+    if args.clean and not detector.needs_reference():
+        raise InputError(f"--clean: method {args.method!r} does not read a clean reference set")
     model = meta = None
     if detector.needs_model():
         if not args.model:
-            raise InputError(f"--method {args.method} reads the suspect model's activations: --model is required")
+            raise InputError(f"--method {args.method} reads the suspect model: --model is required")
         model, meta = _model_from_args(args)
         if args.device == "cuda":
             import torch
@@ -333,6 +357,13 @@ def cmd_scan(args) -> int:
                        channels=None if meta is None else meta["in_channels"], **_links(args))
     if meta is not None:
         _check_labels_fit(data.y, meta, args.data)
+    clean = None
+    if args.clean:
+        clean = open_source(args.clean, image_size=None if meta is None else tuple(meta["input_size"]),
+                            channels=None if meta is None else meta["in_channels"], **_links(args))
+        if meta is not None:
+            _check_labels_fit(clean.y, meta, args.clean)
+        clean = clean.dataset if isinstance(clean, ArraySource) else clean
     streamed = not isinstance(data, ArraySource)
     data = data if streamed else data.dataset
     store = args.store or (os.path.join(args.out, "features") if meta is not None
@@ -346,7 +377,7 @@ def cmd_scan(args) -> int:
                   out_dir=args.out, batch_size=args.batch_size, store=store, workers=args.workers, dtype=args.dtype,
                   executor=args.executor, checkpoint=args.model, actors=args.actors,
                   head="head" if meta is None else meta.get("head", "head"), progress=not args.json,
-                  data_name=str(args.data), model_info=_model_info(args, model, meta), **params)
+                  data_name=str(args.data), model_info=_model_info(args, model, meta), clean=clean, **params)
     _print_scan_result(result, args)
     return 0
 
@@ -418,8 +449,13 @@ def _print_scan_result(result, args) -> None:
         summary.update({k: result.report["diagnostics"][k] for k in ("poisoned_classes",)
                         if k in result.report["diagnostics"]})
         print(json.dumps(summary, indent=2))
+        verdict = result.report.get("verdict") or {}
+        if verdict.get("headline"):
+            print(verdict["headline"])
         if "explanation" in result.report["diagnostics"]:
             print(result.report["diagnostics"]["explanation"])
+        if (verdict.get("next") or {}).get("command"):
+            print(f"next: {verdict['next']['command']}")
         print(f"report: {args.out}/report.html")
 
 
@@ -758,7 +794,12 @@ def build_parser() -> argparse.ArgumentParser:
                               + "\n\n".join(get_detector(name).describe() for name in methods))
     p.add_argument("--data", required=True, help=DATA_HELP)
     _add_model_args(p, required=False)
-    p.add_argument("--method", default="flare", choices=methods, help="registered detector [flare]")
+    p.add_argument("--method", default="flare", type=_method_choice(methods), metavar="METHOD[,METHOD...]|all",
+                   help=f"registered detector ({', '.join(methods)}), several separated by commas, or 'all': "
+                        "every method runs from one pass and the report gives each one's flags, their agreement "
+                        "and a combined verdict (--param METHOD.KEY=VALUE sets one method's parameter) [flare]")
+    p.add_argument("--clean", help="a small clean reference set you vouch for, for the methods that need one "
+                   "(SCAn, STRIP): " + DATA_HELP)
     p.add_argument("--out", required=True, help="output folder for the report")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the forward pass runs [cpu]")
     p.add_argument("--seed", type=int, default=None,

@@ -24,6 +24,7 @@ class Detection:
     clusters: int N (-1 = noise), or None; embedding: N x 2 for plots, or None.
     split: int8 N of CLEAN / UNCERTAIN / POISONED, or None (a two-way verdict); flags must equal
     split == POISONED when both are given.
+    columns: extra per-sample columns for samples.csv ({name: N values}), e.g. each method's flags in a consensus.
     """
 
     method: str
@@ -34,6 +35,7 @@ class Detection:
     embedding: np.ndarray | None = None
     diagnostics: dict = field(default_factory=dict)
     split: np.ndarray | None = None
+    columns: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.flags = np.asarray(self.flags, dtype=bool)
@@ -42,6 +44,9 @@ class Detection:
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise InputError(f"Detection.{name}: expected {n} rows, got {len(value)}")
+        for name, value in self.columns.items():
+            if len(value) != n:
+                raise InputError(f"Detection.columns[{name!r}]: expected {n} rows, got {len(value)}")
         if self.split is not None:
             self.split = np.asarray(self.split, dtype=np.int8)
             if not np.isin(self.split, (CLEAN, UNCERTAIN, POISONED)).all():

@@ -202,24 +202,6 @@ def test_both_are_registered_and_describe_every_parameter(method):
         assert f"{f.name}=" in text and f.metadata["provenance"] in text
 
 
-@pytest.fixture(scope="module")
-def untrained_scan_inputs():
-    import torch
-
-    from backdoor_engine.data.dataset import make_dataset
-    from backdoor_engine.models.preprocess import Normalisation
-    from backdoor_engine.models.registry import build_model
-
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (300, 28, 28, 1), dtype=np.uint8)
-    y = np.repeat(np.arange(3), 100)
-    poison = np.zeros(300, np.int64)
-    poison[:10] = 1
-    torch.manual_seed(0)
-    model = build_model("small_resnet", num_classes=3, in_channels=1, input_size=28).eval()
-    return make_dataset(x, y, poison=poison), model, Normalisation((0.5,), (0.25,))
-
-
 @pytest.mark.parametrize("method,title", [("ac", AC_TITLE), ("spectral", SPECTRAL_TITLE)])
 def test_a_scan_through_the_api_writes_the_report_with_the_methods_plot(tmp_path, untrained_scan_inputs,
                                                                         method, title):

@@ -148,3 +148,30 @@ def test_a_streamed_image_folder_scan_clusters_a_sample_and_says_so(tmp_path, po
     assert "2-D embedding of the clustered sample" in page
     rows = list(csv.DictReader((out / "samples.csv").open()))
     assert len(rows) == 1500 and all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
+
+
+def test_a_consensus_scan_from_the_cli_takes_a_clean_set_seeds_every_method_and_prints_the_verdict(
+        tmp_path, poisoned_and_model, capsys):
+    poisoned, model = poisoned_and_model
+    clean = tmp_path / "reference.npz"
+    save_npz(load_fashion_mnist("test").subset(np.arange(200)), clean)
+    out = tmp_path / "consensus"
+    capsys.readouterr()
+    rc = main(["scan", "--data", str(poisoned), "--model", str(model), "--out", str(out), "--method",
+               "ac,spectral,strip", "--clean", str(clean), "--seed", "3", "--param", "strip.n_superimpose=4",
+               "--param", "spectral.expected_rate=0.1"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "consensus(ac,spectral,strip)"
+    assert report["params"]["ac"]["random_state"] == 3 and report["params"]["strip"]["seed"] == 3
+    assert report["params"]["strip"]["n_superimpose"] == 4 and report["diagnostics"]["min_votes"] == 2
+    assert "reference" in report["timings_s"] and report["verdict"]["headline"] in printed
+    assert report["verdict"]["n_flagged"] == report["n_flagged"]
+    # A method that reads no clean set refuses one; one that needs it says so without it.
+    assert main(["scan", "--data", str(poisoned), "--model", str(model), "--out", str(tmp_path / "x"),
+                 "--method", "ac", "--clean", str(clean)]) == 2
+    assert "does not read a clean reference set" in capsys.readouterr().err
+    assert main(["scan", "--data", str(poisoned), "--model", str(model), "--out", str(tmp_path / "y"),
+                 "--method", "strip"]) == 2
+    assert "--clean" in capsys.readouterr().err

@@ -22,8 +22,14 @@ BUILTIN = {
     "vbd": "backdoor_engine.methods.vbd:Vbd",
     "ac": "backdoor_engine.methods.activation_clustering:ActivationClustering",
     "spectral": "backdoor_engine.methods.spectral:SpectralSignatures",
+    "spectre": "backdoor_engine.methods.spectre:Spectre",
     "fct": "backdoor_engine.methods.fct:Fct",
     "trap": "backdoor_engine.methods.trap:Trap",
+    "scale_up": "backdoor_engine.methods.scale_up:ScaleUp",
+    "scale_up_clean": "backdoor_engine.methods.scale_up:ScaleUpClean",
+    "ibd_psc": "backdoor_engine.methods.ibd_psc:IbdPsc",
+    "strip": "backdoor_engine.methods.strip:Strip",
+    "scan": "backdoor_engine.methods.scan_untangling:Scan",
 }
 
 __all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "NEEDS", "PIXELS", "Detector", "ReportParts", "ScanData",
@@ -76,6 +82,13 @@ def get_detector(name: str) -> type[Detector]:
     raise InputError(f"unknown method {name!r}; registered: {', '.join(available_detectors())}")
 
 
-def make_detector(name: str, params: dict | None = None) -> Detector:
-    """`get_detector(name)(**params)`: parameters checked (names, types, choices) before any work."""
+def make_detector(name, params: dict | None = None, *, have_reference: bool = False):
+    """`get_detector(name)(**params)`: parameters checked (names, types, choices) before any work. Several
+    names ("flare,ac", a list, or "all": every registered detector, those needing a clean reference only when
+    `have_reference`) make a `Consensus` of them, run from one pass."""
+    from .consensus import Consensus, method_list
+
+    names = method_list(name, available_detectors(), have_reference=have_reference)
+    if names is not None:
+        return Consensus(names, params)
     return get_detector(name)(**(params or {}))

@@ -35,7 +35,7 @@ from ..cluster.validation import integer
 from ..detection import Detection
 from ..errors import InputError
 from ..params import param
-from .base import Detector, ReportParts, ScanData, class_rows, detector_input, per_class_input
+from .base import Detector, ReportParts, ScanData, class_matrix, class_rows, detector_input, per_class_input
 
 REDUCTIONS = ("fastica", "pca")
 ANALYSES = ("relative-size", "smaller")
@@ -168,11 +168,7 @@ class ActivationClustering(Detector):
         for label, rows in class_rows(y).items():
             result = ClassClusters(label, rows)
             self.classes_[label] = result
-            X = np.asarray(features[rows], dtype=np.float64)
-            if not np.isfinite(X).all():
-                row, column = np.argwhere(~np.isfinite(X))[0]
-                raise InputError(f"features: row {int(rows[row])} (class {label}) has a non-finite value "
-                                 f"{X[row, column]} in column {column}")
+            X = class_matrix(features, rows, label)
             if len(rows) < needed:
                 result.skipped = f"{len(rows)} samples, fewer than {needed} (2 x nb_dims)"
             elif np.ptp(X, axis=0).max() == 0:

@@ -7,8 +7,12 @@ A detector is a class with
                 "official code", "ours: why"); `Detector(**params)` checks names and choices (params.build_params)
   needs         what it reads per sample. Captures of the engine's single pass over the suspect model
                 ("bn_minima", "penultimate", "logits"), and/or "pixels": the decoded images with random
-                access, for a method that trains its own models (VBD) and so needs no suspect model
+                access, for a method that trains its own models (VBD) and so needs no suspect model;
+                "model": the suspect model itself, for a method whose definition needs extra passes of its
+                own (STRIP's superimpositions, SCALE-UP's amplified pixels); "reference": a small clean set
+                the user vouches for (`scan --clean`), read the same way as the suspect set
   seed_param    the params field that `scan --seed` sets (None: the method draws nothing at random)
+  in_all        whether `scan --method all` includes it (default True; False for a variant of another method)
   fit_scan(data: ScanData) -> Detection      the scan's entry point
   report(detection, rows, out_dir) -> ReportParts   its own figures, notes and files (optional)
 
@@ -32,11 +36,13 @@ from ..errors import InputError
 from ..params import build_params, choices_of, provenance_of
 
 PIXELS = "pixels"
-NEEDS = (*CAPTURES, PIXELS)
+MODEL = "model"
+REFERENCE = "reference"
+NEEDS = (*CAPTURES, PIXELS, MODEL, REFERENCE)
 # api.scan's own keyword arguments: a detector parameter of the same name could never be set through scan.
 SCAN_KEYWORDS = frozenset({"method", "out_dir", "batch_size", "store", "kernel_backend", "workers", "dtype",
                            "executor", "checkpoint", "actors", "head", "pixel_cache", "progress", "data_name",
-                           "model_info"})
+                           "model_info", "clean"})
 
 
 @dataclass
@@ -46,6 +52,9 @@ class ScanData:
     features: the single pass's captures (those the detector needs), or None when it needs none.
     pixels: a Dataset (uint8 N x H x W x C, memory-mapped for streamed sources), or None unless needed.
     progress: whether the detector may print progress (a CLI scan without --json).
+    model, normalisation: the suspect model (eval mode) and its normalisation, for a detector that needs "model".
+    reference: the clean reference set as a ScanData of its own (its ids, y, the same captures, pixels), for a
+      detector that needs "reference"; None otherwise.
     """
 
     ids: np.ndarray
@@ -54,6 +63,9 @@ class ScanData:
     features: FeatureSet | None = None
     pixels: object = None
     progress: bool = False
+    model: object = None
+    normalisation: object = None
+    reference: ScanData | None = None
 
 
 @dataclass
@@ -72,6 +84,9 @@ class Detector:
     params_class: ClassVar[type]
     needs: ClassVar[frozenset[str]]
     seed_param: ClassVar[str | None] = None
+    # Whether `scan --method all` runs it (when it reads the suspect model); False for a variant of another
+    # registered method, which would otherwise vote twice.
+    in_all: ClassVar[bool] = True
 
     def __init__(self, **params):
         self.params = build_params(self.params_class, params, self.name)
@@ -82,7 +97,7 @@ class Detector:
             if attribute not in vars(cls) and not any(attribute in vars(base) for base in cls.__mro__[1:-1]):
                 raise TypeError(f"detector {cls.__name__} must declare {attribute!r}")
         unknown = set(cls.needs) - set(NEEDS)
-        if unknown or not cls.needs:
+        if unknown or not set(cls.needs) - {REFERENCE}:
             raise TypeError(f"detector {cls.__name__}: needs must be a non-empty subset of {NEEDS}, got {cls.needs}")
         provenance_of(cls.params_class)  # every default must say where it comes from
         clashes = sorted({f.name for f in fields(cls.params_class)} & SCAN_KEYWORDS)
@@ -99,7 +114,11 @@ class Detector:
 
     @classmethod
     def needs_model(cls) -> bool:
-        return bool(cls.captures())
+        return bool(cls.captures()) or MODEL in cls.needs
+
+    @classmethod
+    def needs_reference(cls) -> bool:
+        return REFERENCE in cls.needs
 
     def fit_scan(self, data: ScanData) -> Detection:
         raise NotImplementedError
@@ -150,3 +169,13 @@ def class_rows(y: np.ndarray) -> dict[int, np.ndarray]:
     order = np.argsort(y, kind="stable")
     labels, starts = np.unique(y[order], return_index=True)
     return {int(label): rows for label, rows in zip(labels, np.split(order, starts[1:]))}
+
+
+def class_matrix(features, rows: np.ndarray, label: int) -> np.ndarray:
+    """The float64 rows of one class, with an error naming the first non-finite value (row, class, column)."""
+    X = np.asarray(features[rows], dtype=np.float64)
+    if not np.isfinite(X).all():
+        row, column = np.argwhere(~np.isfinite(X))[0]
+        raise InputError(f"features: row {int(rows[row])} (class {label}) has a non-finite value "
+                         f"{X[row, column]} in column {column}")
+    return X

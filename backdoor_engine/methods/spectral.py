@@ -33,7 +33,7 @@ import numpy as np
 from ..detection import Detection
 from ..errors import InputError
 from ..params import param
-from .base import Detector, ReportParts, ScanData, class_rows, detector_input, per_class_input
+from .base import Detector, ReportParts, ScanData, class_matrix, class_rows, detector_input, per_class_input
 
 ASSUMED_RATE = 0.10  # BackdoorBench: percentile 85 = the top 15% removed = 1.5 x 10%
 SCORES = ("centred", "uncentred")
@@ -132,11 +132,7 @@ class SpectralSignatures(Detector):
         for label, rows in class_rows(y).items():
             result = ClassSpectrum(label, rows)
             self.classes_[label] = result
-            X = np.asarray(features[rows], dtype=np.float64)
-            if not np.isfinite(X).all():
-                row, column = np.argwhere(~np.isfinite(X))[0]
-                raise InputError(f"features: row {int(rows[row])} (class {label}) has a non-finite value "
-                                 f"{X[row, column]} in column {column}")
+            X = class_matrix(features, rows, label)
             if len(rows) < 2:
                 result.skipped = "a single sample: no direction to project on"
             else:
@@ -200,36 +196,14 @@ class SpectralSignatures(Detector):
 
 
 def histograms_png(classes: list[ClassSpectrum], truth: np.ndarray | None) -> bytes:
-    """A grid of per-class score histograms (stacked clean / poisoned when ground truth is known) with the
-    removal threshold dashed."""
-    from ..report.figures import _pyplot, _to_png
+    """Per-class score histograms with the removal threshold dashed."""
+    from ..report.figures import class_histograms_png
 
-    plt = _pyplot()
-    columns = min(3, len(classes))
-    lines = (len(classes) + columns - 1) // columns
-    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.0 * lines), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, result in zip(axes.flat, classes):
-        ax.axis("on")
-        bins = np.histogram_bin_edges(result.scores, bins=40)
-        if truth is None:
-            ax.hist(result.scores, bins=bins, color="#9aa5b1")
-        else:
-            poisoned = truth[result.rows]
-            ax.hist([result.scores[~poisoned], result.scores[poisoned]], bins=bins, stacked=True,
-                    color=["#9aa5b1", "#d64545"], label=[f"clean ({int((~poisoned).sum())})",
-                                                         f"poisoned ({int(poisoned.sum())})"])
-        if result.threshold is not None:
-            ax.axvline(result.threshold, color="k", linestyle="--", linewidth=1,
-                       label=f"removal: top {result.n_removed}")
+    panels = []
+    for result in classes:
         s1, s2 = result.singular_values
-        gap = f", s1/s2 {s1 / s2:.2f}" if s2 > 0 else ""
-        ax.set_title(f"class {result.label}: n={len(result.rows)}{gap}", fontsize=9)
-        ax.set_xlabel("outlier score", fontsize=7)
-        ax.set_yscale("log")
-        ax.tick_params(labelsize=6)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6, loc="upper right")
-    fig.tight_layout()
-    return _to_png(fig)
+        panels.append({"title": f"class {result.label}: n={len(result.rows)}"
+                                + (f", s1/s2 {s1 / s2:.2f}" if s2 > 0 else ""),
+                       "scores": result.scores, "rows": result.rows, "threshold": result.threshold,
+                       "threshold_label": f"removal: top {result.n_removed}"})
+    return class_histograms_png(panels, truth, xlabel="outlier score")

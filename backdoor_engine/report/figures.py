@@ -192,3 +192,37 @@ def trigger_panel_png(pixels: np.ndarray, mask: np.ndarray, samples: np.ndarray,
     for ax in used:
         _mask_outline(ax, mask)
     return _to_png(fig)
+
+
+def class_histograms_png(panels: list[dict], truth: np.ndarray | None, *, xlabel: str) -> bytes:
+    """A grid of per-class score histograms (log counts), stacked clean / poisoned when ground truth is known.
+    Each panel: title, scores, rows (the class's rows, to read `truth`), and optionally threshold,
+    threshold_label and threshold_style ("--" by default)."""
+    plt = _pyplot()
+    columns = min(3, len(panels))
+    lines = (len(panels) + columns - 1) // columns
+    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.0 * lines), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, panel in zip(axes.flat, panels):
+        ax.axis("on")
+        scores = panel["scores"]
+        bins = np.histogram_bin_edges(scores, bins=40)
+        if truth is None:
+            ax.hist(scores, bins=bins, color="#9aa5b1")
+        else:
+            poisoned = truth[panel["rows"]]
+            ax.hist([scores[~poisoned], scores[poisoned]], bins=bins, stacked=True, color=["#9aa5b1", "#d64545"],
+                    label=[f"clean ({int((~poisoned).sum())})", f"poisoned ({int(poisoned.sum())})"])
+        if panel.get("threshold") is not None:
+            style = panel.get("threshold_style", "--")
+            ax.axvline(panel["threshold"], color="k" if style == "--" else "#6b7785", linestyle=style, linewidth=1,
+                       label=panel.get("threshold_label"))
+        ax.set_title(panel["title"], fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=7)
+        ax.set_yscale("log")
+        ax.tick_params(labelsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="upper right")
+    fig.tight_layout()
+    return _to_png(fig)

@@ -69,8 +69,9 @@ def samples_csv(detection: Detection, dataset: Dataset) -> str:
     writer = csv.writer(buffer)
     split = detection.split
     header = (["id", "label", "flagged", "score", "cluster"] + (["split"] if split is not None else [])
-              + (["poison"] if dataset.poison is not None else []))
+              + (["poison"] if dataset.poison is not None else []) + list(detection.columns))
     writer.writerow(header)
+    extra = list(detection.columns.values())
     for i in range(len(dataset)):
         row = [escape_id(dataset.ids[i]), int(dataset.y[i]), int(detection.flags[i]),
                "" if detection.scores is None else f"{detection.scores[i]:.6g}",
@@ -79,8 +80,17 @@ def samples_csv(detection: Detection, dataset: Dataset) -> str:
             row.append(SPLIT_NAMES[split[i]])
         if dataset.poison is not None:
             row.append(int(dataset.poison[i]))
+        row += [_cell(column[i]) for column in extra]
         writer.writerow(row)
     return buffer.getvalue()
+
+
+def _cell(value) -> str:
+    """An extra column's value: integers as such, floats to 6 significant digits, NaN as empty."""
+    if isinstance(value, (np.integer, int, np.bool_, bool)):
+        return str(int(value))
+    value = float(value)
+    return "" if value != value else f"{value:.6g}"
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -111,6 +121,25 @@ def _rate(m: dict, key: str) -> str:
     return f"{text} ({hit}/{hit + other})"
 
 
+def _verdict_html(verdict) -> str:
+    """The box a person reads first: found or not, which labels, agreement, the next command."""
+    if not isinstance(verdict, dict) or "headline" not in verdict:
+        return ""
+    lines = [f"<p><strong>{html.escape(verdict['headline'])}</strong></p>"]
+    if verdict.get("agreement_mean_jaccard") is not None:
+        lines.append(f"<p>Methods agree with a mean pairwise Jaccard of {verdict['agreement_mean_jaccard']:.2f}; "
+                     f"samples by number of methods flagging them: {html.escape(str(verdict.get('votes_histogram')))}"
+                     "</p>")
+    if verdict.get("trigger_estimate"):
+        peak = verdict["trigger_estimate"]["peak_pixel"]
+        lines.append(f"<p>Trigger estimate (figure below): the flagged images differ most from the unflagged ones "
+                     f"of the same labels around pixel (row {peak[0]}, column {peak[1]}).</p>")
+    step = verdict.get("next")
+    if step:
+        lines.append(f"<p>Next: <code>{html.escape(step['command'])}</code><br>{html.escape(step['cost'])}</p>")
+    return f'<div class="verdict">{"".join(lines)}</div>'
+
+
 def report_html(report: dict, figures: list[tuple[str, bytes]], notes: list[str] = ()) -> str:
     summary = [("method", report["method"]), *_scanned_rows(report), ("samples", report["n_samples"]),
                ("flagged", report["n_flagged"])]
@@ -127,14 +156,15 @@ def report_html(report: dict, figures: list[tuple[str, bytes]], notes: list[str]
                       f"({100 * part['poison_share']:.2f}%), {100 * part['share_of_all_poison']:.1f}% of all poison"
                       "</td></tr>" for name, part in m.get("split", {}).items() if name in SPLIT_NAMES)
             + "</table>")
-    notes_html = "".join(f'<p class="note">{html.escape(note)}</p>' for note in notes)
+    notes_html = _verdict_html(report.get("verdict")) + "".join(
+        f'<p class="note">{html.escape(note)}</p>' for note in notes)
     sections = "".join(f"<h2>{html.escape(title)}</h2>{_img(png, title)}" for title, png in figures)
     details = html.escape(json.dumps({k: report[k] for k in ("params", "diagnostics", "versions")}, indent=2))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>backdoor-engine: {html.escape(report['method'])} scan</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#1f2933}}
 table{{border-collapse:collapse}}th,td{{padding:.25em .8em;border-bottom:1px solid #e4e7eb;text-align:left}}
-img{{max-width:100%}}.note{{background:#fff8e1;border-left:4px solid #f0b429;padding:.6em 1em}}pre{{background:#f5f7fa;padding:1em;overflow:auto}}</style></head>
+img{{max-width:100%}}.verdict{{background:#e8f4fd;border-left:4px solid #2680c2;padding:.4em 1em;margin-bottom:1em}}.note{{background:#fff8e1;border-left:4px solid #f0b429;padding:.6em 1em}}pre{{background:#f5f7fa;padding:1em;overflow:auto}}</style></head>
 <body><h1>backdoor-engine scan: {html.escape(report['method'])}</h1>{notes_html}<table>{rows}</table>{metrics}{sections}
 <h2>Parameters and diagnostics</h2><details><summary>show</summary><pre>{details}</pre></details></body></html>
 """

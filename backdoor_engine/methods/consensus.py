@@ -1,0 +1,264 @@
+"""Several detectors from one pass, and their combined verdict (`scan --method flare,ac,spectral` or `all`).
+
+Stages, each a plain function composed by `Consensus`:
+  route_params      `method.key=value` goes to that method; a plain `key=value` to the consensus itself when it is
+                    one of its own parameters, else to every chosen method that has it (an error if none has)
+  the pass          api.scan extracts the union of the members' captures in ONE pass of the suspect model (plus
+                    the decoded pixels, the model itself or the clean reference when a member needs them by
+                    definition: STRIP's superimpositions, SCALE-UP's scaled copies, VBD's own models)
+  combine_votes     every member's flags, a per-sample count of the methods flagging it, and the verdict:
+                    flagged when at least `min_votes` methods flag the sample
+  agreement         pairwise Jaccard of the members' flag sets
+
+The combined score is the mean over members of each member's within-scan rank of its score (0 = least, 1 = most
+suspicious; a member without scores ranks by its flags), so one method's scale cannot dominate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from ..detection import Detection
+from ..errors import InputError
+from ..params import build_params, param
+from .base import MODEL, REFERENCE, ReportParts, ScanData
+
+ALL = "all"
+NAME = "consensus"
+
+
+@dataclass(frozen=True)
+class ConsensusParams:
+    min_votes: int | None = param(None, "ours", reason="unset = a strict majority of the methods run (more than "
+                                  "half): no single method's false positives carry the verdict alone")
+
+    def __post_init__(self):
+        if self.min_votes is not None and (isinstance(self.min_votes, bool) or not isinstance(self.min_votes, int)
+                                           or self.min_votes < 1):
+            raise InputError(f"consensus: min_votes must be a whole number >= 1, got {self.min_votes!r}")
+
+
+def method_list(method, available: list[str], *, have_reference: bool) -> list[str] | None:
+    """The member names when `method` asks for several ("a,b", a list, or "all"); None for a single method.
+    "all" = every registered detector that reads the suspect model (those training their own models, VBD, FCT
+    and TRAP, cost trainings: name them to add them), those needing a clean reference only when one is given,
+    variants of another method (in_all False) left out."""
+    if isinstance(method, (list, tuple)):
+        names = [str(m).strip() for m in method]
+    elif isinstance(method, str) and ("," in method or method.strip() == ALL):
+        names = [m.strip() for m in method.split(",")] if method.strip() != ALL else None
+    else:
+        return None
+    if names is None:
+        from . import get_detector
+
+        chosen = []
+        for name in available:
+            detector = get_detector(name)
+            if detector.needs_model() and detector.in_all and (have_reference or not detector.needs_reference()):
+                chosen.append(name)
+        return chosen
+    if any(not name for name in names):
+        raise InputError(f"--method: empty name in {method!r}; give registered names separated by commas")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"--method: {', '.join(repeated)} given more than once")
+    if ALL in names:
+        raise InputError("--method: 'all' stands alone (it means every registered detector)")
+    return names
+
+
+def route_params(members: dict, params: dict) -> tuple[dict, dict]:
+    """Split scan parameters into the consensus' own and each member's ({name: {key: value}})."""
+    own_names = {f.name for f in fields(ConsensusParams)}
+    own, routed = {}, {name: {} for name in members}
+    for key, value in params.items():
+        head, dot, rest = key.partition(".")
+        if dot:
+            if head not in members:
+                raise InputError(f"parameter {key!r}: {head!r} is not one of the methods run ({', '.join(members)})")
+            routed[head][rest] = value
+        elif key in own_names:
+            own[key] = value
+        else:
+            takers = [name for name, cls in members.items() if key in {f.name for f in fields(cls.params_class)}]
+            if not takers:
+                raise InputError(f"parameter {key!r} belongs to none of the methods run ({', '.join(members)}); "
+                                 "name one as METHOD.KEY=VALUE")
+            for name in takers:
+                routed[name][key] = value
+    return own, routed
+
+
+def combine_votes(flags: dict[str, np.ndarray], min_votes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(votes per sample, verdict = votes >= min_votes)."""
+    votes = np.sum(np.stack(list(flags.values())), axis=0, dtype=np.int32)
+    return votes, votes >= min_votes
+
+
+def score_ranks(detection: Detection) -> np.ndarray:
+    """Each sample's rank of its score within the scan, on [0, 1] (ties share their mean rank); flags when the
+    method gives no score."""
+    from scipy.stats import rankdata
+
+    values = detection.scores if detection.scores is not None else detection.flags.astype(np.float64)
+    values = np.nan_to_num(np.asarray(values, np.float64), nan=-np.inf)
+    n = len(values)
+    return np.zeros(n) if n < 2 else (rankdata(values) - 1) / (n - 1)
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float | None:
+    """|a and b| / |a or b|; None when neither flags anything."""
+    union = int(np.sum(a | b))
+    return None if union == 0 else int(np.sum(a & b)) / union
+
+
+def agreement(flags: dict[str, np.ndarray]) -> dict[str, float | None]:
+    names = list(flags)
+    return {f"{a}|{b}": jaccard(flags[a], flags[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+
+
+class Consensus:
+    """The detectors `names` run on one scan; duck-types the Detector interface for api.scan.
+
+        Consensus(["flare", "ac", "spectral"], {"spectral.expected_rate": 0.1}).fit_scan(data)
+        consensus.members_ ({name: detector}), .detections_ ({name: Detection}), .votes_
+    """
+
+    name = NAME
+    seed_param = None
+
+    def __init__(self, names: list[str], params: dict | None = None):
+        from . import get_detector
+
+        if len(names) < 2:
+            raise InputError(f"a consensus needs two methods or more, got {names}")
+        classes = {name: get_detector(name) for name in names}
+        own, routed = route_params(classes, dict(params or {}))
+        self.params = build_params(ConsensusParams, own, NAME)
+        self.members_ = {name: cls(**routed[name]) for name, cls in classes.items()}
+        if self.params.min_votes is not None and self.params.min_votes > len(names):
+            raise InputError(f"consensus: min_votes {self.params.min_votes} exceeds the {len(names)} methods run")
+        self.needs = frozenset().union(*(cls.needs for cls in classes.values()))
+
+    @property
+    def min_votes(self) -> int:
+        m = len(getattr(self, "detections_", None) or self.members_)
+        # Capped at the methods that ran: one refusing the scan does not make the verdict impossible.
+        return min(self.params.min_votes, m) if self.params.min_votes is not None else m // 2 + 1
+
+    def set_seed(self, seed: int) -> list[str]:
+        """Set every member's seed parameter; returns the members that draw nothing at random."""
+        fixed = []
+        for name, detector in self.members_.items():
+            if detector.seed_param is None:
+                fixed.append(name)
+            else:
+                detector.params = build_params(type(detector.params),
+                                               {**asdict(detector.params), detector.seed_param: seed}, name)
+        return fixed
+
+    def captures(self) -> tuple[str, ...]:
+        from ..engine.feature_set import CAPTURES
+
+        return tuple(c for c in CAPTURES if c in self.needs)
+
+    def needs_model(self) -> bool:
+        return bool(self.captures()) or MODEL in self.needs
+
+    def needs_reference(self) -> bool:
+        return REFERENCE in self.needs
+
+    def describe(self) -> str:
+        return "\n\n".join(type(d).describe() for d in self.members_.values())
+
+    def fit_scan(self, data: ScanData) -> Detection:
+        self.detections_, self.failed_, timings = {}, {}, {}
+        for name, detector in self.members_.items():
+            began = time.perf_counter()
+            try:
+                self.detections_[name] = detector.fit_scan(data)
+            except InputError as error:  # one method's refusal (no BatchNorm, a flat reference) is reported, not fatal
+                self.failed_[name] = str(error)
+            timings[name] = time.perf_counter() - began
+        if not self.detections_:
+            raise InputError("every method of the consensus refused this scan: " + "; ".join(
+                f"{name}: {message}" for name, message in self.failed_.items()))
+        flags = {name: d.flags for name, d in self.detections_.items()}
+        self.votes_, verdict = combine_votes(flags, self.min_votes)
+        scores = np.mean([score_ranks(d) for d in self.detections_.values()], axis=0)
+        pairs = agreement(flags)
+        columns = {}
+        for name, d in self.detections_.items():
+            columns[f"flagged_{name}"] = d.flags.astype(np.int8)
+            columns[f"score_{name}"] = d.scores if d.scores is not None else np.full(len(d.flags), np.nan)
+        columns["votes"] = self.votes_
+        m = len(self.detections_)
+        per_method = {name: {"n_flagged": d.n_flagged, "time_s": round(timings[name], 3),
+                             "explanation": d.diagnostics.get("explanation")}
+                      for name, d in self.detections_.items()}
+        explanation = (f"{m} methods ({', '.join(self.detections_)}) ran on one pass; a sample is flagged when at "
+                       f"least {self.min_votes} of them flag it: {int(verdict.sum())} of {len(verdict)} samples. "
+                       + "; ".join(f"{name} flagged {d.n_flagged}" for name, d in self.detections_.items()))
+        if self.failed_:
+            explanation += ". Could not run: " + "; ".join(f"{name} ({message})" for name, message in
+                                                          self.failed_.items())
+        diagnostics = {
+            "explanation": explanation, "methods": list(self.detections_), "failed": self.failed_,
+            "min_votes": self.min_votes,
+            "rule": f"flagged when >= {self.min_votes} of {m} methods flag the sample; score = mean rank of the "
+                    "members' scores", "per_method": per_method, "jaccard": pairs,
+            "votes_histogram": np.bincount(self.votes_, minlength=m + 1).tolist(),
+            "member_diagnostics": {name: d.diagnostics for name, d in self.detections_.items()},
+            "timings_s": {f"detect_{name}": t for name, t in timings.items()}}
+        params = {"consensus": asdict(self.params), **{name: d.params for name, d in self.detections_.items()}}
+        return Detection(f"{NAME}({','.join(self.detections_)})", verdict, params=params, scores=scores,
+                         diagnostics=diagnostics, columns=columns)
+
+    def report(self, detection: Detection, rows, out_dir) -> ReportParts:
+        parts = ReportParts(notes=[detection.diagnostics["explanation"]])
+        for name, detection_of_member in self.detections_.items():
+            own = self.members_[name].report(detection_of_member, rows, out_dir)
+            parts.figures += [(f"[{name}] {title}", png) for title, png in own.figures]
+            parts.notes += [f"[{name}] {note}" for note in own.notes]
+            parts.extra.update({f"{name}.{key}": value for key, value in own.extra.items()})
+        if out_dir is not None:
+            parts.figures.insert(0, ("Agreement: pairwise Jaccard of the flag sets, and votes per sample",
+                                     agreement_png(list(self.detections_), detection.diagnostics["jaccard"],
+                                                   self.votes_, self.min_votes)))
+        return parts
+
+
+def agreement_png(names: list[str], pairs: dict, votes: np.ndarray, min_votes: int) -> bytes:
+    from ..report.figures import _pyplot, _to_png
+
+    plt = _pyplot()
+    m = len(names)
+    matrix = np.eye(m)
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if i != j:
+                value = pairs.get(f"{a}|{b}", pairs.get(f"{b}|{a}"))
+                matrix[i, j] = np.nan if value is None else value
+    fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 0.5 * m, 3.2), gridspec_kw={"width_ratios": [1.2, 1]})
+    image = left.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    left.set_xticks(range(m), names, rotation=45, ha="right", fontsize=7)
+    left.set_yticks(range(m), names, fontsize=7)
+    for i in range(m):
+        for j in range(m):
+            if not math.isnan(matrix[i, j]):
+                left.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                          color="w" if matrix[i, j] < 0.6 else "k")
+    fig.colorbar(image, ax=left, fraction=0.046)
+    counts = np.bincount(votes, minlength=m + 1)
+    right.bar(range(m + 1), counts, color=["#d64545" if k >= min_votes else "#9aa5b1" for k in range(m + 1)])
+    right.set_yscale("log")
+    right.set_xlabel("methods flagging the sample", fontsize=7)
+    right.set_title(f"flagged: >= {min_votes} votes (red)", fontsize=8)
+    right.tick_params(labelsize=6)
+    fig.tight_layout()
+    return _to_png(fig)

@@ -1,0 +1,179 @@
+"""Several detectors from one pass (`scan --method a,b` / `all`), their agreement and the combined verdict, and
+the verdict at the top of every report."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from backdoor_engine.detection import Detection
+from backdoor_engine.errors import InputError
+from backdoor_engine.methods import available_detectors, make_detector
+from backdoor_engine.methods.consensus import Consensus, combine_votes, jaccard, method_list, route_params
+from backdoor_engine.report.verdict import labels_summary, trigger_estimate
+
+
+def test_method_lists_are_read_from_commas_lists_and_all():
+    available = available_detectors()
+    assert method_list("flare", available, have_reference=False) is None
+    assert method_list("ac,spectral", available, have_reference=False) == ["ac", "spectral"]
+    assert method_list(["ac", "flare"], available, have_reference=False) == ["ac", "flare"]
+    from backdoor_engine.methods import get_detector
+
+    everything = method_list("all", available, have_reference=True)
+    assert everything == [name for name in available if get_detector(name).needs_model()
+                          and get_detector(name).in_all]
+    assert {"flare", "ac", "spectral", "strip", "scale_up"} <= set(everything)
+    assert not {"vbd", "fct", "trap", "scale_up_clean"} & set(everything)
+
+    without = method_list("all", available, have_reference=False)
+    assert all(not get_detector(name).needs_reference() for name in without)
+    with pytest.raises(InputError, match="more than once"):
+        method_list("ac,ac", available, have_reference=False)
+    with pytest.raises(InputError, match="empty name"):
+        method_list("ac,,spectral", available, have_reference=False)
+
+
+def test_parameters_route_to_the_named_method_to_every_method_having_them_or_are_refused():
+    from backdoor_engine.methods import get_detector
+
+    members = {name: get_detector(name) for name in ("ac", "spectral")}
+    own, routed = route_params(members, {"spectral.expected_rate": 0.05, "min_votes": 1, "random_state": 3})
+    assert own == {"min_votes": 1}
+    assert routed == {"ac": {"random_state": 3}, "spectral": {"expected_rate": 0.05}}
+    with pytest.raises(InputError, match="belongs to none"):
+        route_params(members, {"xi": 0.1})
+    with pytest.raises(InputError, match="not one of the methods run"):
+        route_params(members, {"flare.xi": 0.1})
+    with pytest.raises(InputError, match="score"):  # a member's own checks still apply
+        Consensus(["ac", "spectral"], {"spectral.score": "sideways"})
+    with pytest.raises(InputError, match="exceeds"):
+        Consensus(["ac", "spectral"], {"min_votes": 3})
+
+
+def test_votes_jaccard_and_the_majority_rule():
+    a = np.array([1, 1, 0, 0, 1], bool)
+    b = np.array([1, 0, 0, 1, 1], bool)
+    c = np.array([1, 0, 0, 0, 0], bool)
+    votes, verdict = combine_votes({"a": a, "b": b, "c": c}, 2)
+    assert votes.tolist() == [3, 1, 0, 1, 2] and verdict.tolist() == [True, False, False, False, True]
+    assert jaccard(a, b) == pytest.approx(2 / 4) and jaccard(np.zeros(3, bool), np.zeros(3, bool)) is None
+
+
+def test_a_consensus_scan_runs_every_method_from_one_pass_and_writes_one_report(tmp_path, untrained_scan_inputs,
+                                                                                monkeypatch):
+    from backdoor_engine import api, engine
+
+    dataset, model, normalisation = untrained_scan_inputs
+    passes = []
+    original = engine.extract_features
+
+    def counted(*args, **kwargs):
+        passes.append(tuple(kwargs.get("capture", ())))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "extract_features", counted)
+    out = tmp_path / "consensus"
+    result = api.scan(dataset, model, normalisation, method="ac,spectral", out_dir=out, progress=False,
+                      min_votes=1, **{"spectral.expected_rate": 0.05})
+    assert passes == [("penultimate",)]  # one pass serves both methods
+    singles = {name: api.scan(dataset, model, normalisation, method=name, progress=False,
+                              **({"expected_rate": 0.05} if name == "spectral" else {})).detection
+               for name in ("ac", "spectral")}
+    d = result.detection
+    # min_votes=1: the verdict is the union of the members' flags, each exactly as when run alone.
+    assert np.array_equal(d.flags, singles["ac"].flags | singles["spectral"].flags)
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "consensus(ac,spectral)" and report["diagnostics"]["min_votes"] == 1
+    assert set(report["diagnostics"]["per_method"]) == {"ac", "spectral"}
+    assert "ac|spectral" in report["diagnostics"]["jaccard"]
+    assert {"detect_ac", "detect_spectral"} <= set(report["timings_s"])
+    with open(out / "samples.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(dataset)
+    for name in ("ac", "spectral"):
+        assert [int(r[f"flagged_{name}"]) for r in table] == singles[name].flags.astype(int).tolist()
+    assert [int(r["votes"]) for r in table] == (singles["ac"].flags.astype(int)
+                                                + singles["spectral"].flags.astype(int)).tolist()
+    page = (out / "report.html").read_text()
+    assert "[ac]" in page and "[spectral]" in page and "Agreement: pairwise Jaccard" in page
+    assert 'class="verdict"' in page and report["verdict"]["n_flagged"] == d.n_flagged
+
+
+def test_the_verdict_names_the_flagged_labels_their_inflation_and_the_next_command(tmp_path, untrained_scan_inputs):
+    from backdoor_engine import api
+
+    dataset, model, normalisation = untrained_scan_inputs
+    out = tmp_path / "spectral"
+    api.scan(dataset, model, normalisation, method="spectral", out_dir=out, progress=False, data_name="set.npz",
+             model_info={"arch": "tiny", "path": "suspect.pt"})
+    verdict = json.loads((out / "report.json").read_text())["verdict"]
+    assert verdict["backdoor_suspected"] and verdict["n_flagged"] > 0
+    assert "--data set.npz --model suspect.pt --report" in verdict["next"]["command"]
+    assert {item["label"] for item in verdict["labels"]} <= set(range(3))
+    assert "Trigger estimate" in (out / "report.html").read_text()
+
+
+def test_label_inflation_and_the_trigger_estimate_find_a_planted_patch():
+    class Rows:
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def images(self, rows):
+            return self.x[rows]
+
+    rng = np.random.default_rng(0)
+    y = np.concatenate([np.repeat(np.arange(4), 100), np.zeros(100, int)])  # label 0 doubled by the poison
+    x = rng.integers(0, 100, (500, 8, 8, 1)).astype(np.uint8)
+    flags = np.zeros(500, bool)
+    flags[400:] = True
+    x[400:, 5:8, 5:8] = 255  # the trigger
+    summary = labels_summary(y, flags, 4, ("a", "b", "c", "d"))
+    assert summary[0]["label"] == 0 and summary[0]["name"] == "0 (a)" and summary[0]["inflation"] == 2.0
+    assert len(summary) == 1 and summary[0]["share_of_flagged"] == 1.0
+    mean, difference = trigger_estimate(Rows(x, y), flags, [0])
+    heat = difference.mean(axis=-1)
+    assert heat[5:8, 5:8].min() > 5 * heat[:5, :5].max()
+    assert np.allclose(mean[5:8, 5:8], 255)
+
+
+def test_no_flags_says_no_backdoor_and_proposes_no_command(tmp_path):
+    from backdoor_engine.report.verdict import build_verdict
+
+    class Rows:
+        y = np.array([0, 1, 1])
+
+    verdict, figures = build_verdict(Detection("x", np.zeros(3, bool)), Rows(), {}, num_classes=2, out_dir=None)
+    assert not verdict["backdoor_suspected"] and verdict["next"] is None and figures == []
+    assert verdict["headline"].startswith("No backdoor found")
+
+
+def test_the_cli_accepts_method_lists_and_refuses_unknown_names(tmp_path, capsys):
+    from backdoor_engine.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["scan", "--data", "x.npz", "--out", str(tmp_path / "o"), "--method", "ac,nosuch"])
+    assert "unknown method(s) 'nosuch'" in capsys.readouterr().err
+    with pytest.raises(InputError, match="belongs to none"):
+        make_detector("ac,spectral", {"xi": 1})
+
+
+def test_a_method_that_refuses_the_scan_is_reported_and_the_others_still_give_the_verdict(untrained_scan_inputs,
+                                                                                          monkeypatch):
+    from backdoor_engine import api
+    from backdoor_engine.methods.activation_clustering import ActivationClustering
+
+    def refuse(self, data):
+        raise InputError("no clusters today")
+
+    monkeypatch.setattr(ActivationClustering, "fit_scan", refuse)
+    dataset, model, normalisation = untrained_scan_inputs
+    result = api.scan(dataset, model, normalisation, method="ac,spectral", progress=False)
+    d = result.detection
+    assert d.diagnostics["failed"] == {"ac": "no clusters today"} and d.diagnostics["methods"] == ["spectral"]
+    assert d.diagnostics["min_votes"] == 1 and "Could not run: ac (no clusters today)" in d.diagnostics["explanation"]
+    assert d.method == "consensus(spectral)" and "flagged_ac" not in d.columns
+    monkeypatch.setattr(type(Consensus(["ac", "spectral"]).members_["spectral"]), "fit_scan", refuse)
+    with pytest.raises(InputError, match="every method of the consensus refused"):
+        api.scan(dataset, model, normalisation, method="ac,spectral", progress=False)
