@@ -89,6 +89,7 @@ def test_a_consensus_scan_runs_every_method_from_one_pass_and_writes_one_report(
     assert set(report["diagnostics"]["per_method"]) == {"ac", "spectral"}
     assert "ac|spectral" in report["diagnostics"]["jaccard"]
     assert {"detect_ac", "detect_spectral"} <= set(report["timings_s"])
+    assert report["diagnostics"]["passes"] == {"shared_single_pass": 1, "total": 1}
     with open(out / "samples.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(dataset)

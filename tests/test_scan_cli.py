@@ -168,6 +168,9 @@ def test_a_consensus_scan_from_the_cli_takes_a_clean_set_seeds_every_method_and_
     assert report["params"]["strip"]["n_superimpose"] == 4 and report["diagnostics"]["min_votes"] == 2
     assert "reference" in report["timings_s"] and report["verdict"]["headline"] in printed
     assert report["verdict"]["n_flagged"] == report["n_flagged"]
+    # One shared pass, plus STRIP's 4 blends of each sample and of each of the 200 reference images.
+    assert report["diagnostics"]["passes"] == {"shared_single_pass": 1, "strip": round(4 * 1700 / 1500, 3),
+                                               "total": round(1 + 4 * 1700 / 1500, 3)}
     # A method that reads no clean set refuses one; one that needs it says so without it.
     assert main(["scan", "--data", str(poisoned), "--model", str(model), "--out", str(tmp_path / "x"),
                  "--method", "ac", "--clean", str(clean)]) == 2

@@ -9,6 +9,7 @@ Stages, each a plain function composed by `Consensus`:
   combine_votes     every member's flags, a per-sample count of the methods flagging it, and the verdict:
                     flagged when at least `min_votes` methods flag the sample
   agreement         pairwise Jaccard of the members' flag sets
+  passes            the forward passes over the data: one shared, plus each method's own by definition
 
 The combined score is the mean over members of each member's within-scan rank of its score (0 = least, 1 = most
 suspicious; a member without scores ranks by its flags), so one method's scale cannot dominate.
@@ -122,6 +123,17 @@ def agreement(flags: dict[str, np.ndarray]) -> dict[str, float | None]:
     return {f"{a}|{b}": jaccard(flags[a], flags[b]) for i, a in enumerate(names) for b in names[i + 1:]}
 
 
+def passes_over_the_data(captures, detections: dict[str, Detection], n: int) -> dict:
+    """Forward passes over the scanned set, in units of one pass (n images): the shared single pass of the
+    captures, then each method's own by definition (its n_forward / n; reference-set images included)."""
+    passes = {"shared_single_pass": 1 if captures else 0}
+    for name, d in detections.items():
+        if "n_forward" in d.diagnostics and n:
+            passes[name] = round(d.diagnostics["n_forward"] / n, 3)
+    passes["total"] = round(sum(passes.values()), 3)
+    return passes
+
+
 class Consensus:
     """The detectors `names` run on one scan; duck-types the Detector interface for api.scan.
 
@@ -213,6 +225,7 @@ class Consensus:
             "rule": f"flagged when >= {self.min_votes} of {m} methods flag the sample; score = mean rank of the "
                     "members' scores", "per_method": per_method, "jaccard": pairs,
             "votes_histogram": np.bincount(self.votes_, minlength=m + 1).tolist(),
+            "passes": passes_over_the_data(self.captures(), self.detections_, len(verdict)),
             "member_diagnostics": {name: d.diagnostics for name, d in self.detections_.items()},
             "timings_s": {f"detect_{name}": t for name, t in timings.items()}}
         params = {"consensus": asdict(self.params), **{name: d.params for name, d in self.detections_.items()}}
