@@ -69,6 +69,11 @@ def run(args):
             methods[name] = {"tpr": m["tpr"], "fpr": m["fpr"], "f1": f1(m), "n_flagged": int(flags.sum()),
                              "seconds": round(d.diagnostics["per_method"][name]["time_s"], 2)}
         votes = np.asarray(d.columns["votes"])
+        # Per-sample flags and scores of every method, to judge other combination rules without rescanning.
+        cache = Path(args.cache)
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(cache / f"{Path(model_path).stem}.npz", truth=truth,
+                            **{key: np.asarray(value) for key, value in d.columns.items()})
         consensus = {}
         for k in range(1, len(d.diagnostics["methods"]) + 1):
             m = detection_metrics(votes >= k, truth)
@@ -112,6 +117,7 @@ def main():
     p.add_argument("--params", help="scan parameters as JSON, e.g. {\"strip.n_superimpose\": 20} (the CPU budget)")
     p.add_argument("--reference-ratio", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0, help="the subset seed of train_attacks.py")
+    p.add_argument("--cache", default="runs/detectors", help="per-sample flags and scores, one .npz per model")
     p.add_argument("--table", action="store_true")
     args = p.parse_args()
     table(args) if args.table else run(args)

@@ -59,6 +59,10 @@ def test_votes_jaccard_and_the_majority_rule():
     votes, verdict = combine_votes({"a": a, "b": b, "c": c}, 2)
     assert votes.tolist() == [3, 1, 0, 1, 2] and verdict.tolist() == [True, False, False, False, True]
     assert jaccard(a, b) == pytest.approx(2 / 4) and jaccard(np.zeros(3, bool), np.zeros(3, bool)) is None
+    # The default: at least half of the methods run, rounded up.
+    assert [Consensus(names).min_votes for names in (["ac", "spectral"], ["ac", "spectral", "spectre"],
+                                                     ["ac", "spectral", "spectre", "flare"])] == [1, 2, 2]
+    assert Consensus(["ac", "spectral"], {"min_votes": 2}).min_votes == 2
 
 
 def test_a_consensus_scan_runs_every_method_from_one_pass_and_writes_one_report(tmp_path, untrained_scan_inputs,
