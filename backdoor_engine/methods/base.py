@@ -13,6 +13,8 @@ A detector is a class with
                 the user vouches for (`scan --clean`), read the same way as the suspect set
   seed_param    the params field that `scan --seed` sets (None: the method draws nothing at random)
   in_all        whether `scan --method all` includes it (default True; False for a variant of another method)
+  reads_if_extracted   captures it uses when a scan extracts them anyway (no extra pass), e.g. SCALE-UP's plain
+                prediction from the logits of a consensus that reads the head for penultimate features
   fit_scan(data: ScanData) -> Detection      the scan's entry point
   report(detection, rows, out_dir) -> ReportParts   its own figures, notes and files (optional)
 
@@ -87,6 +89,9 @@ class Detector:
     # Whether `scan --method all` runs it (when it reads the suspect model); False for a variant of another
     # registered method, which would otherwise vote twice.
     in_all: ClassVar[bool] = True
+    # Captures it uses when the scan extracts them anyway, at no extra pass (e.g. logits beside penultimate features
+    # in a consensus); fit_scan must work without them.
+    reads_if_extracted: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, **params):
         self.params = build_params(self.params_class, params, self.name)

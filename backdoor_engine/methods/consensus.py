@@ -176,9 +176,14 @@ class Consensus:
         return fixed
 
     def captures(self) -> tuple[str, ...]:
+        """The union of the members' captures, plus logits when the head is read anyway (penultimate features)
+        and a member uses them if present: the same hook, no extra pass."""
         from ..engine.feature_set import CAPTURES
 
-        return tuple(c for c in CAPTURES if c in self.needs)
+        wanted = set(self.needs)
+        if "penultimate" in wanted and any("logits" in d.reads_if_extracted for d in self.members_.values()):
+            wanted.add("logits")
+        return tuple(c for c in CAPTURES if c in wanted)
 
     def needs_model(self) -> bool:
         return bool(self.captures()) or MODEL in self.needs

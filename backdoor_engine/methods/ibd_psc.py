@@ -56,7 +56,7 @@ from ..models.preprocess import Normalisation, float_pixels, normaliser
 from ..params import param
 from .base import Detector, ReportParts, ScanData
 from .scale_up import (check_model_inputs, check_reference_labels, class_scores, counts_by, model_device, quantiles,
-                       scan_inputs, score_histogram_png)
+                       scan_inputs, score_histogram_png, shared_predictions)
 
 FIGURE_TITLE = "IBD-PSC: parameter-oriented scaling consistency (PSC), threshold dashed"
 
@@ -176,20 +176,25 @@ def choose_start(amplifier: Amplifier, normalisation: Normalisation, reference_x
 
 
 def psc_scores(amplifier: Amplifier, normalisation: Normalisation, x, counts: list[int], *, forward_batch: int,
-               bar=None) -> tuple[np.ndarray, np.ndarray]:
+               bar=None, original: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(N original predictions, N PSC values): per batch the unamplified copy's argmax, then for each distinct
     count the amplified model's softmax probability (float64) of that class, weighted by how often the count occurs
-    in `counts` and divided by len(counts). Memory: one batch at any N. Call under torch.no_grad()."""
+    in `counts` and divided by len(counts). `original`: the unamplified predictions when already known (the scan's
+    shared pass), not recomputed. Memory: one batch at any N. Call under torch.no_grad()."""
     n = len(x)
     device = model_device(amplifier.model)
     normalise = normaliser(normalisation, device)
     distinct, multiplicity = np.unique(np.asarray(counts), return_counts=True)
-    original = np.empty(n, dtype=np.int64)
+    known = original is not None
+    original = np.asarray(original, dtype=np.int64) if known else np.empty(n, dtype=np.int64)
+    if len(original) != n:
+        raise InputError(f"original: {len(original)} predictions for {n} images")
     psc = np.zeros(n, dtype=np.float64)
     for start in range(0, n, forward_batch):
         stop = min(n, start + forward_batch)
         inputs = normalise(float_pixels(np.asarray(x[start:stop]), device))
-        predicted = class_scores(amplifier.amplify(0), inputs, start).argmax(dim=1)
+        predicted = (torch.from_numpy(original[start:stop]).to(device) if known
+                     else class_scores(amplifier.amplify(0), inputs, start).argmax(dim=1))
         rows = torch.arange(stop - start, device=device)
         total = torch.zeros(stop - start, dtype=torch.float64, device=device)
         for count, times in zip(distinct, multiplicity):
@@ -198,7 +203,7 @@ def psc_scores(amplifier: Amplifier, normalisation: Normalisation, x, counts: li
         original[start:stop] = predicted.cpu().numpy()
         psc[start:stop] = (total / len(counts)).cpu().numpy()
         if bar is not None:
-            bar.update((stop - start) * (1 + len(distinct)))
+            bar.update((stop - start) * (len(distinct) + (not known)))
     return original, psc
 
 
@@ -216,12 +221,17 @@ class IbdPsc(Detector):
                "layer is chosen on a clean reference set (Hou et al. 2024)")
     params_class = IbdPscParams
     needs = frozenset({"model", "pixels", "reference"})
+    # With the head read anyway (a consensus with penultimate-feature methods), the plain prediction comes from the
+    # shared pass: only the amplified models are extra passes.
+    reads_if_extracted = frozenset({"logits"})
     seed_param = None  # deterministic: nothing is drawn at random
 
-    def fit(self, model, normalisation, x, reference_x=None, reference_y=None, *, progress: bool = False) -> Detection:
+    def fit(self, model, normalisation, x, reference_x=None, reference_y=None, *,
+            predictions: np.ndarray | None = None, progress: bool = False) -> Detection:
         """model: the suspect torch model (with BatchNorm2d layers); normalisation: its Normalisation; x: uint8
         N x H x W x C images (in memory or memory-mapped); reference_x, reference_y: clean images the user vouches
-        for and their labels, which choose the start layer (not needed when start_layer is given)."""
+        for and their labels, which choose the start layer (not needed when start_layer is given); predictions: the
+        model's N predictions on x when already known (a scan's shared pass), else computed here."""
         from tqdm import tqdm
 
         p = self.params
@@ -256,11 +266,12 @@ class IbdPsc(Detector):
             counts = model_counts(start, p.n_models, n_layers)
             distinct = len(set(counts))
             began = time.perf_counter()
-            with tqdm(total=n * (1 + distinct), disable=not progress, unit="img",
+            plain = int(predictions is None)
+            with tqdm(total=n * (plain + distinct), disable=not progress, unit="img",
                       desc="ibd_psc: amplified models") as bar:
                 predictions, psc = psc_scores(amplifier, normalisation, x, counts, forward_batch=p.forward_batch,
-                                              bar=bar)
-            n_forward += n * (1 + distinct)
+                                              bar=bar, original=predictions)
+            n_forward += n * (plain + distinct)
             timings["ibd_psc"] = time.perf_counter() - began
         del amplifier
         flags = psc >= p.threshold
@@ -295,7 +306,8 @@ class IbdPsc(Detector):
             "n_batchnorm_layers": n_layers, "amplified_layer_counts": counts,
             "amplified_layers_deepest_model": [name for name, _ in batchnorm_layers(model)][n_layers - counts[-1]:],
             "score_quantiles": quantiles(psc), "flagged_per_predicted_class": counts_by(predictions[flags]),
-            "n_forward": n_forward, "extra_passes_per_sample": distinct, "timings_s": timings}
+            "n_forward": n_forward, "extra_passes_per_sample": distinct,
+            "plain_prediction": "computed here" if plain else "from the scan's shared pass", "timings_s": timings}
         return Detection(self.name, flags, params=asdict(p), scores=psc, diagnostics=self.diagnostics_)
 
     def fit_scan(self, data: ScanData) -> Detection:
@@ -304,8 +316,9 @@ class IbdPsc(Detector):
             if self.params.start_layer is None:
                 raise InputError("IBD-PSC chooses its start layer on a small clean reference set that you vouch for: "
                                  "pass --clean DIR_OR_FILE (API: clean=Dataset)")
-            return self.fit(model, normalisation, x, progress=data.progress)
-        return self.fit(model, normalisation, x, data.reference.pixels.x, data.reference.y, progress=data.progress)
+            return self.fit(model, normalisation, x, predictions=shared_predictions(data), progress=data.progress)
+        return self.fit(model, normalisation, x, data.reference.pixels.x, data.reference.y,
+                        predictions=shared_predictions(data), progress=data.progress)
 
     def report(self, detection: Detection, rows, out_dir) -> ReportParts:
         d = detection.diagnostics

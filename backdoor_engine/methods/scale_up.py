@@ -164,8 +164,9 @@ def evaluation_model(model: nn.Module) -> nn.Module:
 
 
 def scaled_predictions(model: nn.Module, normalisation: Normalisation, x, scales, *, forward_batch: int,
-                       bar=None) -> tuple[np.ndarray, np.ndarray]:
+                       bar=None, original: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(N predictions on the images, N x len(scales) predictions on clip(scale x image, 0, 1)), both int64.
+    `original`: the predictions on the images when already known (the scan's shared pass), not recomputed.
 
     The images are read forward_batch at a time (x may be memory-mapped), turned into [0, 1] floats, amplified
     and clipped there, then normalised as the model expects: memory is one batch at any N. Call under
@@ -173,18 +174,28 @@ def scaled_predictions(model: nn.Module, normalisation: Normalisation, x, scales
     n = len(x)
     device = model_device(model)
     normalise = normaliser(normalisation, device)
-    original = np.empty(n, dtype=np.int64)
+    known = original is not None
+    original = np.asarray(original, dtype=np.int64) if known else np.empty(n, dtype=np.int64)
+    if len(original) != n:
+        raise InputError(f"original: {len(original)} predictions for {n} images")
     scaled = np.empty((n, len(scales)), dtype=np.int64)
     for start in range(0, n, forward_batch):
         stop = min(n, start + forward_batch)
         pixels = float_pixels(np.asarray(x[start:stop]), device)
-        original[start:stop] = class_scores(model, normalise(pixels), start).argmax(dim=1).cpu().numpy()
+        if not known:
+            original[start:stop] = class_scores(model, normalise(pixels), start).argmax(dim=1).cpu().numpy()
         for column, scale in enumerate(scales):
             amplified = (pixels * scale).clamp_(0.0, 1.0)
             scaled[start:stop, column] = class_scores(model, normalise(amplified), start).argmax(dim=1).cpu().numpy()
         if bar is not None:
-            bar.update((stop - start) * (1 + len(scales)))
+            bar.update((stop - start) * (len(scales) + (not known)))
     return original, scaled
+
+
+def shared_predictions(data: ScanData) -> np.ndarray | None:
+    """The suspect model's predictions from the scan's single pass (its logits capture), or None."""
+    logits = None if data.features is None else getattr(data.features, "logits", None)
+    return None if logits is None else np.asarray(logits).argmax(axis=1)
 
 
 def consistency(scaled: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -226,28 +237,34 @@ class ScaleUp(Detector):
                "amplified (x3 ... x11, clipped): scaled prediction consistency >= threshold (Guo et al. 2023)")
     params_class = ScaleUpParams
     needs = frozenset({"model", "pixels"})
+    # In a scan that reads the classifier head anyway (a consensus with penultimate-feature methods), the plain
+    # prediction comes from the shared pass: only the scaled copies are extra passes.
+    reads_if_extracted = frozenset({"logits"})
     seed_param = None  # deterministic: nothing is drawn at random
     figure_title = FIGURE_TITLE
 
-    def fit(self, model, normalisation, x, *, progress: bool = False) -> Detection:
+    def fit(self, model, normalisation, x, *, predictions: np.ndarray | None = None,
+            progress: bool = False) -> Detection:
         """model: the suspect torch model; normalisation: its Normalisation; x: uint8 N x H x W x C images (in
-        memory or memory-mapped)."""
+        memory or memory-mapped); predictions: the model's N predictions on x when already known (a scan's
+        shared pass), else computed here."""
         n = check_model_inputs(model, normalisation, x)
         began = time.perf_counter()
         self.predictions_, self.scaled_predictions_ = self._predict(model, normalisation, x, n, progress,
-                                                                    "scale_up: amplified images")
+                                                                    "scale_up: amplified images", predictions)
         timings = {"scale_up": time.perf_counter() - began}
+        self.plain_shared_ = predictions is not None
         self.spc_ = consistency(self.scaled_predictions_, self.predictions_)
         return self._detection(self.spc_, n, timings, {})
 
-    def _predict(self, model, normalisation, x, n, progress, description):
+    def _predict(self, model, normalisation, x, n, progress, description, original=None):
         from tqdm import tqdm
 
         p = self.params
-        with torch.no_grad(), tqdm(total=n * (1 + len(p.scales)), disable=not progress, unit="img",
+        with torch.no_grad(), tqdm(total=n * (len(p.scales) + (original is None)), disable=not progress, unit="img",
                                    desc=description) as bar:
             return scaled_predictions(evaluation_model(model), normalisation, x, p.scales,
-                                      forward_batch=p.forward_batch, bar=bar)
+                                      forward_batch=p.forward_batch, bar=bar, original=original)
 
     def _score_text(self) -> str:
         return "SPC"
@@ -268,13 +285,14 @@ class ScaleUp(Detector):
             "agreement_per_scale": {f"{s:g}": float(a) for s, a in zip(p.scales, agreement)},
             "score_quantiles": quantiles(scores),
             "flagged_per_predicted_class": counts_by(self.predictions_[flags]),
-            "n_forward": n * (1 + len(p.scales)), "extra_passes_per_sample": len(p.scales),
+            "n_forward": n * (len(p.scales) + (not self.plain_shared_)), "extra_passes_per_sample": len(p.scales),
+            "plain_prediction": "from the scan's shared pass" if self.plain_shared_ else "computed here",
             **extra, "timings_s": timings}
         return Detection(self.name, flags, params=asdict(p), scores=scores, diagnostics=self.diagnostics_)
 
     def fit_scan(self, data: ScanData) -> Detection:
         model, normalisation, x = scan_inputs(data, "SCALE-UP")
-        return self.fit(model, normalisation, x, progress=data.progress)
+        return self.fit(model, normalisation, x, predictions=shared_predictions(data), progress=data.progress)
 
     def report(self, detection: Detection, rows, out_dir) -> ReportParts:
         parts = ReportParts(notes=[detection.diagnostics["explanation"]])
@@ -303,7 +321,8 @@ class ScaleUpClean(ScaleUp):
     needs = frozenset({"model", "pixels", "reference"})
     figure_title = CLEAN_FIGURE_TITLE
 
-    def fit(self, model, normalisation, x, reference_x, reference_y, *, progress: bool = False) -> Detection:
+    def fit(self, model, normalisation, x, reference_x, reference_y, *, predictions: np.ndarray | None = None,
+            progress: bool = False) -> Detection:
         """As ScaleUp.fit, plus reference_x: uint8 M x H x W x C clean images the user vouches for (M >= 2) and
         reference_y: their M labels."""
         p = self.params
@@ -319,7 +338,8 @@ class ScaleUpClean(ScaleUp):
         timings["scale_up_reference"] = time.perf_counter() - began
         began = time.perf_counter()
         self.predictions_, self.scaled_predictions_ = self._predict(model, normalisation, x, n, progress,
-                                                                    "scale_up_clean: amplified images")
+                                                                    "scale_up_clean: amplified images", predictions)
+        self.plain_shared_ = predictions is not None
         timings["scale_up"] = time.perf_counter() - began
         self.spc_ = consistency(self.scaled_predictions_, self.predictions_)
         scores, self.reference_mean_, self.reference_std_ = standardise(self.spc_, self.reference_spc_)
@@ -340,7 +360,8 @@ class ScaleUpClean(ScaleUp):
         if data.reference is None or data.reference.pixels is None:
             raise InputError("scale_up_clean standardises by the SPC of a small clean reference set that you vouch "
                              "for: pass --clean DIR_OR_FILE (API: clean=Dataset), or use scale_up")
-        return self.fit(model, normalisation, x, data.reference.pixels.x, data.reference.y, progress=data.progress)
+        return self.fit(model, normalisation, x, data.reference.pixels.x, data.reference.y,
+                        predictions=shared_predictions(data), progress=data.progress)
 
 
 def scan_inputs(data: ScanData, method: str):
