@@ -100,11 +100,7 @@ def scan(dataset, model=None, normalisation=None, *, method: str = "flare", out_
     kept = np.arange(len(source))
     if detector.needs_model() and (model is None or normalisation is None):
         raise InputError(f"method {method!r} reads the suspect model: pass the model and its normalisation")
-    if detector.needs_reference() and clean is None:
-        raise InputError(f"method {method!r} needs a small clean reference set that you vouch for (CLI: --clean "
-                         "DIR_OR_FILE; API: clean=Dataset); without one it cannot run")
-    if clean is not None and not detector.needs_reference():
-        raise InputError(f"method {method!r} does not read a clean reference set; drop clean= / --clean")
+    check_reference(detector, method, given=clean is not None)
     if detector.captures():
         t0 = time.perf_counter()
         features = _extract(detector.captures(), model, source, normalisation, batch_size=batch_size, store=store,
@@ -161,6 +157,15 @@ def scan(dataset, model=None, normalisation=None, *, method: str = "flare", out_
     report = write_report(out_dir, detection, rows, timings_s=timings, figures=verdict_figures + parts.figures,
                           notes=notes, extra=extra)
     return ScanReport(report, detection, features)
+
+
+def check_reference(detector, method, *, given: bool) -> None:
+    """A clean reference set is given exactly when the detector reads one (CLI and API, before any work)."""
+    if detector.needs_reference() and not given:
+        raise InputError(f"method {method!r} needs a small clean reference set that you vouch for (CLI: --clean "
+                         "DIR_OR_FILE; API: clean=Dataset); without one it cannot run")
+    if given and not detector.needs_reference():
+        raise InputError(f"method {method!r} does not read a clean reference set; drop clean= / --clean")
 
 
 def _reference(detector, clean, model, normalisation, *, num_classes: int, **settings):

@@ -307,7 +307,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_scan(args) -> int:
-    from .api import scan
+    from .api import check_reference, scan
     from .data.dataset import ArraySource
     from .data.open import open_source
     from .methods import available_detectors, get_detector, make_detector
@@ -329,11 +329,7 @@ def cmd_scan(args) -> int:
                 params[key if members is None else f"{name}.{key}"] = args.seed
     # parameters checked before the model and the data are read
     detector = make_detector(args.method, params, have_reference=bool(args.clean))
-    if detector.needs_reference() and not args.clean:
-        raise InputError(f"--method {args.method} needs a small clean reference set that you vouch for: --clean "
-                         "DIR_OR_FILE (without one it cannot run)")
-    if args.clean and not detector.needs_reference():
-        raise InputError(f"--clean: method {args.method!r} does not read a clean reference set")
+    check_reference(detector, args.method, given=bool(args.clean))
     model = meta = None
     if detector.needs_model():
         if not args.model:

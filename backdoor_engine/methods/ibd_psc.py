@@ -56,7 +56,7 @@ from ..models.preprocess import Normalisation, float_pixels, normaliser
 from ..params import param
 from .base import Detector, ReportParts, ScanData
 from .scale_up import (check_model_inputs, check_reference_labels, class_scores, counts_by, model_device, quantiles,
-                       scan_inputs, score_histogram_png, shared_predictions)
+                       given_predictions, scan_inputs, score_histogram_png, shared_predictions)
 
 FIGURE_TITLE = "IBD-PSC: parameter-oriented scaling consistency (PSC), threshold dashed"
 
@@ -185,10 +185,7 @@ def psc_scores(amplifier: Amplifier, normalisation: Normalisation, x, counts: li
     device = model_device(amplifier.model)
     normalise = normaliser(normalisation, device)
     distinct, multiplicity = np.unique(np.asarray(counts), return_counts=True)
-    known = original is not None
-    original = np.asarray(original, dtype=np.int64) if known else np.empty(n, dtype=np.int64)
-    if len(original) != n:
-        raise InputError(f"original: {len(original)} predictions for {n} images")
+    known, original = given_predictions(original, n)
     psc = np.zeros(n, dtype=np.float64)
     for start in range(0, n, forward_batch):
         stop = min(n, start + forward_batch)

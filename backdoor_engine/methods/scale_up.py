@@ -174,10 +174,7 @@ def scaled_predictions(model: nn.Module, normalisation: Normalisation, x, scales
     n = len(x)
     device = model_device(model)
     normalise = normaliser(normalisation, device)
-    known = original is not None
-    original = np.asarray(original, dtype=np.int64) if known else np.empty(n, dtype=np.int64)
-    if len(original) != n:
-        raise InputError(f"original: {len(original)} predictions for {n} images")
+    known, original = given_predictions(original, n)
     scaled = np.empty((n, len(scales)), dtype=np.int64)
     for start in range(0, n, forward_batch):
         stop = min(n, start + forward_batch)
@@ -190,6 +187,16 @@ def scaled_predictions(model: nn.Module, normalisation: Normalisation, x, scales
         if bar is not None:
             bar.update((stop - start) * (len(scales) + (not known)))
     return original, scaled
+
+
+def given_predictions(original, n: int) -> tuple[bool, np.ndarray]:
+    """(whether the N plain predictions were given, them as int64, or an empty array to fill)."""
+    if original is None:
+        return False, np.empty(n, dtype=np.int64)
+    original = np.asarray(original, dtype=np.int64)
+    if len(original) != n:
+        raise InputError(f"original: {len(original)} predictions for {n} images")
+    return True, original
 
 
 def shared_predictions(data: ScanData) -> np.ndarray | None:
