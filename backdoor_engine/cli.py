@@ -545,8 +545,12 @@ def cmd_purify(args) -> int:
     metrics = save_trained(args.out, repaired.model, repaired.normalisation, arch=arch, trained_on=dataset,
                            extra={"purify": record}, attack=attack, eval_data=eval_data,
                            eval_source=args.eval_data, dummy_class=repaired.config.get("dummy_class"))
+    # Strategies that choose among their epochs (unlearn-relearn, d-br) say which one came back and why.
+    returned = [entry for entry in repaired.history if entry.get("returned")]
+    chosen = {} if not returned else {"epoch_returned": returned[0]["epoch"], **{
+        key: returned[0][key] for key in ("holdout_flagged_acc", "holdout_clean_acc") if key in returned[0]}}
     print(json.dumps({"out": args.out, "strategy": args.strategy, "n_flagged": n_flagged,
-                      "seconds": round(seconds, 1), **metrics}))
+                      "seconds": round(seconds, 1), **chosen, **metrics}))
     return 0
 
 

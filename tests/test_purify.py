@@ -60,7 +60,8 @@ def test_unlearning_makes_the_flagged_wrong_keeps_the_kept_and_leaves_the_input_
     assert acc(result.model.eval(), flags) > 0.9
     flagged_loss = mean_loss(result.model, result.normalisation, data.x[flags], data.y[flags])
     repaired, history = unlearn_relearn(result.model, result.normalisation, data, flags,
-                                        unlearn_relearn_config(epochs=3, lr=0.01, **config()), **settings)
+                                        unlearn_relearn_config(epochs=3, lr=0.01, **config()), select="last",
+                                        **settings)
     for name, value in result.model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert len(history) == 3 and {"unlearn_loss", "relearn_loss", "flagged_acc"} <= history[0].keys()
@@ -68,6 +69,69 @@ def test_unlearning_makes_the_flagged_wrong_keeps_the_kept_and_leaves_the_input_
     assert acc(repaired, flags) < 0.1 and history[-1]["flagged_acc"] == acc(repaired, flags)
     assert acc(repaired, ~flags) > 0.9
     assert not repaired.training
+
+
+def test_the_held_out_rule_returns_the_epoch_its_held_out_parts_score_best_and_never_trains_on_them(trained,
+                                                                                                  monkeypatch):
+    import importlib
+
+    module = importlib.import_module("backdoor_engine.purify.unlearn_relearn")
+    data, result = trained
+    flags = data.y == 1
+    trained_on = []
+    original = module.train_epoch
+    monkeypatch.setattr(module, "train_epoch", lambda m, x, y, **kw: trained_on.append(x) or original(m, x, y, **kw))
+    # lr 0.05 overshoots: the unlearning wrecks clean accuracy in some epochs and relearning repairs it in others
+    states = {}
+    repaired, history = unlearn_relearn(result.model, result.normalisation, data, flags,
+                                        unlearn_relearn_config(epochs=4, lr=0.05, **config()),
+                                        callback=lambda epoch, model: states.update(
+                                            {epoch: {k: v.clone() for k, v in model.state_dict().items()}}))
+    flagged, kept = np.flatnonzero(flags), np.flatnonzero(~flags)
+    held_flagged, held_kept = held_out_rows(flagged, kept, seed=0, holdout=0.2, holdout_clean=0.1)
+    assert len(held_flagged) == int(len(flagged) * 0.2) and len(held_kept) == int(len(kept) * 0.1)
+    seen = {bytes(image) for batch in trained_on for image in batch}
+    assert not seen & {bytes(image) for image in data.x[np.r_[held_flagged, held_kept]]}
+    scores = [h["holdout_clean_acc"] - h["holdout_flagged_acc"] for h in history]
+    assert [h["holdout_score"] for h in history] == scores
+    returned = [h["epoch"] for h in history if h["returned"]]
+    assert returned == [int(np.argmax(scores)) + 1]
+    chosen = history[returned[0] - 1]
+    assert all(torch.equal(value, states[returned[0]][name]) for name, value in repaired.state_dict().items())
+    assert returned[0] != 4  # ties go to the earliest epoch here, so the saved state is what came back
+
+    def acc(rows):
+        logits = repaired(to_model_input(torch.from_numpy(data.x[rows]), result.normalisation))
+        return float((logits.argmax(1).numpy() == data.y[rows]).mean())
+
+    with torch.no_grad():
+        assert acc(held_flagged) == chosen["holdout_flagged_acc"] and acc(held_kept) == chosen["holdout_clean_acc"]
+
+
+def held_out_rows(flagged, kept, *, seed, holdout, holdout_clean):
+    """The rows unlearn_relearn holds out, drawn again the documented way: one generator seeded with the run's seed,
+    the flagged part's draw first."""
+    from backdoor_engine.purify.unlearn_relearn import held_out
+
+    rng = np.random.default_rng(seed)
+    return held_out(flagged, holdout, rng)[1], held_out(kept, holdout_clean, rng)[1]
+
+
+def test_the_held_out_rule_refuses_a_split_too_small_to_hold_anything_out(trained):
+    data, result = trained
+    flags = np.zeros(len(data), bool)
+    flags[:4] = True
+    with pytest.raises(InputError, match="at least one of each"):
+        unlearn_relearn(result.model, result.normalisation, data, flags, unlearn_relearn_config(epochs=1, **config()))
+    with pytest.raises(InputError, match="holdout must lie strictly between 0 and 1"):
+        unlearn_relearn(result.model, result.normalisation, data, flags, unlearn_relearn_config(epochs=1, **config()),
+                        holdout=1.0)
+    with pytest.raises(InputError, match="select must be one of"):
+        unlearn_relearn(result.model, result.normalisation, data, flags, unlearn_relearn_config(epochs=1, **config()),
+                        select="best")
+    _, history = unlearn_relearn(result.model, result.normalisation, data, flags,
+                                 unlearn_relearn_config(epochs=1, **config()), select="last")
+    assert history[-1]["returned"] and "holdout_score" not in history[-1]
 
 
 def test_the_margin_loss_is_how_far_each_sample_is_into_its_given_label():

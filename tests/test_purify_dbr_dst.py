@@ -124,13 +124,14 @@ def test_d_br_unlearns_only_the_poisoned_part_unaugmented_and_relearns_only_the_
     monkeypatch.setattr(module, "train_epoch", spy)
     repaired = get_repair("d-br").apply(model, normalisation, dataset, _split(), params={"epochs": 2},
                                         progress=False)
-    assert seen == [(12, True, False), (60, False, True)] * 2
+    # select=holdout (the default) keeps int(12 * 0.2) = 2 poisoned and int(60 * 0.1) = 6 clean samples out
+    assert seen == [(10, True, False), (54, False, True)] * 2
     assert repaired.config["split"] == {"clean": 60, "uncertain": 168, "poisoned": 12}
     assert all(0 <= h["flagged_acc"] <= 1 for h in repaired.history)
     seen.clear()
     get_repair("d-br").apply(model, normalisation, dataset, _split(), params={"epochs": 1, "unlearn_augment": True},
                              progress=False)
-    assert seen == [(12, True, True), (60, False, True)]
+    assert seen == [(10, True, True), (54, False, True)]
 
 
 def test_flare_r_relearns_on_everything_unflagged_and_takes_a_split_as_its_poisoned_part(tiny, monkeypatch):
@@ -143,7 +144,7 @@ def test_flare_r_relearns_on_everything_unflagged_and_takes_a_split_as_its_poiso
         seen.append((len(x), unlearns(ascend, kw), config.augment))
         or original(m, x, y, config=config, ascend=ascend, **kw)))
     get_repair("unlearn-relearn").apply(model, normalisation, dataset, _split(), params={"epochs": 1}, progress=False)
-    assert seen == [(12, True, False), (228, False, True)]
+    assert seen == [(10, True, False), (206, False, True)]  # 2 of 12 and 22 of 228 held out
 
 
 def test_a_strategy_gets_bools_or_the_split_as_it_declares_and_bad_flags_are_refused(tiny):
@@ -227,6 +228,8 @@ def test_cli_d_br_after_any_detectors_report_can_keep_only_the_surest_fraction_a
     out = tmp_path / "dbr.pt"
     assert main(["purify", "--strategy", "d-br", "--model", str(suspect), "--data", str(data), "--report",
                  str(two_way), "--clean-fraction", "0.5", "--epochs", "1", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["epoch_returned"] == 1 and 0 <= printed["holdout_flagged_acc"] <= 1
     record = load_checkpoint(out)[1]["purify"]
     assert record["config"]["split"] == {"clean": 120, "uncertain": 108, "poisoned": 12}
     assert record["clean_fraction"] == 0.5 and record["n_removed_or_unlearned"] == 12

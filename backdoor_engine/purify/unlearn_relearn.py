@@ -18,6 +18,14 @@ the training split alone, `flagged_acc` (below), and measured in RESULTS.md:
   it stops for a sample once it is no longer classified as its given label, so the pass cannot run away.
 Each epoch records `flagged_acc`, the eval-mode accuracy on the un-augmented flagged images with their given
 labels: an attack-success estimate from the training split.
+
+Which epoch is returned (ours, `select`): D-BR's official code keeps the epoch with the best test ACC - test ASR.
+The same rule is applied here to parts of the training split the run never trains on: a seeded `holdout` fraction
+of the flagged samples is left out of the unlearning pass (its accuracy with the given labels, `holdout_flagged_acc`,
+estimates attack success without the bias of measuring on the very images ascended on) and a `holdout_clean`
+fraction of the relearning part is left out of relearning (`holdout_clean_acc` estimates clean accuracy). The epoch
+with the largest holdout_clean_acc - holdout_flagged_acc is returned (the earliest on ties); `select=last` returns
+the last epoch and trains on every flagged and kept sample.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from .retrain import kept_and_flagged
 
 
 UNLEARN_LOSSES = ("margin", "ce")
+SELECTIONS = ("holdout", "last")
 
 
 @dataclass(frozen=True)
@@ -65,10 +74,18 @@ class UnlearnRelearnParams:
                                     "in train mode (false): an all-flagged batch is then normalised by its own "
                                     "statistics, not those a test image meets (RESULTS.md, Blend a2o)")
     hflip: bool = param(True, "official code: D-BR's CIFAR-10 loaders flip (its other datasets crop only)")
+    select: str = param("holdout", "ours", choices=SELECTIONS,
+                        reason="the official code keeps the epoch with the best test ACC - test ASR, an oracle; "
+                               "holdout applies that rule to held-out parts of the training split instead; last "
+                               "= the last epoch, every sample trained on")
+    holdout: float = param(0.2, "ours", reason="the flagged part's share kept out of unlearning to estimate attack "
+                                               "success without bias (select=holdout)")
+    holdout_clean: float = param(0.1, "ours", reason="the relearning part's share kept out of relearning to estimate "
+                                                     "clean accuracy (select=holdout)")
     seed: int = param(0, "ours", reason="any fixed seed: the same seed repeats the run")
 
 
-UNLEARN_OPTIONS = ("unlearn_augment", "unlearn_loss", "unlearn_frozen_bn")
+UNLEARN_OPTIONS = ("unlearn_augment", "unlearn_loss", "unlearn_frozen_bn", "select", "holdout", "holdout_clean")
 
 
 def unlearn_options(params) -> dict:
@@ -85,6 +102,14 @@ def given_label_margin(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
     return torch.relu(given - others).mean()
 
 
+def held_out(indices: np.ndarray, fraction: float, generator: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(trained on, held out): a seeded `fraction` of `indices` (rounded down) set aside, both in index order."""
+    count = int(len(indices) * fraction)
+    chosen = np.zeros(len(indices), bool)
+    chosen[generator.choice(len(indices), size=count, replace=False)] = True
+    return indices[~chosen], indices[chosen]
+
+
 def _train_config(**options) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in options.items() if k not in UNLEARN_OPTIONS})
 
@@ -99,7 +124,8 @@ def unlearn_relearn(model: nn.Module, normalisation: Normalisation, dataset: Dat
                     config: TrainConfig | None = None,
                     callback: Callable[[int, nn.Module], None] | None = None, *,
                     relearn: np.ndarray | None = None, unlearn_augment: bool = False,
-                    unlearn_loss: str = "margin", unlearn_frozen_bn: bool = True) -> tuple[nn.Module, list[dict]]:
+                    unlearn_loss: str = "margin", unlearn_frozen_bn: bool = True, select: str = "holdout",
+                    holdout: float = 0.2, holdout_clean: float = 0.1) -> tuple[nn.Module, list[dict]]:
     """A repaired copy of `model` (the input is left untouched) and the per-epoch losses and accuracies.
 
     flags: the samples to unlearn (bool per sample); relearn: the indices to relearn on (default: every
@@ -107,6 +133,9 @@ def unlearn_relearn(model: nn.Module, normalisation: Normalisation, dataset: Dat
     relearning one (`config.augment`); the default shows it the flagged images as they are. unlearn_loss: "margin"
     (descend given_label_margin) or "ce" (ascend the cross-entropy, the official loss). unlearn_frozen_bn: the
     unlearning pass normalises with the running BatchNorm statistics and leaves them as they are.
+    select: "holdout" returns the epoch with the best holdout_clean_acc - holdout_flagged_acc, measured on the
+    `holdout` share of the flagged and the `holdout_clean` share of the relearning samples, which are then not
+    trained on (module docstring); "last" returns the last epoch. The history's last entry names the epoch returned.
     `callback(epoch, model)` runs after each epoch, for monitoring only: nothing it sees picks the result.
     """
     config = config or unlearn_relearn_config()
@@ -119,6 +148,22 @@ def unlearn_relearn(model: nn.Module, normalisation: Normalisation, dataset: Dat
         raise InputError(f"unlearn_loss must be one of {', '.join(UNLEARN_LOSSES)}, got {unlearn_loss!r}")
     if len(kept) < 2:
         raise InputError(f"relearning needs at least 2 kept samples, got {len(kept)}")
+    if select not in SELECTIONS:
+        raise InputError(f"select must be one of {', '.join(SELECTIONS)}, got {select!r}")
+    if select == "holdout":
+        for name, value in (("holdout", holdout), ("holdout_clean", holdout_clean)):
+            if not 0 < value < 1:
+                raise InputError(f"{name} must lie strictly between 0 and 1 with select=holdout, got {value}")
+        split_rng = np.random.default_rng(config.seed)
+        flagged, flagged_held = held_out(flagged, holdout, split_rng)
+        kept, kept_held = held_out(kept, holdout_clean, split_rng)
+        if len(flagged_held) == 0 or len(kept_held) == 0:
+            raise InputError(f"select=holdout holds out {len(flagged_held)} of the flagged and {len(kept_held)} of "
+                             f"the relearning samples; at least one of each is needed: flag more samples, raise "
+                             f"holdout / holdout_clean, or use select=last")
+        if len(batch_slices(len(flagged), config.batch_size)) == 0:
+            raise InputError(f"unlearning needs at least 2 flagged samples after holding out {len(flagged_held)}, "
+                             f"got {len(flagged)}")
     labels = torch.from_numpy(dataset.y.astype(np.int64))
     unlearn_step = ({"objective": given_label_margin} if unlearn_loss == "margin" else {"ascend": True})
     unlearn_config = dataclasses.replace(config, augment=config.augment and unlearn_augment)
@@ -131,6 +176,7 @@ def unlearn_relearn(model: nn.Module, normalisation: Normalisation, dataset: Dat
         # Stepped once per batch of both passes, so a cosine schedule spans the whole run.
         steps = len(batch_slices(len(flagged), config.batch_size)) + len(batch_slices(len(kept), config.batch_size))
         scheduler = make_scheduler(optimizer, config, config.epochs * steps)
+        best = None  # (score, epoch, state) of the best epoch by the held-out rule
         for epoch in range(1, config.epochs + 1):
             unlearn = train_epoch(repaired, dataset.x[flagged], labels[flagged], optimizer=optimizer,
                                   scheduler=scheduler, normalisation=normalisation, config=unlearn_config,
@@ -139,13 +185,24 @@ def unlearn_relearn(model: nn.Module, normalisation: Normalisation, dataset: Dat
             relearn = train_epoch(repaired, dataset.x[kept], labels[kept], optimizer=optimizer,
                                   scheduler=scheduler, normalisation=normalisation, config=config,
                                   generator=generator, description=f"relearn {epoch}/{config.epochs}")
-            flagged_acc = accuracy(predict(repaired, dataset.x[flagged], normalisation, batch_size=256),
-                                   dataset.y[flagged])
+            def acc(rows):
+                return accuracy(predict(repaired, dataset.x[rows], normalisation, batch_size=256), dataset.y[rows])
+
             history.append({"epoch": epoch, "unlearn_loss": unlearn["loss"], "unlearn_acc": unlearn["train_acc"],
                             "relearn_loss": relearn["loss"], "relearn_acc": relearn["train_acc"],
-                            "flagged_acc": flagged_acc})
+                            "flagged_acc": acc(flagged)})
+            if select == "holdout":
+                entry = history[-1]
+                entry.update(holdout_flagged_acc=acc(flagged_held), holdout_clean_acc=acc(kept_held))
+                entry["holdout_score"] = entry["holdout_clean_acc"] - entry["holdout_flagged_acc"]
+                if best is None or entry["holdout_score"] > best[0]:
+                    best = (entry["holdout_score"], epoch, copy.deepcopy(repaired.state_dict()))
             if callback is not None:
                 callback(epoch, repaired)
+        if select == "holdout" and best[1] != config.epochs:
+            repaired.load_state_dict(best[2])
+    for entry in history:
+        entry["returned"] = entry["epoch"] == (best[1] if select == "holdout" else config.epochs)
     repaired = repaired.to(memory_format=torch.contiguous_format).eval()
     return repaired, history
 
