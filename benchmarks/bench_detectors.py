@@ -7,7 +7,8 @@ the checkpoint's attack record (bench_flare_detection.scanned_set) and scanned O
 SCALE-UP and IBD-PSC make by definition. The clean reference set is `make_aux("reserved")`: 5% of the set's size
 in Fashion-MNIST training images the model never saw (stratified, seed 0), what a defender holding a little
 clean data has. Ground truth is only read to score. One JSON line per model to --out (resumable): per method
-TPR / FPR / F1 / n_flagged / seconds, the consensus at every min_votes, the number of passes over the data.
+TPR / FPR / F1 / n_flagged / seconds, the consensus at every min_votes and under the Dawid-Skene rule (the
+members' error rates fitted to their flags without labels), the number of passes over the data.
 
     python benchmarks/bench_detectors.py --models runs/attacks/badnets-a2o-10000-e6.pt --out benchmarks/results/detectors.jsonl
     python benchmarks/bench_detectors.py --out benchmarks/results/detectors.jsonl --table
@@ -29,6 +30,7 @@ from backdoor_engine import api
 from backdoor_engine.auxiliary.sets import make_aux
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.detection import detection_metrics
+from backdoor_engine.methods.consensus import dawid_skene
 from backdoor_engine.models.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,9 +80,17 @@ def run(args):
         for k in range(1, len(d.diagnostics["methods"]) + 1):
             m = detection_metrics(votes >= k, truth)
             consensus[str(k)] = {"tpr": m["tpr"], "fpr": m["fpr"], "f1": f1(m), "n_flagged": int((votes >= k).sum())}
+        # The other combination rule from the same flags (consensus.dawid_skene, no labels; truth only scores it).
+        ran = d.diagnostics["methods"]
+        fit = dawid_skene(np.stack([d.columns[f"flagged_{name}"].astype(bool) for name in ran], axis=1))
+        m = detection_metrics(fit["posterior"] > 0.5, truth)
+        rules = {"dawid-skene": {"tpr": m["tpr"], "fpr": m["fpr"], "f1": f1(m),
+                                 "n_flagged": int((fit["posterior"] > 0.5).sum()), "prior": fit["prior"],
+                                 "estimated": {name: [round(float(t), 4), round(float(f), 4)]
+                                               for name, t, f in zip(ran, fit["tpr"], fit["fpr"])}}}
         row = {"model": str(model_path), "attack": attack, "mode": mode, "n": len(dataset), "n_poison": int(truth.sum()),
                "asr": meta.get("eval", {}).get("asr"), "ba": meta.get("eval", {}).get("ba"),
-               "n_reference": len(reference), "methods": methods, "consensus": consensus,
+               "n_reference": len(reference), "methods": methods, "consensus": consensus, "rules": rules,
                "default_min_votes": d.diagnostics["min_votes"], "jaccard": d.diagnostics["jaccard"],
                "timings_s": {k: round(float(v), 2) for k, v in result.report["timings_s"].items()},
                "total_s": round(total_s, 1), "params": params,
@@ -97,13 +107,14 @@ def table(args):
     methods = [m for m in METHODS if any(m in r["methods"] for r in rows)]
     k_max = max(len(r["methods"]) for r in rows)
     print("| attack | mode | ASR | " + " | ".join(methods) + " | " + " | ".join(f">= {k} votes" for k in range(1, k_max + 1))
-          + " |")
-    print("|---" * (3 + len(methods) + k_max) + "|")
+          + " | Dawid-Skene |")
+    print("|---" * (4 + len(methods) + k_max) + "|")
     fmt = lambda c: "-" if c is None or "tpr" not in c else f"{100 * c['tpr']:.1f} / {100 * c['fpr']:.2f}"  # noqa: E731
     for r in rows:
         asr = "-" if r["asr"] is None else f"{100 * r['asr']:.1f}%"
         print(f"| {r['attack']} | {r['mode']} | {asr} | " + " | ".join(fmt(r["methods"].get(m)) for m in methods)
-              + " | " + " | ".join(fmt(r["consensus"].get(str(k))) for k in range(1, k_max + 1)) + " |")
+              + " | " + " | ".join(fmt(r["consensus"].get(str(k))) for k in range(1, k_max + 1))
+              + f" | {fmt(r.get('rules', {}).get('dawid-skene'))} |")
     print("\nseconds per method: " + "; ".join(
         f"{r['attack']} {r['mode']}: " + ", ".join(f"{m} {v.get('seconds', 'failed')}" for m, v in r["methods"].items())
         + f", extract {r['timings_s'].get('extract')}" for r in rows))

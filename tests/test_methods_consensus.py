@@ -182,3 +182,53 @@ def test_a_method_that_refuses_the_scan_is_reported_and_the_others_still_give_th
     monkeypatch.setattr(type(Consensus(["ac", "spectral"]).members_["spectral"]), "fit_scan", refuse)
     with pytest.raises(InputError, match="every method of the consensus refused"):
         api.scan(dataset, model, normalisation, method="ac,spectral", progress=False)
+
+
+def planted_members(n=20000, rate=0.1, seed=0):
+    """Flags of five members on planted truth: two precise (TPR 0.99, FPR 0.005), three noisy (TPR 0.6, FPR 0.3),
+    independent given the truth."""
+    rng = np.random.default_rng(seed)
+    truth = rng.random(n) < rate
+    rates = [(0.99, 0.005), (0.99, 0.005), (0.6, 0.3), (0.6, 0.3), (0.6, 0.3)]
+    flags = np.stack([np.where(truth, rng.random(n) < tpr, rng.random(n) < fpr) for tpr, fpr in rates], axis=1)
+    return truth, flags, rates
+
+
+def f1(verdict, truth):
+    tp = np.sum(verdict & truth)
+    return 2 * tp / (verdict.sum() + truth.sum())
+
+
+def test_dawid_skene_recovers_each_members_error_rates_without_labels_and_outvotes_the_noisy_majority():
+    from backdoor_engine.methods.consensus import dawid_skene
+
+    truth, flags, rates = planted_members()
+    fit = dawid_skene(flags)
+    assert fit["prior"] == pytest.approx(truth.mean(), abs=0.01)
+    for (tpr, fpr), got_tpr, got_fpr in zip(rates, fit["tpr"], fit["fpr"]):
+        assert got_tpr == pytest.approx(tpr, abs=0.03) and got_fpr == pytest.approx(fpr, abs=0.02)
+    verdict = fit["posterior"] > 0.5
+    _, majority = combine_votes({i: flags[:, i] for i in range(5)}, 3)
+    assert f1(verdict, truth) > 0.98 and f1(majority, truth) < 0.9
+    # the minority class is called poison whichever way EM starts: the flags negated give the same verdict back
+    swapped = dawid_skene(~flags)
+    assert swapped["prior"] == pytest.approx(fit["prior"], abs=1e-6)
+
+
+def test_dawid_skene_is_a_selectable_rule_that_reports_its_estimates(untrained_scan_inputs):
+    from backdoor_engine import api
+
+    dataset, model, normalisation = untrained_scan_inputs
+    result = api.scan(dataset, model, normalisation, method="ac,spectral", progress=False, rule="dawid-skene")
+    d = result.detection
+    assert "Dawid-Skene" in d.diagnostics["rule"] and "Estimated rates" in d.diagnostics["explanation"]
+    assert set(d.diagnostics["per_method"]["ac"]["estimated"]) == {"tpr", "fpr"}
+    assert np.all((d.scores >= 0) & (d.scores <= 1)) and np.array_equal(d.flags, d.scores > 0.5)
+    with pytest.raises(InputError, match="min_votes applies to rule=vote only"):
+        Consensus(["ac", "spectral"], {"rule": "dawid-skene", "min_votes": 2})
+    with pytest.raises(InputError, match="rule"):
+        Consensus(["ac", "spectral"], {"rule": "median"})
+    with pytest.raises(InputError, match="n x m flag matrix"):
+        from backdoor_engine.methods.consensus import dawid_skene
+
+        dawid_skene(np.zeros((5, 1), bool))

@@ -7,7 +7,11 @@ Stages, each a plain function composed by `Consensus`:
                     the decoded pixels, the model itself or the clean reference when a member needs them by
                     definition: STRIP's superimpositions, SCALE-UP's scaled copies, VBD's own models)
   combine_votes     every member's flags, a per-sample count of the methods flagging it, and the verdict:
-                    flagged when at least `min_votes` methods flag the sample
+                    flagged when at least `min_votes` methods flag the sample (rule=vote)
+  dawid_skene       rule=dawid-skene: each member's true and false positive rates and the poison share estimated
+                    from the flags alone by EM (Dawid & Skene 1979, members assumed independent given the truth);
+                    flagged when the posterior of poison exceeds 1/2, so a member flagging most of the set (SCALE-UP
+                    on clean data) counts for little and a precise one for much
   agreement         pairwise Jaccard of the members' flag sets
   passes            the forward passes over the data: one shared, plus each method's own by definition
 
@@ -32,13 +36,22 @@ ALL = "all"
 NAME = "consensus"
 
 
+RULES = ("vote", "dawid-skene")
+
+
 @dataclass(frozen=True)
 class ConsensusParams:
+    rule: str = param("vote", "ours", choices=RULES,
+                      reason="vote = at least min_votes members flag the sample; dawid-skene = the posterior of an "
+                             "EM fit of each member's error rates to the flags (no labels), selectable until it is "
+                             "judged on the development sets (RESULTS.md, issue 16)")
     min_votes: int | None = param(None, "ours", reason="unset = at least half of the methods run (rounded up): "
                                   "on the development sets (RESULTS.md, issue 16) a strict majority of the eight "
                                   "lost Blend a2o (TPR 10.6%) when three methods missed it, half kept it (99.5%)")
 
     def __post_init__(self):
+        if self.rule != "vote" and self.min_votes is not None:
+            raise InputError(f"consensus: min_votes applies to rule=vote only, not rule={self.rule}")
         if self.min_votes is not None and (isinstance(self.min_votes, bool) or not isinstance(self.min_votes, int)
                                            or self.min_votes < 1):
             raise InputError(f"consensus: min_votes must be a whole number >= 1, got {self.min_votes!r}")
@@ -100,6 +113,40 @@ def combine_votes(flags: dict[str, np.ndarray], min_votes: int) -> tuple[np.ndar
     """(votes per sample, verdict = votes >= min_votes)."""
     votes = np.sum(np.stack(list(flags.values())), axis=0, dtype=np.int32)
     return votes, votes >= min_votes
+
+
+def dawid_skene(flags: np.ndarray, *, iterations: int = 200, tol: float = 1e-8) -> dict:
+    """Posterior of poison per sample from an n x m bool matrix of m members' flags, without labels.
+
+    Two-class Dawid-Skene EM: each member j flags a poisoned sample with probability tpr_j and a clean one with
+    fpr_j, independently given the truth; the poison share is `prior`. Started from the soft vote (the share of
+    members flagging each sample); rates carry a Beta(1, 1) prior so a member that never or always flags stays
+    finite. The E-step runs on the distinct flag patterns (at most 2^m), so its cost does not grow with n.
+    Poison is taken to be the minority class: if EM settles with prior > 1/2 the two classes are swapped.
+    Returns {"posterior", "tpr", "fpr", "prior", "iterations"}.
+    """
+    flags = np.asarray(flags, bool)
+    if flags.ndim != 2 or flags.shape[1] < 2:
+        raise InputError(f"dawid_skene: expected an n x m flag matrix with m >= 2 members, got {flags.shape}")
+    patterns, inverse, counts = np.unique(flags, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    f = patterns.astype(np.float64)
+    q = f.mean(axis=1)  # soft vote
+    for iteration in range(1, iterations + 1):
+        w_poison, w_clean = counts * q, counts * (1 - q)
+        prior = (w_poison.sum() + 1) / (counts.sum() + 2)
+        tpr = (w_poison @ f + 1) / (w_poison.sum() + 2)
+        fpr = (w_clean @ f + 1) / (w_clean.sum() + 2)
+        log_odds = (np.log(prior / (1 - prior)) + f @ np.log(tpr / fpr)
+                    + (1 - f) @ np.log((1 - tpr) / (1 - fpr)))
+        new_q = 1 / (1 + np.exp(-np.clip(log_odds, -700, 700)))
+        done = np.max(np.abs(new_q - q)) < tol
+        q = new_q
+        if done:
+            break
+    if prior > 0.5:
+        q, prior, tpr, fpr = 1 - q, 1 - prior, fpr, tpr
+    return {"posterior": q[inverse], "tpr": tpr, "fpr": fpr, "prior": float(prior), "iterations": iteration}
 
 
 def score_ranks(detection: Detection) -> np.ndarray:
@@ -209,27 +256,41 @@ class Consensus:
         flags = {name: d.flags for name, d in self.detections_.items()}
         self.votes_, verdict = combine_votes(flags, self.min_votes)
         scores = np.mean([score_ranks(d) for d in self.detections_.values()], axis=0)
+        m = len(self.detections_)
+        rule = (f"flagged when >= {self.min_votes} of {m} methods flag the sample; score = mean rank of the "
+                "members' scores")
+        estimated = None
+        if self.params.rule == "dawid-skene" and m >= 2:
+            fit = dawid_skene(np.stack(list(flags.values()), axis=1))
+            verdict, scores = fit["posterior"] > 0.5, fit["posterior"]
+            estimated = {name: {"tpr": round(float(t), 4), "fpr": round(float(f), 4)}
+                         for name, t, f in zip(self.detections_, fit["tpr"], fit["fpr"])}
+            rule = (f"flagged when the Dawid-Skene posterior of poison exceeds 1/2 (each member's error rates fitted "
+                    f"to the flags by EM, no labels; estimated poison share {fit['prior']:.4f}); score = posterior")
         pairs = agreement(flags)
         columns = {}
         for name, d in self.detections_.items():
             columns[f"flagged_{name}"] = d.flags.astype(np.int8)
             columns[f"score_{name}"] = d.scores if d.scores is not None else np.full(len(d.flags), np.nan)
         columns["votes"] = self.votes_
-        m = len(self.detections_)
         per_method = {name: {"n_flagged": d.n_flagged, "time_s": round(timings[name], 3),
-                             "explanation": d.diagnostics.get("explanation")}
+                             "explanation": d.diagnostics.get("explanation"),
+                             **({} if estimated is None else {"estimated": estimated[name]})}
                       for name, d in self.detections_.items()}
-        explanation = (f"{m} methods ({', '.join(self.detections_)}) ran on one pass; a sample is flagged when at "
-                       f"least {self.min_votes} of them flag it: {int(verdict.sum())} of {len(verdict)} samples. "
+        how = (f"at least {self.min_votes} of them flag it" if estimated is None else
+               "the Dawid-Skene posterior of poison from their flags exceeds 1/2")
+        explanation = (f"{m} methods ({', '.join(self.detections_)}) ran on one pass; a sample is flagged when "
+                       f"{how}: {int(verdict.sum())} of {len(verdict)} samples. "
                        + "; ".join(f"{name} flagged {d.n_flagged}" for name, d in self.detections_.items()))
+        if estimated is not None:
+            explanation += (". Estimated rates (no labels): " + "; ".join(
+                f"{name} TPR {e['tpr']:.2f} FPR {e['fpr']:.3f}" for name, e in estimated.items()))
         if self.failed_:
             explanation += ". Could not run: " + "; ".join(f"{name} ({message})" for name, message in
                                                           self.failed_.items())
         diagnostics = {
             "explanation": explanation, "methods": list(self.detections_), "failed": self.failed_,
-            "min_votes": self.min_votes,
-            "rule": f"flagged when >= {self.min_votes} of {m} methods flag the sample; score = mean rank of the "
-                    "members' scores", "per_method": per_method, "jaccard": pairs,
+            "min_votes": self.min_votes, "rule": rule, "per_method": per_method, "jaccard": pairs,
             "votes_histogram": np.bincount(self.votes_, minlength=m + 1).tolist(),
             "passes": passes_over_the_data(self.captures(), self.detections_, len(verdict)),
             "member_diagnostics": {name: d.diagnostics for name, d in self.detections_.items()},
@@ -248,11 +309,11 @@ class Consensus:
         if out_dir is not None:
             parts.figures.insert(0, ("Agreement: pairwise Jaccard of the flag sets, and votes per sample",
                                      agreement_png(list(self.detections_), detection.diagnostics["jaccard"],
-                                                   self.votes_, self.min_votes)))
+                                                   self.votes_, detection.flags)))
         return parts
 
 
-def agreement_png(names: list[str], pairs: dict, votes: np.ndarray, min_votes: int) -> bytes:
+def agreement_png(names: list[str], pairs: dict, votes: np.ndarray, verdict: np.ndarray) -> bytes:
     from ..report.figures import _pyplot, _to_png
 
     plt = _pyplot()
@@ -273,11 +334,15 @@ def agreement_png(names: list[str], pairs: dict, votes: np.ndarray, min_votes: i
                 left.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
                           color="w" if matrix[i, j] < 0.6 else "k")
     fig.colorbar(image, ax=left, fraction=0.046)
-    counts = np.bincount(votes, minlength=m + 1)
-    right.bar(range(m + 1), counts, color=["#d64545" if k >= min_votes else "#9aa5b1" for k in range(m + 1)])
+    # Stacked per vote count: under rule=dawid-skene the verdict is not a function of the count alone.
+    flagged = np.bincount(votes[verdict], minlength=m + 1)
+    kept = np.bincount(votes[~verdict], minlength=m + 1)
+    right.bar(range(m + 1), kept, color="#9aa5b1", label="not flagged")
+    right.bar(range(m + 1), flagged, bottom=kept, color="#d64545", label="flagged by the consensus")
     right.set_yscale("log")
     right.set_xlabel("methods flagging the sample", fontsize=7)
-    right.set_title(f"flagged: >= {min_votes} votes (red)", fontsize=8)
+    right.set_title("samples per vote count", fontsize=8)
+    right.legend(fontsize=6)
     right.tick_params(labelsize=6)
     fig.tight_layout()
     return _to_png(fig)
