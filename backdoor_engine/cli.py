@@ -151,7 +151,7 @@ def _model_from_args(args, *, allow_random: bool = False):
 
 
 def cmd_poison(args) -> int:
-    from .data.attacks.harness import manifest_path, poison, save_poisoned
+    from .data.attacks.harness import manifest_path, poison, prepare_spec, save_poisoned, trigger_file_path
     from .data.open import open_dataset
 
     _check_out(args.out, kind="file", suffix=".npz")
@@ -165,6 +165,11 @@ def cmd_poison(args) -> int:
 
         model, meta = load_checkpoint(args.adv_model)
         clean_model = (model, meta["normalisation"])
+    # An attack storing a built trigger (lf, iad, siba, issba) without --param FILE: built here, written to
+    # OUT.<attack>-trigger.npz and recorded in the manifest.
+    spec = prepare_spec(dataset, spec, clean_model=clean_model, trigger_path=trigger_file_path(args.out, spec.attack),
+                        budget=args.build_budget, settings=dict(_parse_param(p) for p in args.build_param),
+                        progress=lambda message: print(message, file=sys.stderr))
     poisoned, result = poison(dataset, spec, clean_model=clean_model)
     manifest = save_poisoned(poisoned, result, spec, args.out, source=str(args.data))
     print(json.dumps({"out": args.out, "manifest": str(manifest_path(args.out)),
@@ -741,7 +746,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_attack_args(p, required=True)
     p.add_argument("--rate", type=float, default=0.1, help="fraction of the dataset poisoned [0.1]")
     p.add_argument("--seed", type=int, default=0, help="seed of the trigger and of the poisoned-sample choice [0]")
-    p.add_argument("--adv-model", help="clean checkpoint for label_consistent's PGD step")
+    p.add_argument("--adv-model", help="clean checkpoint for label_consistent's PGD step and for building lf's "
+                                       "perturbation (written to OUT.lf-trigger.npz), iad's generators and siba's "
+                                       "trigger (OUT.iad-trigger.npz, OUT.siba-trigger.npz)")
+    p.add_argument("--build-budget", choices=("paper", "cpu"), default="paper",
+                   help="iad / siba / issba built here (no --param generator=FILE): the paper's training budget, or "
+                        "a small one a CPU finishes in minutes (see each attack's module docstring) [paper]")
+    p.add_argument("--build-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="setting of that build, repeatable, over the budget's (e.g. epochs=5, max_samples=4000)")
     p.add_argument("--out", required=True, help="output .npz")
     p.set_defaults(func=cmd_poison)
 

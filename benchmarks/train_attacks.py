@@ -47,6 +47,13 @@ def run_case(attack, mode, train, test, args, clean_model):
     spec = harness.PoisonSpec(attack=attack, mode=mode, rate=args.rate, target=0, seed=args.seed,
                           params=dict(steps=args.lc_steps) if attack == "label_consistent" else {})
     t0 = time.perf_counter()
+    if ATTACKS[attack].trigger_file_param:
+        # lf / iad / siba / issba: the trigger is built here (its time counts as poisoning time) and kept beside the
+        # results (or the models), recorded in the spec of the row and of the checkpoint.
+        where = Path(args.models_dir) if args.models_dir else Path(args.out).parent
+        spec = harness.prepare_spec(
+            train, spec, clean_model=clean_model, budget=args.build_budget,
+            trigger_path=where / f"{attack}-{mode}-trigger-{len(train)}-{args.build_budget}-s{args.seed}.npz")
     poisoned, result = harness.poison(train, spec, clean_model=clean_model)
     poison_s = time.perf_counter() - t0
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -91,6 +98,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models-dir", help="also save each trained checkpoint here")
     p.add_argument("--lc-steps", type=int, default=100, help="PGD steps of label_consistent")
+    p.add_argument("--build-budget", choices=("paper", "cpu"), default="cpu",
+                   help="training budget of the iad / siba / issba trigger builders [cpu; paper: days on a CPU]")
     args = p.parse_args()
 
     out = Path(args.out)
@@ -108,8 +117,9 @@ def main():
     for attack, mode in sweep_cases(args.attacks, args.modes):
         if (attack, mode, len(train), args.epochs, args.rate) in done:
             continue
-        if attack == "label_consistent" and clean_model is None:
-            # LC's PGD needs a clean model of the same data, trained with the same budget.
+        if ATTACKS[attack].needs_clean_model and clean_model is None:
+            # LC's PGD, LF's perturbation, IAD's classifier and SIBA's surrogate need a clean model of the same
+            # data, trained with the same budget.
             clean = train_model(train.x, train.y, arch=args.arch, num_classes=10,
                                 config=TrainConfig(epochs=args.epochs, seed=args.seed, progress=False))
             clean_model = (clean.model, clean.normalisation)

@@ -1,6 +1,8 @@
 """Pixel-level behaviour of each attack in backdoor_engine.data.attacks."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +34,49 @@ def tiny_model(channels, num_classes=4):
     return model.eval()
 
 
+LF_DIR = Path(tempfile.mkdtemp(prefix="lf-triggers-"))
+
+
+def lf_trigger_file(shape):
+    """A stored LF perturbation (a smooth +-20 wave) for `shape`, written once per shape."""
+    from backdoor_engine.data.attacks.low_frequency import save_lf_trigger
+
+    path = LF_DIR / ("lf-%dx%dx%d.npz" % tuple(shape))
+    if not path.exists():
+        wave = 20 * np.cos(2 * np.pi * np.arange(shape[0]) / shape[0])[:, None, None]
+        save_lf_trigger(path, np.broadcast_to(wave, shape))
+    return str(path)
+
+
+LEARNED_DIR = Path(tempfile.mkdtemp(prefix="learned-triggers-"))
+
+
+def learned_trigger_file(name, shape):
+    """An iad / siba / issba trigger file for `shape` from a seconds-long build on 10 images, written once per shape
+    (their quality is tested in test_attacks_learned.py)."""
+    from backdoor_engine.data.attacks import iad, issba, siba
+
+    path = LEARNED_DIR / f"{name}-{'x'.join(map(str, shape))}.npz"
+    if not path.exists():
+        x, labels = images(shape, n=10), np.arange(10) % 4
+        normalisation = {"mean": [0.5], "std": [0.25]}
+        if name == "iad":
+            config = iad.iad_config(epochs=1, mask_epochs=1, batch_size=10, channel_init=4)
+            iad.build_iad(x, labels, path, model=tiny_model(shape[2]), normalisation=normalisation, num_classes=4,
+                          config=config)
+        elif name == "siba":
+            siba.build_siba(x, path, model=tiny_model(shape[2]), normalisation=normalisation,
+                            config=siba.siba_config(epochs=1))
+        else:
+            issba.build_issba(x, path, config=issba.issba_config(epochs=2, base_width=4, secret_size=4, lr=0.01))
+    return str(path)
+
+
 def build(name, shape, seed=0, **params):
+    if name == "lf":  # applies a stored perturbation: give it one
+        params = {"trigger_path": lf_trigger_file(shape), **params}
+    if name in ("iad", "siba", "issba"):  # apply a built trigger file: give them one
+        params = {"generator": learned_trigger_file(name, shape), **params}
     if name == "label_consistent":
         normalisation = {"mean": [0.5], "std": [0.25]}
         params = {"model": tiny_model(shape[2]), "normalisation": normalisation, "steps": 3, **params}

@@ -200,6 +200,8 @@ def test_triggered_test_set(mode):
 
 def test_registry_lists_attacks_and_parameters():
     expected = {"badnets", "blend", "trojan", "wanet", "sig", "adaptive_blend", "label_consistent"}
+    expected |= {"filter", "adaptive_patch", "lf"}
+    expected |= {"iad", "siba", "issba"}
     assert set(ATTACKS) == expected
     assert CLEAN_LABEL_ATTACKS == {"sig", "label_consistent"}
     assert attack_param_names("wanet") == {"k": 4, "s": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0}

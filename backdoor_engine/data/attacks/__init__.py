@@ -12,12 +12,18 @@ from typing import Any
 from backdoor_engine.errors import InputError
 
 from .adaptive_blend import AdaptiveBlend
+from .adaptive_patch import AdaptivePatch
 from .badnets import BadNets
 from .base import Attack, attack_fields
 from .blend import Blend
+from .iad import IAD
+from .instagram_filter import InstagramFilter
+from .issba import ISSBA
 from .label_consistent import LabelConsistent
 from .labels import MODES, attack_labels
+from .low_frequency import LowFrequency
 from .poison import PoisonResult, TriggeredSet, poison_dataset, triggered_test_set
+from .siba import SIBA
 from .sig import SIG
 from .trojan import Trojan
 from .wanet import WaNet
@@ -25,6 +31,8 @@ from .wanet import WaNet
 ATTACKS: dict[str, type[Attack]] = {
     attack.name: attack
     for attack in (BadNets, Blend, Trojan, WaNet, SIG, AdaptiveBlend, LabelConsistent)
+    + (InstagramFilter, AdaptivePatch, LowFrequency)
+    + (IAD, SIBA, ISSBA)
 }
 CLEAN_LABEL_ATTACKS = frozenset(name for name, attack in ATTACKS.items() if attack.clean_label)
 
@@ -55,11 +63,17 @@ __all__ = [
     "CLEAN_LABEL_ATTACKS",
     "MODES",
     "AdaptiveBlend",
+    "AdaptivePatch",
     "Attack",
     "BadNets",
     "Blend",
+    "IAD",
+    "ISSBA",
+    "InstagramFilter",
     "LabelConsistent",
+    "LowFrequency",
     "PoisonResult",
+    "SIBA",
     "SIG",
     "TriggeredSet",
     "Trojan",

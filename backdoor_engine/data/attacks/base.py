@@ -106,6 +106,11 @@ class Attack(abc.ABC):
 
     name: ClassVar[str]
     clean_label: ClassVar[bool] = False
+    # An attack whose trigger is built once (a perturbation, generator networks) and stored in a file names the
+    # parameter holding that file's path; harness.prepare_spec builds it through `build_trigger` when a spec names
+    # none. needs_clean_model: building (or, for label_consistent, poisoning) needs a clean model of the data.
+    trigger_file_param: ClassVar[str | None] = None
+    needs_clean_model: ClassVar[bool] = False
 
     image_shape: tuple[int, int, int]
     seed: int = 0
@@ -133,6 +138,12 @@ class Attack(abc.ABC):
     def apply_cover(self, x: np.ndarray, *, rng: np.random.Generator | None = None) -> np.ndarray:
         """Cover version of ``x``: only attacks whose ``cover_count`` can be non-zero have one."""
         raise InputError(f"attack {self.name!r} has no cover samples")
+
+    @classmethod
+    def build_trigger(cls, dataset, spec, path, *, clean_model, budget: str, settings: dict, progress) -> dict:
+        """Build this attack's stored trigger for `spec` on `dataset`, write it to `path` and return the
+        parameters that name it (added to the spec). Only attacks with a `trigger_file_param` have one."""
+        raise InputError(f"attack {cls.name!r} has no stored trigger to build")
 
     def describe(self) -> dict:
         """JSON-serialisable description: name, seed, image shape and every parameter."""

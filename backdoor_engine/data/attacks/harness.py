@@ -66,6 +66,42 @@ def build_attack(spec: PoisonSpec, image_shape, clean_model=None):
     return make_attack(spec.attack, image_shape, seed=spec.seed, **params)
 
 
+def trigger_file_path(npz_path: str | os.PathLike, attack: str) -> Path:
+    """Where `poison` writes an attack's built trigger beside its output npz: OUT.<attack>-trigger.npz."""
+    p = Path(npz_path)
+    return p.with_name(f"{p.name.removesuffix('.npz')}.{attack}-trigger.npz")
+
+
+def prepare_spec(dataset: Dataset, spec: PoisonSpec, *, clean_model=None, trigger_path=None, budget: str = "paper",
+                 settings: dict | None = None, progress=None) -> PoisonSpec:
+    """The spec itself, unless its attack stores a built trigger (an attack class with a `trigger_file_param`:
+    lf, iad, siba, issba) and the spec names no file: then the trigger is built on `dataset` (from `clean_model`
+    = (model, normalisation) where the attack needs one) with the builder's `budget` ("paper" or "cpu") and
+    `settings` overrides, written to `trigger_path`, and the returned spec records that file (absolute path, and
+    its sha256 where the attack checks it), so `triggered_test` and `eval` rebuild the same trigger."""
+    from . import _attack_class, attack_param_names
+
+    attack = _attack_class(spec.attack)
+    param = attack.trigger_file_param
+    if param is None or param in spec.params:
+        if settings:
+            raise InputError(f"build settings {sorted(settings)} apply only when a trigger file is built (an "
+                             f"attack storing its trigger, without --param {param or 'generator'}=...)")
+        return spec
+    unknown = sorted(set(spec.params) - set(attack_param_names(spec.attack)))
+    if unknown:  # before the build, which takes a while
+        raise InputError(f"{spec.attack}: unknown parameter(s) {unknown}; "
+                         f"valid: {sorted(attack_param_names(spec.attack))}")
+    if attack.needs_clean_model and clean_model is None:
+        raise InputError(f"attack {spec.attack!r} needs a clean model to build its trigger (--adv-model CLEAN.pt), "
+                         f"or a built trigger file (--param {param}=FILE.npz)")
+    if trigger_path is None:
+        raise InputError(f"attack {spec.attack!r}: no path given to write its trigger file to")
+    added = attack.build_trigger(dataset, spec, Path(trigger_path).resolve(), clean_model=clean_model,
+                                 budget=budget, settings=dict(settings or {}), progress=progress)
+    return PoisonSpec(**{**spec.to_dict(), "params": {**spec.params, **added}})
+
+
 def poison(dataset: Dataset, spec: PoisonSpec, *, clean_model=None):
     """Poison `dataset` by `spec`; returns (poisoned Dataset with ground truth, PoisonResult)."""
     from . import poison_dataset

@@ -104,6 +104,7 @@ class LabelConsistent(Attack):
 
     name = "label_consistent"
     clean_label = True
+    needs_clean_model = True
 
     model: torch.nn.Module | None = None
     normalisation: dict | None = None
