@@ -56,6 +56,8 @@ UNLEARN_VARIANTS = {
     "ce, frozen BN": {"unlearn_augment": False, "unlearn_loss": "ce", "unlearn_frozen_bn": True, "select": "last"},
     "ce, BN train mode": {"unlearn_augment": False, "unlearn_loss": "ce", "unlearn_frozen_bn": False,
                           "select": "last"},
+    "ce, BN train mode, held-out epoch": {"unlearn_augment": False, "unlearn_loss": "ce", "unlearn_frozen_bn": False,
+                                          "select": "holdout"},
     "ce, augmented, BN train mode": {"unlearn_augment": True, "unlearn_loss": "ce", "unlearn_frozen_bn": False,
                                      "select": "last"},
 }
