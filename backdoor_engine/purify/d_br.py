@@ -6,8 +6,8 @@ takes everything unflagged as clean); D-BR differs only in reading the split.
 
 The split comes from an FCT report (poisoned = the 5% most transformation-sensitive, clean = the 20% least),
 or from any detector's report (flagged = poisoned, unflagged = clean; `purify --clean-fraction F` keeps as
-clean only the fraction F of the samples the detector scored lowest). The last epoch is kept: the official
-code picks the epoch by test ASR, which we never do.
+clean only the fraction F of the samples the detector scored lowest). The official code picks the epoch by test
+ASR, which we never do: the same rule runs on held-out parts of the split (`select`, unlearn_relearn.py).
 """
 
 from __future__ import annotations

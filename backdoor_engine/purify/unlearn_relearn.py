@@ -4,7 +4,7 @@ flagged samples (unlearn), then one pass of cross-entropy on the kept ones (rele
 Provenance of the defaults: the FLARE paper gives no optimiser settings, so those of D-BR's official
 unlearn_relearn.py are used (SEED_NOTES section 2.3): SGD momentum 0.9, weight decay 5e-4, constant lr 1e-4,
 20 epochs, crop + flip for the relearning pass. D-BR keeps the epoch with the best (test ACC - test ASR), an
-oracle choice; here the last epoch is returned and no test data is looked at (DESIGN section 4).
+oracle choice; here no test data is looked at (DESIGN section 4): see "Which epoch is returned" below.
 
 Two departures in the unlearning pass (ours; the official settings stay selectable), each chosen by a criterion from
 the training split alone, `flagged_acc` (below), and measured in RESULTS.md:
@@ -135,7 +135,8 @@ def unlearn_relearn(model: nn.Module, normalisation: Normalisation, dataset: Dat
     unlearning pass normalises with the running BatchNorm statistics and leaves them as they are.
     select: "holdout" returns the epoch with the best holdout_clean_acc - holdout_flagged_acc, measured on the
     `holdout` share of the flagged and the `holdout_clean` share of the relearning samples, which are then not
-    trained on (module docstring); "last" returns the last epoch. The history's last entry names the epoch returned.
+    trained on (module docstring); "last" returns the last epoch. Every history entry says whether it is the epoch
+    returned (`returned`).
     `callback(epoch, model)` runs after each epoch, for monitoring only: nothing it sees picks the result.
     """
     config = config or unlearn_relearn_config()
