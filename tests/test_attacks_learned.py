@@ -298,8 +298,13 @@ def iad_built(tmp_path_factory):
     x, y = quadrants(512, seed=0)
     config = iad_config(epochs=20, mask_epochs=2, batch_size=64, channel_init=8, lr_classifier=0.05)
     path = tmp_path_factory.mktemp("iad") / "iad.npz"
-    return build_iad(x, y, path, model=classifier(), normalisation=NORMALISATION, num_classes=K, target=0, seed=0,
-                     config=config)
+    # One thread, so the run is the same everywhere: this tiny joint training is chaotic, and at 2 threads the same
+    # seed ended at ASR 0.34 (CI, 2026-12-02) where 1 thread gives the run the assertions below describe.
+    from backdoor_engine.models.train import torch_threads
+
+    with torch_threads(1):
+        return build_iad(x, y, path, model=classifier(), normalisation=NORMALISATION, num_classes=K, target=0,
+                         seed=0, config=config)
 
 
 def test_iad_classifier_trained_with_the_generator_obeys_each_images_own_trigger(iad_built):
