@@ -178,6 +178,10 @@ def unlearn_relearn(model: nn.Module, normalisation: Normalisation, dataset: Dat
         steps = len(batch_slices(len(flagged), config.batch_size)) + len(batch_slices(len(kept), config.batch_size))
         scheduler = make_scheduler(optimizer, config, config.epochs * steps)
         best = None  # (score, epoch, state) of the best epoch by the held-out rule
+
+        def acc(rows):  # eval-mode accuracy of the model as it is now, given labels
+            return accuracy(predict(repaired, dataset.x[rows], normalisation, batch_size=256), dataset.y[rows])
+
         for epoch in range(1, config.epochs + 1):
             unlearn = train_epoch(repaired, dataset.x[flagged], labels[flagged], optimizer=optimizer,
                                   scheduler=scheduler, normalisation=normalisation, config=unlearn_config,
@@ -186,9 +190,6 @@ def unlearn_relearn(model: nn.Module, normalisation: Normalisation, dataset: Dat
             relearn = train_epoch(repaired, dataset.x[kept], labels[kept], optimizer=optimizer,
                                   scheduler=scheduler, normalisation=normalisation, config=config,
                                   generator=generator, description=f"relearn {epoch}/{config.epochs}")
-            def acc(rows):
-                return accuracy(predict(repaired, dataset.x[rows], normalisation, batch_size=256), dataset.y[rows])
-
             history.append({"epoch": epoch, "unlearn_loss": unlearn["loss"], "unlearn_acc": unlearn["train_acc"],
                             "relearn_loss": relearn["loss"], "relearn_acc": relearn["train_acc"],
                             "flagged_acc": acc(flagged)})

@@ -35,7 +35,10 @@ def corner_trigger(height: int, width: int, channels: int) -> tuple[np.ndarray, 
 
 
 def check_normalisation(normalisation: Any, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std (pixel scale [0, 1]) of length C or 1; std positive."""
+    """Mean and std (pixel scale [0, 1]) of length C or 1; std positive (NaN refused). `normalisation` is
+    {'mean': [...], 'std': [...]} or a models.preprocess.Normalisation."""
+    if hasattr(normalisation, "to_dict"):
+        normalisation = normalisation.to_dict()
     try:
         mean = tuple(float(value) for value in normalisation["mean"])
         std = tuple(float(value) for value in normalisation["std"])
@@ -43,7 +46,7 @@ def check_normalisation(normalisation: Any, channels: int) -> tuple[tuple[float,
         raise InputError(
             f"normalisation: expected {{'mean': [...], 'std': [...]}}, got {normalisation!r}"
         ) from None
-    if len(mean) not in (1, channels) or len(std) not in (1, channels) or min(std) <= 0:
+    if len(mean) not in (1, channels) or len(std) not in (1, channels) or not min(std) > 0:
         raise InputError(
             f"normalisation: expected mean and std of length 1 or {channels}, std > 0, got {normalisation!r}"
         )

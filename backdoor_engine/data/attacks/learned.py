@@ -25,6 +25,7 @@ from torch import nn
 from backdoor_engine.errors import InputError
 
 from .base import Attack, check_image_shape, check_images, check_int
+from .label_consistent import check_normalisation
 
 FORMAT_VERSION = 1
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -117,16 +118,7 @@ def check_classifier(model: Any, normalisation: Any, channels: int) -> tuple[nn.
     """A torch classifier and its normalisation ({'mean', 'std'} or a Normalisation) as a Normaliser."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model: expected a torch.nn.Module (a clean classifier), got {type(model).__name__}")
-    if hasattr(normalisation, "to_dict"):
-        normalisation = normalisation.to_dict()
-    try:
-        mean = [float(v) for v in normalisation["mean"]]
-        std = [float(v) for v in normalisation["std"]]
-    except (TypeError, KeyError, ValueError):
-        raise InputError(f"normalisation: expected {{'mean': [...], 'std': [...]}}, got {normalisation!r}") from None
-    if len(mean) not in (1, channels) or len(std) not in (1, channels) or not min(std) > 0:
-        raise InputError(f"normalisation: expected mean and std of length 1 or {channels}, std > 0, "
-                         f"got {normalisation!r}")
+    mean, std = check_normalisation(normalisation, channels)
     return model, Normaliser(mean, std, channels)
 
 

@@ -255,15 +255,12 @@ class LowFrequency(Attack):
         Its settings are the attack's own parameters (eps, sigma, steps, n_images), so the spec records them;
         `budget` does not apply (the build takes seconds)."""
         from . import attack_param_names
-        from ...models.preprocess import Normalisation
 
         if settings:
             raise InputError(f"lf: build settings {sorted(settings)}: lf takes them as attack parameters "
                              "(--param steps=... n_images=... sigma=... eps=...)")
         params = {**attack_param_names("lf"), **spec.params}
         model, normalisation = clean_model
-        if isinstance(normalisation, Normalisation):
-            normalisation = normalisation.to_dict()
         candidates = np.flatnonzero(np.asarray(dataset.y) != spec.target)
         if not len(candidates):
             raise InputError(f"attack 'lf': no clean sample outside target class {spec.target} to build from")
