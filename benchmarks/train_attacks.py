@@ -44,8 +44,8 @@ def subset(dataset, size: int, seed: int):
 
 
 def run_case(attack, mode, train, test, args, clean_model):
-    spec = harness.PoisonSpec(attack=attack, mode=mode, rate=args.rate, target=0, seed=args.seed,
-                          params=dict(steps=args.lc_steps) if attack == "label_consistent" else {})
+    params = {**(dict(steps=args.lc_steps) if attack == "label_consistent" else {}), **_parse(args.param)}
+    spec = harness.PoisonSpec(attack=attack, mode=mode, rate=args.rate, target=0, seed=args.seed, params=params)
     t0 = time.perf_counter()
     if ATTACKS[attack].trigger_file_param:
         # lf / iad / siba / issba: the trigger is built here (its time counts as poisoning time) and kept beside the
@@ -64,10 +64,11 @@ def run_case(attack, mode, train, test, args, clean_model):
     metrics = api.evaluate(trained.model, trained.normalisation, test, spec, num_classes=10)
     if args.models_dir:
         # Kept for the detectors' benchmarks: the same spec rebuilds the poisoned set.
-        save_trained(Path(args.models_dir) / f"{attack}-{mode}-{len(train)}-e{args.epochs}.pt", trained.model,
-                         trained.normalisation, arch=args.arch, trained_on=poisoned,
-                         extra={"attack": spec.to_dict(), "eval": metrics, "train_size": len(train)})
-    return {"attack": attack, "mode": mode, "rate": args.rate, "arch": args.arch, "epochs": args.epochs,
+        name = f"{attack}-{mode}{_tag(args)}-{len(train)}-e{args.epochs}.pt"
+        save_trained(Path(args.models_dir) / name, trained.model, trained.normalisation, arch=args.arch,
+                     trained_on=poisoned, extra={"attack": spec.to_dict(), "eval": metrics, "train_size": len(train)})
+    return {"attack": attack, "mode": mode, "tag": args.tag or "", "rate": args.rate, "arch": args.arch,
+            "epochs": args.epochs,
             "train_size": len(train), "n_poisoned": int(result.mask.sum()), "n_cover": int(result.cover.sum()),
             "poison_s": round(poison_s, 1), "train_s": round(train_s, 1),
             "train_cpu_min": round(train_cpu_s / 60, 2),
@@ -77,11 +78,29 @@ def run_case(attack, mode, train, test, args, clean_model):
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
+def _parse(values):
+    out = {}
+    for text in values or []:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise SystemExit(f"--param takes KEY=VALUE, got {text!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _tag(args) -> str:
+    return f"-{args.tag}" if args.tag else ""
+
+
 def print_table(rows):
     print("| attack | mode | train size | epochs | poisoned | BA | ASR | train wall min | train CPU min |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['attack']} | {r['mode']} | {r['train_size']} | {r['epochs']} | {r['n_poisoned']} "
+        mode = f"{r['mode']} ({r['tag']})" if r.get("tag") else r["mode"]
+        print(f"| {r['attack']} | {mode} | {r['train_size']} | {r['epochs']} | {r['n_poisoned']} "
               f"| {100 * r['ba']:.2f}% | {100 * r['asr']:.2f}% | {r['train_s'] / 60:.1f} | {r['train_cpu_min']:.1f} |")
 
 
@@ -100,14 +119,19 @@ def main():
     p.add_argument("--lc-steps", type=int, default=100, help="PGD steps of label_consistent")
     p.add_argument("--build-budget", choices=("paper", "cpu"), default="cpu",
                    help="training budget of the iad / siba / issba trigger builders [cpu; paper: days on a CPU]")
+    p.add_argument("--param", action="append", help="attack parameter KEY=VALUE (JSON values), e.g. pattern_path=P")
+    p.add_argument("--tag", help="a name for this variant, in the checkpoint's file name and the row (needed with "
+                   "--param, so that rows and models of different parameters stay apart)")
     args = p.parse_args()
+    if args.param and not args.tag:
+        p.error("--param needs --tag, so the variant's rows and checkpoints do not overwrite the default's")
 
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     if args.table:
         print_table(rows)
         return
-    done = {(r["attack"], r["mode"], r["train_size"], r["epochs"], r["rate"]) for r in rows}
+    done = {(r["attack"], r["mode"], r.get("tag", ""), r["train_size"], r["epochs"], r["rate"]) for r in rows}
     train = subset(load_fashion_mnist("train"), args.train_size, args.seed)
     test = load_fashion_mnist("test")
     clean_model = None
@@ -115,7 +139,7 @@ def main():
     if args.models_dir:
         Path(args.models_dir).mkdir(parents=True, exist_ok=True)
     for attack, mode in sweep_cases(args.attacks, args.modes):
-        if (attack, mode, len(train), args.epochs, args.rate) in done:
+        if (attack, mode, args.tag or "", len(train), args.epochs, args.rate) in done:
             continue
         if ATTACKS[attack].needs_clean_model and clean_model is None:
             # LC's PGD, LF's perturbation, IAD's classifier and SIBA's surrogate need a clean model of the same
