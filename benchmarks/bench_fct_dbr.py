@@ -36,7 +36,7 @@ import torch
 from backdoor_engine import api
 from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
-from backdoor_engine.detection import POISONED, score_auroc, split_metrics
+from backdoor_engine.detection import score_auroc, split_metrics
 from backdoor_engine.methods import get_detector
 from backdoor_engine.models.checkpoint import load_checkpoint
 
@@ -201,17 +201,29 @@ def run(args):
                 truth = dataset.poison.astype(bool)
                 emit("flare-r", variant, {**result, "n_flagged": int(flags.sum()),
                                           "flag_tpr": float((flags & truth).sum() / max(truth.sum(), 1))})
-        if todo("d-st"):
-            dst_params = _parse(args.dst_param)
+        dst_params = _parse(args.dst_param)
+        dst_variant = ", ".join(f"{k}={v}" for k, v in sorted(dst_params.items()) if k != "encoder_path")
+        if todo("d-st", dst_variant):
             result = repair_stage("d-st", model, meta, dataset, split, dst_params, test)
-            from backdoor_engine.models.train import TrainConfig
+            reference = normal_reference(meta, dataset, cache, args.normal_epochs, test)
+            emit("d-st", dst_variant, {**result, **reference})
 
-            normal_epochs = dst_params.get("encoder_epochs", 200)
-            normal = api.train(dataset, arch=meta["arch"], config=TrainConfig(epochs=args.normal_epochs, progress=False))
-            spec = harness.PoisonSpec.from_dict(meta["attack"])
-            reference = api.evaluate(normal.model, normal.normalisation, test, spec, num_classes=dataset.num_classes)
-            emit("d-st", "", {**result, "normal_ba": reference["ba"], "normal_asr": reference["asr"],
-                              "normal_epochs": args.normal_epochs, "encoder_epochs": normal_epochs})
+
+def normal_reference(meta, dataset, cache: Path, epochs: int, test) -> dict:
+    """BA / ASR of a model trained normally on the same poisoned set with the same arch (D-ST's comparison), trained
+    once per checkpoint and kept in the cache."""
+    from backdoor_engine.models.train import TrainConfig
+
+    path = cache / f"normal-e{epochs}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    normal = api.train(dataset, arch=meta["arch"], config=TrainConfig(epochs=epochs, progress=False))
+    spec = harness.PoisonSpec.from_dict(meta["attack"])
+    reference = api.evaluate(normal.model, normal.normalisation, test, spec, num_classes=dataset.num_classes)
+    out = {"normal_ba": reference["ba"], "normal_asr": reference["asr"], "normal_epochs": epochs}
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out))
+    return out
 
 
 def print_table(rows):
@@ -253,7 +265,8 @@ def main():
     p.add_argument("--cache", default="runs/fct", help="FCT splits and SD models, one folder per model")
     p.add_argument("--feature-cache", default="runs/feat", help="bench_baselines.py's feature stores (flare-r)")
     p.add_argument("--fct-param", action="append", help="FCT parameter KEY=VALUE (JSON values)")
-    p.add_argument("--dst-param", action="append", help="D-ST parameter KEY=VALUE, the CPU budget")
+    p.add_argument("--dst-param", action="append", help="D-ST parameter KEY=VALUE, the CPU budget (each setting is "
+                   "its own row; encoder_path=P keeps stage 1 so rows that differ in stage 2 share it)")
     p.add_argument("--unlearn", nargs="+", default=["margin, frozen BN, held-out epoch"],
                    choices=list(UNLEARN_VARIANTS),
                    help="d-br / flare-r: the unlearning pass's settings to run [the default's]")

@@ -262,3 +262,61 @@ def test_the_unlearning_pass_keeps_batchnorm_statistics_frozen_unless_asked_othe
         same = all(torch.equal(a, b) for a, b in zip(before, bn_means(copy_)))
         assert same is frozen
         assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy_.state_dict().values()))
+
+
+_DST_TINY = dict(encoder_epochs=1, classifier_epochs=1, encoder_batch_size=64, classifier_batch_size=64,
+                 warmup_epochs=0, classifier_lr=0.1)
+
+
+def test_d_st_keeps_its_stage_1_encoder_and_reruns_stage_2_alone_from_it(tiny, tmp_path):
+    from backdoor_engine import api
+
+    dataset, _, _ = tiny
+    kept = tmp_path / "encoder.pt"
+    first = api.purify(None, None, dataset, _split(), strategy="d-st", arch="small_resnet", progress=False,
+                       encoder_path=str(kept), **_DST_TINY)
+    assert kept.exists() and first.history[0]["stage"] == "encoder" and "loss" in first.history[0]
+    again = api.purify(None, None, dataset, _split(), strategy="d-st", arch="small_resnet", progress=False,
+                       encoder_path=str(kept), **_DST_TINY)
+    assert again.history[0] == {"stage": "encoder", "loaded_from": str(kept)}
+    first_state, again_state = first.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(first_state[k], again_state[k]) for k in first_state)  # same encoder, same stage 2
+    # Stage 2's settings may change: the encoder is the same, the new head differs.
+    other = api.purify(None, None, dataset, _split(), strategy="d-st", arch="small_resnet", progress=False,
+                       encoder_path=str(kept), **{**_DST_TINY, "classifier_lr": 0.5})
+    other_state = other.model.state_dict()
+    assert all(torch.equal(first_state[k], other_state[k]) for k in first_state if not k.startswith("head."))
+    assert not torch.equal(first_state["head.weight"], other_state["head.weight"])
+
+
+def test_d_st_refuses_a_kept_encoder_trained_on_other_data_split_or_stage_1_settings(tiny, tmp_path):
+    from backdoor_engine import api
+
+    dataset, _, _ = tiny
+    kept = tmp_path / "encoder.pt"
+    api.purify(None, None, dataset, _split(), strategy="d-st", arch="small_resnet", progress=False,
+               encoder_path=str(kept), **_DST_TINY)
+    before = kept.read_bytes()
+    with pytest.raises(InputError, match=r"trained on other inputs or settings \(encoder_lr differ\)"):
+        api.purify(None, None, dataset, _split(), strategy="d-st", arch="small_resnet", progress=False,
+                   encoder_path=str(kept), **{**_DST_TINY, "encoder_lr": 0.1})
+    moved = _split().copy()
+    moved[[0, 100]] = moved[[100, 0]]
+    with pytest.raises(InputError, match=r"\(split differ\)"):
+        api.purify(None, None, dataset, moved, strategy="d-st", arch="small_resnet", progress=False,
+                   encoder_path=str(kept), **_DST_TINY)
+    assert kept.read_bytes() == before  # a refusal leaves the kept encoder as it was
+
+
+def test_d_st_refuses_an_encoder_file_it_cannot_read_and_a_place_it_cannot_write(tiny, tmp_path):
+    from backdoor_engine import api
+
+    dataset, _, _ = tiny
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(InputError, match="is not a D-ST encoder file"):
+        api.purify(None, None, dataset, _split(), strategy="d-st", arch="small_resnet", progress=False,
+                   encoder_path=str(junk), **_DST_TINY)
+    with pytest.raises(InputError, match="directory .* does not exist"):
+        api.purify(None, None, dataset, _split(), strategy="d-st", arch="small_resnet", progress=False,
+                   encoder_path=str(tmp_path / "missing" / "encoder.pt"), **_DST_TINY)

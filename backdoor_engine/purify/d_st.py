@@ -13,13 +13,22 @@ The result is a model of the suspect's arch (encoder + new head) with the usual 
 kept (the official classifier stage keeps the best clean *test* accuracy; no test data is looked at here).
 The official budget (200 + 10 epochs, batch 512, lr 0.5) is GPU-sized: it stays the default, and
 benchmarks/RESULTS.md gives the CPU budget measured here.
+
+Stage 1 is the whole cost. `encoder_path` keeps its result: written (atomically) after stage 1 when the file is
+absent, read in place of stage 1 when present, so stage 2 can be re-run with another lambda or lr. The file holds the
+encoder's tensors and a fingerprint of what trained it (the images, labels, split, arch and every stage-1 setting);
+a file with another fingerprint is refused with the settings that differ, never used silently.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from ..atomic import atomic_write
 from ..detection import CLEAN, POISONED, UNCERTAIN, split_sizes
 from ..errors import InputError
 from ..models.augment import strong_view
@@ -59,6 +69,9 @@ class DStParams:
     poison_weight: float = param(0.001, "official code: train_classifier.py loss = CE(clean) - 0.001 CE(poisoned)")
     hflip: bool = param(True, "official code: the CIFAR-10 views flip (RandomHorizontalFlip)")
     seed: int = param(0, "ours", reason="any fixed seed: the same seed repeats the run")
+    encoder_path: str | None = param(None, "ours", reason="stage 1 is the cost: a path keeps its encoder (written "
+                                     "when absent, read instead of stage 1 when present and trained on the same "
+                                     "data, split and stage-1 settings) so stage 2 can be re-run alone")
 
     def __post_init__(self):
         for name in ("encoder_epochs", "classifier_epochs", "encoder_batch_size", "classifier_batch_size",
@@ -71,6 +84,13 @@ class DStParams:
         for name in ("encoder_lr", "classifier_lr", "temperature", "base_temperature", "warmup_from"):
             if not getattr(self, name) > 0:
                 raise InputError(f"d-st: {name} must be > 0, got {getattr(self, name)}")
+        if self.encoder_path is not None:
+            object.__setattr__(self, "encoder_path", os.fspath(self.encoder_path))
+
+
+# The settings that shape stage 1's result; stage 2's may change between runs that share an encoder file.
+STAGE1_SETTINGS = ("encoder_epochs", "encoder_batch_size", "encoder_lr", "encoder_momentum", "encoder_weight_decay",
+                   "temperature", "base_temperature", "warmup_epochs", "warmup_from", "projection_dim", "hflip", "seed")
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, split: torch.Tensor, *, temperature: float,
@@ -198,6 +218,42 @@ def train_classifier(model, x, y, split, normalisation, params: DStParams, progr
     return history
 
 
+def stage1_fingerprint(x: np.ndarray, y: np.ndarray, split: np.ndarray, arch: str, params: DStParams) -> dict:
+    """What trained an encoder: digests of the data and split, the arch, every stage-1 setting."""
+    def digest(array: np.ndarray) -> str:
+        return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
+
+    return {"images": digest(x), "labels": digest(np.asarray(y, np.int64)), "split": digest(np.asarray(split, np.int8)),
+            "shape": list(x.shape), "arch": arch, **{name: getattr(params, name) for name in STAGE1_SETTINGS}}
+
+
+def load_encoder(path: Path, model: nn.Module, fingerprint: dict) -> None:
+    """Load a kept stage-1 encoder into `model` (head untouched); refuse one trained on anything else."""
+    try:
+        kept = torch.load(path, map_location="cpu", weights_only=True)
+        stored = json.loads(kept["fingerprint"])
+        state = kept["encoder"]
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear refusal
+        raise InputError(f"d-st: encoder_path {path} is not a D-ST encoder file ({type(error).__name__}: "
+                         f"{error})") from None
+    differ = sorted(key for key in set(stored) | set(fingerprint) if stored.get(key) != fingerprint.get(key))
+    if differ:
+        raise InputError(f"d-st: the encoder in {path} was trained on other inputs or settings ({', '.join(differ)} "
+                         "differ); remove the file or give another encoder_path to train stage 1 again")
+    expected = {name for name in model.state_dict() if not name.startswith("head.")}
+    if set(state) != expected:
+        raise InputError(f"d-st: the encoder in {path} does not fit the {fingerprint['arch']} model (its tensors "
+                         "differ)")
+    model.load_state_dict(state, strict=False)
+
+
+def save_encoder(path: Path, model: nn.Module, fingerprint: dict) -> None:
+    state = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()
+             if not name.startswith("head.")}
+    with atomic_write(path) as file:
+        torch.save({"fingerprint": json.dumps(fingerprint, sort_keys=True), "encoder": state}, file)
+
+
 class DSt(Repair):
     name = "d-st"
     description = ("D-ST: secure training from scratch, a supervised-contrastive encoder that keeps suspect anchors "
@@ -224,7 +280,17 @@ class DSt(Repair):
             fresh = build_model(arch, num_classes=dataset.num_classes, in_channels=x.shape[-1],
                                 input_size=x.shape[1:3])
         fresh = fresh.to(memory_format=torch.channels_last)
-        history = train_encoder(fresh, x, y, split, normalisation, params, progress)
+        kept = Path(params.encoder_path) if params.encoder_path else None
+        if kept is not None and not kept.exists() and not kept.parent.is_dir():
+            raise InputError(f"d-st: cannot keep the encoder at {kept}: directory {kept.parent} does not exist")
+        fingerprint = stage1_fingerprint(x, y, split, arch, params) if kept else None
+        if kept is not None and kept.exists():
+            load_encoder(kept, fresh, fingerprint)
+            history = [{"stage": "encoder", "loaded_from": str(kept)}]
+        else:
+            history = train_encoder(fresh, x, y, split, normalisation, params, progress)
+            if kept is not None:
+                save_encoder(kept, fresh, fingerprint)
         history += train_classifier(fresh, x, y, split, normalisation, params, progress)
         fresh = fresh.to(memory_format=torch.contiguous_format).eval()
         return Repaired(fresh, normalisation, history, {"arch": arch, **asdict(params), "split": split_sizes(split)})
