@@ -127,8 +127,30 @@ def test_isolation_runs_as_the_trainers_callback_for_the_first_detect_epochs_onl
     assert [e["epoch"] for e in detection.diagnostics["epochs"]] == [1, 2]
 
 
+def test_union_min_epochs_keeps_only_samples_flagged_in_that_many_epochs(monkeypatch):
+    from backdoor_engine.methods import trap
+
+    per_epoch = [np.array([1, 1, 0, 0, 1], bool), np.array([1, 0, 1, 0, 1], bool), np.array([1, 0, 0, 0, 0], bool)]
+
+    def fake_isolate(features, y, num_classes, params, epoch, previous):
+        flags = per_epoch[epoch - 1]
+        return trap.EpochResult(epoch, flags, np.zeros(len(flags), np.int64), np.zeros((len(flags), 2)), [], 3.0)
+
+    monkeypatch.setattr(trap, "isolate_epoch", fake_isolate)
+    dataset = Dataset(np.arange(80, dtype=np.uint8).reshape(5, 4, 4, 1), np.array([0, 1, 0, 1, 0]))
+    found = {}
+    for k in (1, 2, 3):
+        isolation = Isolation(dataset, fit_normalisation(dataset.x), TrapParams(detect_epochs=3, union_min_epochs=k))
+        for epoch in (1, 2, 3):
+            isolation.observe(epoch, np.zeros((5, 2), np.float32))
+        found[k] = np.flatnonzero(isolation.detection().flags).tolist()
+        assert isolation.detection().scores.tolist() == [3.0, 1.0, 1.0, 0.0, 2.0]
+    assert found == {1: [0, 1, 2, 4], 2: [0, 4], 3: [0]}  # k = 1 is the paper's union
+
+
 @pytest.mark.parametrize("given, message", [
     ({"detect_epochs": 20, "train_epochs": 10}, "detect_epochs must be in"),
+    ({"union_min_epochs": 11}, "union_min_epochs must be in"),
     ({"rule": "largest"}, "rule"),
     ({"eps": 0}, "must be > 0"),
     ({"tsne_sample": 60}, "tsne_sample must exceed"),

@@ -52,6 +52,8 @@ class TrapParams:
                                  "as noise; scaled = eps x that distance / its value at the paper's N = 50k, equal "
                                  "to the paper's eps there; absolute = the paper's eps as is")
     min_samples: int = param(50, "paper: DBSCAN min_samples 50")
+    union_min_epochs: int = param(1, "paper: Algorithm 1 flags the union over the E_d epochs (a sample flagged in "
+                                  "any one); k > 1 keeps only samples flagged in at least k epochs")
     rule: str = param("one_or_all_classes", "paper", choices=RULES,
                       reason="section IV-A3: not the largest and holding one class or all classes; `not_largest` "
                              "is the looser wording of the Algorithm 1 text")
@@ -84,6 +86,9 @@ class TrapParams:
         if not 1 <= self.detect_epochs <= self.train_epochs:
             raise InputError(f"trap: detect_epochs must be in [1, train_epochs={self.train_epochs}], got "
                              f"{self.detect_epochs}")
+        if not 1 <= self.union_min_epochs <= self.detect_epochs:
+            raise InputError(f"trap: union_min_epochs must be in [1, detect_epochs={self.detect_epochs}], got "
+                             f"{self.union_min_epochs}")
         if not self.eps > 0 or self.min_samples < 1 or not self.perplexity > 0:
             raise InputError(f"trap: eps and perplexity must be > 0 and min_samples >= 1, got {self.eps}, "
                              f"{self.perplexity}, {self.min_samples}")
@@ -263,14 +268,15 @@ def isolate_epoch(features: np.ndarray, y: np.ndarray, num_classes: int, params:
 
 
 class Isolation:
-    """The trainer's per-epoch callback: isolation after each of the first E_d epochs (`results_`), and the
-    union of their flags (`flags_`)."""
+    """The trainer's per-epoch callback: isolation after each of the first E_d epochs (`results_`), how many of
+    them flagged each sample (`counts_`) and the union (`flags_`: flagged in at least `union_min_epochs`)."""
 
     def __init__(self, dataset: Dataset, normalisation: Normalisation, params: TrapParams, *,
                  num_classes: int | None = None, progress: bool = False):
         self.dataset, self.normalisation, self.params, self.progress = dataset, normalisation, params, progress
         self.num_classes = num_classes or dataset.num_classes
         self.results_: list[EpochResult] = []
+        self.counts_ = np.zeros(len(dataset), np.int64)
         self.flags_ = np.zeros(len(dataset), bool)
 
     def __call__(self, epoch: int, model) -> None:
@@ -286,7 +292,8 @@ class Isolation:
         result = isolate_epoch(features, np.asarray(self.dataset.y), self.num_classes, self.params, epoch, previous)
         result.seconds["features"] = features_s
         self.results_.append(result)
-        self.flags_ |= result.flags
+        self.counts_ += result.flags
+        self.flags_ = self.counts_ >= self.params.union_min_epochs
         if self.progress:
             print(f"trap: epoch {epoch}: {len(result.table)} clusters, {int(result.flags.sum())} flagged, "
                   f"{int(self.flags_.sum())} in the union", flush=True)
@@ -296,7 +303,7 @@ class Isolation:
         """The union as a Detection; scores = how many of the E_d epochs flagged the sample."""
         if not self.results_:
             raise InputError("trap: no isolation epoch has run")
-        counts = np.sum([r.flags for r in self.results_], axis=0).astype(np.float64)
+        counts = self.counts_.astype(np.float64)
         last = self.results_[-1]
         per_epoch = [r.summary() for r in self.results_]
         seconds = {key: sum(r.seconds.get(key, 0.0) for r in self.results_)
@@ -376,7 +383,9 @@ def isolation_report(isolation: Isolation, rows) -> ReportParts:
                               f"{'SUSPICIOUS' if c.suspicious else 'kept'}: {c.reason}" for c in result.table[:12])
         notes.append(f"Epoch {result.epoch} clusters (largest first): {rows_html or 'none (all noise)'}")
     per_epoch = ", ".join(f"e{r.epoch}: {int(r.flags.sum())}" for r in isolation.results_)
-    notes.insert(0, f"Flagged per epoch ({per_epoch}); the union flags {int(isolation.flags_.sum())} samples.")
+    k = isolation.params.union_min_epochs
+    union = "the union" if k == 1 else f"flagged in at least {k} epochs"
+    notes.insert(0, f"Flagged per epoch ({per_epoch}); {union}: {int(isolation.flags_.sum())} samples.")
     return ReportParts(figures=figures, notes=notes)
 
 
