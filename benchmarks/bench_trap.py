@@ -142,6 +142,9 @@ def run(args):
             row = {"model": str(model_path), "attack": attack, "mode": mode, "stage": "isolation", "n": len(dataset),
                    "poisoned": int(truth.sum()), "variant": name, "params": dataclasses.asdict(isolation.params),
                    "union": scores(isolation.flags_, truth, reference),
+                   # union_min_epochs = k for every k, from the same per-epoch flags (k = 1 is the paper's union)
+                   "min_epochs": [{"k": k, **scores(isolation.counts_ >= k, truth, None)}
+                                  for k in range(1, len(isolation.results_) + 1)],
                    "epochs": [{"epoch": e["epoch"], "training_s": e["training_s"], "features_s": e["features_s"],
                                **e[name]} for e in epoch_log],
                    "versions": {"torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -171,6 +174,16 @@ def table(args):
         agree = f" ({_pct(u['agreement'])}, {u['jaccard']:.3f})" if "agreement" in u else ""
         print(f"| {r['attack']} | {r['mode']} | {r['variant']} | {per_epoch} | {_pct(u['recall'])} / "
               f"{_pct(u['precision'])}{agree} | {cost:.1f} | {train:.1f} |")
+    with_k = [r for r in rows if "min_epochs" in r]
+    if with_k:
+        print("\nFlagged in at least k of the isolation epochs (union_min_epochs = k; k = 1 is the paper's union): "
+              "flagged / recall / precision")
+        print("\n| attack | mode | variant | " + " | ".join(f"k = {e['k']}" for e in with_k[0]["min_epochs"]) + " |")
+        print("|---|---|---|" + "---|" * len(with_k[0]["min_epochs"]))
+        for r in with_k:
+            cells = " | ".join(f"{e['n_flagged']} / {_pct(e['recall'])} / {_pct(e['precision'])}"
+                               for e in r["min_epochs"])
+            print(f"| {r['attack']} | {r['mode']} | {r['variant']} | {cells} |")
     if hidings:
         print("\n| attack | mode | flags of | relabelled | BA before | ASR before | BA after | ASR after | triggered to "
               "dummy | clean to dummy | s |")
