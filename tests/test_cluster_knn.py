@@ -47,7 +47,9 @@ def assert_matches_reference(X, k, indices, distances, distance_tolerance):
 def test_matches_brute_force(backend, n, d, k):
     X = clustered(n, d, seed=d)
     indices, distances = cluster.knn(X, k, backend=backend)
-    assert_matches_reference(X, k, indices, distances, distance_tolerance=1e-5)
+    # float32 dot products accumulate an error that grows like sqrt(d), and its size depends on the CPU's SIMD
+    # summation order (d = 700 reached 1.3e-5 on an AVX-512 Xeon): the tolerance follows d.
+    assert_matches_reference(X, k, indices, distances, distance_tolerance=1e-5 * max(1.0, np.sqrt(d / 50)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -59,12 +59,14 @@ def test_unlearning_makes_the_flagged_wrong_keeps_the_kept_and_leaves_the_input_
 
     assert acc(result.model.eval(), flags) > 0.9
     flagged_loss = mean_loss(result.model, result.normalisation, data.x[flags], data.y[flags])
+    # On this toy set one whole class is flagged: the first unlearning epochs also shake the kept classes and the
+    # relearning passes bring them back, so the last epoch is read after 8 (at 3 it depended on the CPU).
     repaired, history = unlearn_relearn(result.model, result.normalisation, data, flags,
-                                        unlearn_relearn_config(epochs=3, lr=0.01, **config()), select="last",
+                                        unlearn_relearn_config(epochs=8, lr=0.01, **config()), select="last",
                                         **settings)
     for name, value in result.model.state_dict().items():
         assert torch.equal(value, before[name]), name
-    assert len(history) == 3 and {"unlearn_loss", "relearn_loss", "flagged_acc"} <= history[0].keys()
+    assert len(history) == 8 and {"unlearn_loss", "relearn_loss", "flagged_acc"} <= history[0].keys()
     assert mean_loss(repaired, result.normalisation, data.x[flags], data.y[flags]) > flagged_loss + 0.5
     assert acc(repaired, flags) < 0.1 and history[-1]["flagged_acc"] == acc(repaired, flags)
     assert acc(repaired, ~flags) > 0.9
