@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from backdoor_engine import api
+from backdoor_engine.cli import _parse_param
 from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.detection import score_auroc, split_metrics
@@ -63,15 +64,9 @@ UNLEARN_VARIANTS = {
 }
 
 
-def _parse(values):
-    out = {}
-    for text in values or []:
-        key, _, value = text.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
+def _parse(values) -> dict:
+    """--fct-param / --dst-param KEY=VALUE pairs, read as the CLI's --param is."""
+    return dict(_parse_param(text) for text in values or [])
 
 
 def _versions() -> dict:
@@ -97,20 +92,26 @@ def fct_stage(dataset, cache: Path, params: dict) -> dict:
             "sd_history": detection.diagnostics["sd_history"], "params": detection.params}
 
 
+def sd_model(dataset, cache: Path, params):
+    """The SD model fct_stage kept in `cache` (fresh weights when none was kept), in eval mode."""
+    from backdoor_engine.models.registry import build_model, default_arch
+
+    model = build_model(params.arch or default_arch(dataset.image_shape), num_classes=dataset.num_classes,
+                        in_channels=dataset.image_shape[-1], input_size=dataset.image_shape[:2])
+    state = cache / "sd_model.pt"
+    if state.exists():
+        model.load_state_dict(torch.load(state, weights_only=True))
+    return model.eval()
+
+
 def speed_stage(dataset, cache: Path, params: dict, images: int, repeats: int) -> dict:
     """Plain forward of the SD model vs FCT's two passes, interleaved, median of `repeats`."""
     from backdoor_engine.data.dataset import Dataset
     from backdoor_engine.methods.fct import FctParams, fct_values
     from backdoor_engine.models.preprocess import fit_normalisation, to_model_input
-    from backdoor_engine.models.registry import build_model, default_arch
 
     fct_params = FctParams(**params)
-    model = build_model(fct_params.arch or default_arch(dataset.image_shape), num_classes=dataset.num_classes,
-                        in_channels=dataset.image_shape[-1], input_size=dataset.image_shape[:2])
-    state = cache / "sd_model.pt"
-    if state.exists():
-        model.load_state_dict(torch.load(state, weights_only=True))
-    model.eval()
+    model = sd_model(dataset, cache, fct_params)
     subset = Dataset(dataset.x[:images], dataset.y[:images])
     normalisation = fit_normalisation(dataset.x)
     batch = fct_params.pass_batch_size

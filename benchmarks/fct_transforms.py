@@ -29,9 +29,9 @@ from backdoor_engine.methods.fct import FctParams, apply_tau, draw_tau, fct_valu
 from backdoor_engine.models.checkpoint import load_checkpoint
 from backdoor_engine.models.evaluate import predict
 from backdoor_engine.models.preprocess import fit_normalisation
-from backdoor_engine.models.registry import build_model, default_arch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fct_dbr import sd_model  # noqa: E402
 from bench_flare_detection import scanned_set  # noqa: E402
 
 
@@ -46,9 +46,10 @@ def main():
     args = p.parse_args()
     suspect, meta = load_checkpoint(args.model)
     dataset, case = scanned_set(meta, args.seed)
-    state = Path(args.cache) / Path(args.model).stem / "sd_model.pt"
-    if not state.exists():
-        sys.exit(f"{state} is missing: run bench_fct_dbr.py --stages fct on {args.model} first")
+    cache = Path(args.cache) / Path(args.model).stem
+    if not (cache / "sd_model.pt").exists():
+        sys.exit(f"{cache / 'sd_model.pt'} is missing: run bench_fct_dbr.py --stages fct on {args.model} first")
+    model = sd_model(dataset, cache, FctParams())  # the weights are the same for every tau
     truth = dataset.poison.astype(bool)
     normalisation = fit_normalisation(dataset.x)
     triggered = harness.triggered_test(load_fashion_mnist("test"), harness.PoisonSpec.from_dict(meta["attack"]),
@@ -56,10 +57,6 @@ def main():
     trig_x, trig_y = triggered.x[:args.survival_images], triggered.y_attack[:args.survival_images]
     for ops in args.transforms:
         params = FctParams(transforms=tuple(ops.split(",")))
-        model = build_model(params.arch or default_arch(dataset.image_shape), num_classes=dataset.num_classes,
-                            in_channels=dataset.image_shape[-1], input_size=dataset.image_shape[:2])
-        model.load_state_dict(torch.load(state, weights_only=True))
-        model.eval()
         t0 = time.perf_counter()
         values, _ = fct_values(model, dataset, normalisation, params)
         parts = split_metrics(split_by_rank(values, params.clean_ratio, params.poison_ratio), truth)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from backdoor_engine import api
+from backdoor_engine.cli import _parse_param
 from backdoor_engine.data.attacks import harness
 from backdoor_engine.models.provenance import save_trained
 from backdoor_engine.data.attacks import ATTACKS, CLEAN_LABEL_ATTACKS, MODES
@@ -44,7 +45,8 @@ def subset(dataset, size: int, seed: int):
 
 
 def run_case(attack, mode, train, test, args, clean_model):
-    params = {**(dict(steps=args.lc_steps) if attack == "label_consistent" else {}), **_parse(args.param)}
+    params = dict(steps=args.lc_steps) if attack == "label_consistent" else {}
+    params.update(_parse_param(text) for text in args.param or [])
     spec = harness.PoisonSpec(attack=attack, mode=mode, rate=args.rate, target=0, seed=args.seed, params=params)
     t0 = time.perf_counter()
     if ATTACKS[attack].trigger_file_param:
@@ -76,19 +78,6 @@ def run_case(attack, mode, train, test, args, clean_model):
             "params": spec.params, "seed": args.seed, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
-
-
-def _parse(values):
-    out = {}
-    for text in values or []:
-        key, sep, value = text.partition("=")
-        if not sep:
-            raise SystemExit(f"--param takes KEY=VALUE, got {text!r}")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
 
 
 def _tag(args) -> str:

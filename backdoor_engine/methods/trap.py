@@ -277,7 +277,10 @@ class Isolation:
         self.num_classes = num_classes or dataset.num_classes
         self.results_: list[EpochResult] = []
         self.counts_ = np.zeros(len(dataset), np.int64)
-        self.flags_ = np.zeros(len(dataset), bool)
+
+    @property
+    def flags_(self) -> np.ndarray:
+        return self.counts_ >= self.params.union_min_epochs
 
     def __call__(self, epoch: int, model) -> None:
         if epoch > self.params.detect_epochs:
@@ -293,7 +296,6 @@ class Isolation:
         result.seconds["features"] = features_s
         self.results_.append(result)
         self.counts_ += result.flags
-        self.flags_ = self.counts_ >= self.params.union_min_epochs
         if self.progress:
             print(f"trap: epoch {epoch}: {len(result.table)} clusters, {int(result.flags.sum())} flagged, "
                   f"{int(self.flags_.sum())} in the union", flush=True)

@@ -16,13 +16,12 @@ benchmarks/RESULTS.md gives the CPU budget measured here.
 
 Stage 1 is the whole cost. `encoder_path` keeps its result: written (atomically) after stage 1 when the file is
 absent, read in place of stage 1 when present, so stage 2 can be re-run with another lambda or lr. The file holds the
-encoder's tensors and a fingerprint of what trained it (the images, labels, split, arch and every stage-1 setting);
-a file with another fingerprint is refused with the settings that differ, never used silently.
+encoder's tensors and a fingerprint of what trained it (the dataset's ids, labels and pixels, the split, the arch
+and every stage-1 setting); a file with another fingerprint is refused with the settings that differ, never used silently.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from ..atomic import atomic_write
+from ..data.fingerprint import content_digest, dataset_fingerprint
 from ..detection import CLEAN, POISONED, UNCERTAIN, split_sizes
 from ..errors import InputError
 from ..models.augment import strong_view
@@ -218,13 +218,10 @@ def train_classifier(model, x, y, split, normalisation, params: DStParams, progr
     return history
 
 
-def stage1_fingerprint(x: np.ndarray, y: np.ndarray, split: np.ndarray, arch: str, params: DStParams) -> dict:
-    """What trained an encoder: digests of the data and split, the arch, every stage-1 setting."""
-    def digest(array: np.ndarray) -> str:
-        return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
-
-    return {"images": digest(x), "labels": digest(np.asarray(y, np.int64)), "split": digest(np.asarray(split, np.int8)),
-            "shape": list(x.shape), "arch": arch, **{name: getattr(params, name) for name in STAGE1_SETTINGS}}
+def stage1_fingerprint(dataset, split: np.ndarray, arch: str, params: DStParams) -> dict:
+    """What trained an encoder: the dataset's and the split's content hashes, the arch, every stage-1 setting."""
+    return {"dataset": dataset_fingerprint(dataset), "split": content_digest("split", [np.asarray(split, np.int8)]),
+            "arch": arch, **{name: getattr(params, name) for name in STAGE1_SETTINGS}}
 
 
 def load_encoder(path: Path, model: nn.Module, fingerprint: dict) -> None:
@@ -283,7 +280,7 @@ class DSt(Repair):
         kept = Path(params.encoder_path) if params.encoder_path else None
         if kept is not None and not kept.exists() and not kept.parent.is_dir():
             raise InputError(f"d-st: cannot keep the encoder at {kept}: directory {kept.parent} does not exist")
-        fingerprint = stage1_fingerprint(x, y, split, arch, params) if kept else None
+        fingerprint = stage1_fingerprint(dataset, split, arch, params) if kept else None
         if kept is not None and kept.exists():
             load_encoder(kept, fresh, fingerprint)
             history = [{"stage": "encoder", "loaded_from": str(kept)}]
