@@ -268,6 +268,13 @@ def _train_with_trap(args, dataset, config, spec, eval_data, trap_params, hiding
     parts = isolation_report(isolation, dataset)
     write_report(report_dir, detection, dataset, timings_s=detection.diagnostics["timings_s"],
                  figures=parts.figures, notes=parts.notes, extra={"data": {"source": str(args.data)}})
+    # The model before hiding is the undefended one (standard training to E_t): its BA / ASR is the reference
+    # the hiding is judged against, measured here so that no second training run is needed.
+    undefended = {}
+    if eval_data is not None:
+        from .models.evaluate import evaluate_model
+
+        undefended = evaluate_model(trained.model, normalisation, eval_data, spec, num_classes=dataset.num_classes)
     t0 = time.perf_counter()
     hidden = strategy.apply(trained.model, normalisation, dataset, detection.flags, params=hiding, progress=True)
     hiding_s = time.perf_counter() - t0
@@ -277,13 +284,14 @@ def _train_with_trap(args, dataset, config, spec, eval_data, trap_params, hiding
                "per_epoch_flagged": [int(r.flags.sum()) for r in isolation.results_],
                "hiding": hidden.config, "hiding_history": hidden.history,
                "hiding_provenance": provenance_of(strategy.Params), "train_seconds_with_isolation": round(train_s, 1),
-               "hiding_seconds": round(hiding_s, 1)}
+               "hiding_seconds": round(hiding_s, 1), **({"undefended": undefended} if undefended else {})}
     metrics = save_trained(args.out, hidden.model, normalisation, arch=args.arch, trained_on=dataset,
                            extra={"train": record, "defense": defense}, attack=spec, eval_data=eval_data,
                            eval_source=args.eval_data and str(args.eval_data),
                            dummy_class=hidden.config["dummy_class"])
     print(json.dumps({"out": args.out, "arch": args.arch, "epochs": args.epochs, "defense": "trap",
-                      "n_isolated": detection.n_flagged, "report": str(report_dir), **metrics}))
+                      "n_isolated": detection.n_flagged, "report": str(report_dir), **metrics,
+                      **({"undefended": undefended} if undefended else {})}))
     return 0
 
 

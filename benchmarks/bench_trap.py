@@ -96,22 +96,37 @@ def hiding(args):
                 f.write(json.dumps(row) + "\n")
 
 
+def training_sets(args):
+    """(key, poisoned training set, (attack, mode)) for every --models checkpoint (its subset rebuilt) and every
+    --data set (an npz as `poison` writes it, its attack from the .attack.json beside it; none = a clean set).
+    Sets are built lazily, one at a time."""
+    from backdoor_engine.data.attacks.harness import PoisonSpec
+    from backdoor_engine.data.open import open_dataset
+
+    for model_path in args.models:
+        _, meta = load_checkpoint(model_path)
+        yield (str(model_path), *scanned_set(meta, args.seed))
+    for data_path in args.data:
+        manifest = Path(data_path).with_suffix(".attack.json")
+        spec = PoisonSpec.load(manifest) if manifest.exists() else None
+        yield str(data_path), open_dataset(data_path), (spec.attack, spec.mode) if spec else ("clean", "-")
+
+
 def run(args):
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     done = {(r["model"], r["variant"]) for r in rows if r.get("stage", "isolation") == "isolation"}
     base = dict(json.loads(args.params)) if args.params else {}
-    for model_path in args.models:
-        if all((str(model_path), v) in done for v in args.variants):
+    for model_path, dataset, (attack, mode) in training_sets(args):
+        if all((model_path, v) in done for v in args.variants):
             continue
-        _, meta = load_checkpoint(model_path)
-        dataset, (attack, mode) = scanned_set(meta, args.seed)
         truth = dataset.poison.astype(bool) if dataset.poison is not None else np.zeros(len(dataset), bool)
         normalisation = fit_normalisation(dataset.x)
         isolations = {v: Isolation(dataset, normalisation, variant_params(v, args.sample, base))
                       for v in args.variants}
         params = next(iter(isolations.values())).params
         epoch_log, clock = [], [time.perf_counter()]
+        rule_flags_of = {name: [] for name in isolations}
 
         def callback(epoch, model):
             training_s = time.perf_counter() - clock[0]
@@ -119,13 +134,20 @@ def run(args):
             features = epoch_features(model, dataset, normalisation)
             features_s = time.perf_counter() - t0
             entry = {"epoch": epoch, "training_s": round(training_s, 1), "features_s": round(features_s, 1)}
-            for name, isolation in isolations.items():
+            observed = {name: isolation for name, isolation in isolations.items()
+                        if name != "full" or not args.full_epochs or epoch in args.full_epochs}
+            for name, isolation in observed.items():
                 result = isolation.observe(epoch, features, features_s)
                 entry[name] = {"seconds": {k: round(v, 1) for k, v in result.seconds.items() if k != "features"},
                                "eps": result.eps, "n_clusters": len(result.table)}
-            reference = isolations["full"].results_[-1].flags if "full" in isolations else None
-            for name, isolation in isolations.items():
+            reference = observed["full"].results_[-1].flags if "full" in observed else None
+            for name, isolation in observed.items():
                 entry[name].update(scores(isolation.results_[-1].flags, truth, reference))
+                # the paper's rule alone on the same clusters (before the class make-up guard)
+                result = isolation.results_[-1]
+                rule_flags = np.isin(result.clusters, [c.label for c in result.table if c.rule_suspicious])
+                rule_flags_of[name].append(rule_flags)
+                entry[name]["paper_rule"] = scores(rule_flags, truth, None)
             epoch_log.append(entry)
             print(json.dumps({"model": Path(model_path).stem, **entry}), flush=True)
             clock[0] = time.perf_counter()
@@ -133,20 +155,25 @@ def run(args):
         train_model(dataset.x, dataset.y, arch=params.arch or default_arch(dataset.image_shape),
                     num_classes=dataset.num_classes, config=train_config(params, progress=False),
                     normalisation=normalisation, callback=callback, stop_after=params.detect_epochs)
-        reference = isolations["full"].flags_ if "full" in isolations else None
+        # with --full-epochs the full fit's union covers only those epochs: no union agreement then
+        reference = isolations["full"].flags_ if "full" in isolations and not args.full_epochs else None
         cache = Path(args.cache) / Path(model_path).stem
         cache.mkdir(parents=True, exist_ok=True)
         for name, isolation in isolations.items():
+            rule_counts = np.sum(rule_flags_of[name], axis=0)
             np.savez(cache / f"{name}.npz", union=isolation.flags_,
-                     per_epoch=np.array([r.flags for r in isolation.results_]))
-            row = {"model": str(model_path), "attack": attack, "mode": mode, "stage": "isolation", "n": len(dataset),
+                     per_epoch=np.array([r.flags for r in isolation.results_]),
+                     paper_rule_per_epoch=np.array(rule_flags_of[name]))
+            row = {"model": model_path, "attack": attack, "mode": mode, "stage": "isolation", "n": len(dataset),
                    "poisoned": int(truth.sum()), "variant": name, "params": dataclasses.asdict(isolation.params),
                    "union": scores(isolation.flags_, truth, reference),
                    # union_min_epochs = k for every k, from the same per-epoch flags (k = 1 is the paper's union)
                    "min_epochs": [{"k": k, **scores(isolation.counts_ >= k, truth, None)}
                                   for k in range(1, len(isolation.results_) + 1)],
+                   "paper_rule_min_epochs": [{"k": k, **scores(rule_counts >= k, truth, None)}
+                                             for k in range(1, len(isolation.results_) + 1)],
                    "epochs": [{"epoch": e["epoch"], "training_s": e["training_s"], "features_s": e["features_s"],
-                               **e[name]} for e in epoch_log],
+                               **e[name]} for e in epoch_log if name in e],
                    "versions": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                                 "python": platform.python_version()}}
             with out.open("a") as f:
@@ -185,22 +212,27 @@ def table(args):
                                for e in r["min_epochs"])
             print(f"| {r['attack']} | {r['mode']} | {r['variant']} | {cells} |")
     if hidings:
-        print("\n| attack | mode | flags of | relabelled | BA before | ASR before | BA after | ASR after | triggered to "
-              "dummy | clean to dummy | s |")
+        print("\n| attack | mode | flags of | relabelled | BA before | ASR before | BA after | ASR after | "
+              "triggered to dummy | clean to dummy | s |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in hidings:
             a = r["after"]
             print(f"| {r['attack']} | {r['mode']} | {r['variant']} | {r['n_relabelled']} | {_pct(r['ba_before'])} | "
-                  f"{_pct(r['asr_before'])} | {_pct(a['ba'])} | {_pct(a['asr'])} | {_pct(a.get('dummy_rate_triggered'))} "
+                  f"{_pct(r['asr_before'])} | {_pct(a['ba'])} | {_pct(a['asr'])} | "
+                  f"{_pct(a.get('dummy_rate_triggered'))} "
                   f"| {_pct(a.get('dummy_rate_clean'))} | {r['seconds']} |")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=[], help="train_attacks.py checkpoints (their attack records)")
+    p.add_argument("--data", nargs="*", default=[], help="npz training sets (poison's output, or a clean set) to "
+                   "isolate on, without a checkpoint (no hiding stage)")
     p.add_argument("--out", required=True)
     p.add_argument("--variants", nargs="+", default=["full", "warm", "fast"],
                    choices=["full", "warm", "sample", "fast"])
+    p.add_argument("--full-epochs", type=int, nargs="+", help="run the `full` variant only on these epochs (the "
+                   "reference for agreement where ten full fits cost too much, e.g. at 60k)")
     p.add_argument("--sample", type=int, default=5000, help="rows t-SNE embeds in the sample / fast variants")
     p.add_argument("--params", help="TrapParams overrides for every variant, as JSON")
     p.add_argument("--seed", type=int, default=0, help="the subset seed of train_attacks.py")

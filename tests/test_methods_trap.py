@@ -31,6 +31,29 @@ def test_a_cluster_is_suspicious_when_not_the_largest_and_of_one_class_or_all_cl
     assert loose == {0: False, 1: True, 2: True, 3: True}
 
 
+def test_a_whole_class_that_separates_early_is_not_suspicious_but_an_inflated_relabelled_cluster_is():
+    # 5 classes of 100; cluster 1 = 95 of class 1's 100 samples (a class separating early, as trousers do on
+    # Fashion-MNIST); the rest is one bulk
+    y = np.repeat(np.arange(5), 100)
+    clusters = np.zeros(500, np.int64)
+    clusters[100:195] = 1
+    guarded = {c.label: c for c in suspicious_clusters(clusters, y, 5, "one_or_all_classes", 0.5)}
+    assert not guarded[1].suspicious and guarded[1].rule_suspicious and guarded[1].class_share > 0.9
+    assert "benign class" in guarded[1].reason
+    assert suspicious_clusters(clusters, y, 5, "one_or_all_classes", None)[1].suspicious  # the paper's rule
+    # all-to-one: 100 samples of other classes relabelled 0 form a cluster; label 0 now has 200 samples, 100
+    # beyond the median: inflated by the cluster's size, so it stays suspicious however much of label 0 it holds
+    y_poisoned = np.r_[y, np.zeros(100, np.int64)]
+    clusters = np.r_[np.zeros(500, np.int64), np.ones(100, np.int64)]
+    clusters[:60] = 1  # and it took 60 clean class-0 samples with it: 160 of label 0's 200
+    table = {c.label: c for c in suspicious_clusters(clusters, y_poisoned, 5, "one_or_all_classes", 0.5)}
+    assert table[1].suspicious and table[1].class_share > 0.5
+    # a partial one-label cluster (clean-label poison of part of a class) keeps the paper's verdict
+    clusters = np.zeros(500, np.int64)
+    clusters[100:140] = 1
+    assert suspicious_clusters(clusters, y, 5, "one_or_all_classes", 0.5)[1].suspicious
+
+
 def test_a_planted_one_label_island_in_feature_space_is_isolated_and_the_bulk_is_not():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 400)
@@ -150,7 +173,7 @@ def test_union_min_epochs_keeps_only_samples_flagged_in_that_many_epochs(monkeyp
 
 @pytest.mark.parametrize("given, message", [
     ({"detect_epochs": 20, "train_epochs": 10}, "detect_epochs must be in"),
-    ({"union_min_epochs": 11}, "union_min_epochs must be in"),
+    ({"union_min_epochs": 0}, "union_min_epochs must be >= 1"),
     ({"rule": "largest"}, "rule"),
     ({"eps": 0}, "must be > 0"),
     ({"tsne_sample": 60}, "tsne_sample must exceed"),
@@ -246,10 +269,13 @@ def test_train_with_the_trap_defense_writes_a_dummy_class_model_and_its_isolatio
                  "--eval-data", str(data), "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["defense"] == "trap" and "dummy_rate_clean" in printed
+    # the model before hiding is the undefended reference: its BA is reported beside the defended one
+    assert 0 <= printed["undefended"]["ba"] <= 1 and "dummy_rate_clean" not in printed["undefended"]
     _, meta = load_checkpoint(out)
     assert meta["num_classes"] == 3 and meta["dummy_class"] == 2
     defense = meta["defense"]
     assert defense["name"] == "trap" and defense["isolation"]["detect_epochs"] == 1
+    assert defense["undefended"] == printed["undefended"]
     assert defense["isolation_provenance"]["eps"].startswith("paper")
     report = json.loads((tmp_path / "m.trap" / "report.json").read_text())
     assert report["method"] == "trap" and len(report["diagnostics"]["epochs"]) == 1
