@@ -11,7 +11,7 @@ from backdoor_engine.data.dataset import Dataset
 from backdoor_engine.errors import InputError
 from backdoor_engine.methods import get_detector, make_detector
 from backdoor_engine.methods.trap import Isolation, TrapParams, isolate_epoch, suspicious_clusters
-from backdoor_engine.models.checkpoint import load_checkpoint, save_checkpoint
+from backdoor_engine.models.checkpoint import load_checkpoint
 from backdoor_engine.models.preprocess import fit_normalisation
 from backdoor_engine.models.registry import build_model
 from backdoor_engine.models.train import TrainConfig, train_model
