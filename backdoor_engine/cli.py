@@ -539,6 +539,8 @@ def cmd_purify(args) -> int:
         gic = build_params(GicParams, dict(_parse_param(p) for p in args.gic_param), "purify --calibrate")
         result = calibrate(model, meta["normalisation"], aux, gic, progress=True)
         aux, calibration = result.dataset, result.summary()
+        if calibration["warning"]:
+            print(f"purify --calibrate: warning: {calibration['warning']}", file=sys.stderr)
     # A strategy that tunes on the auxiliary set alone needs no scanned set: the (calibrated) aux set stands in.
     dataset = data if data is not None else aux
     t0 = time.perf_counter()
@@ -553,8 +555,21 @@ def cmd_purify(args) -> int:
         record["clean_fraction"] = args.clean_fraction
     if calibration is not None:
         record["gic"] = calibration
+    if args.aux is not None:
+        from .auxiliary.sets import aux_description
+
+        described = aux_description(args.aux)
+        record["aux_set"] = {"source": str(args.aux), "n_samples": len(aux), "kind": described["kind"],
+                             "calibrated": calibration is not None or described["calibrated"]}
     # The attack to measure ASR with: the suspect model's record, else the manifest beside the data.
     attack = _spec_recorded_in(meta) if meta is not None else _spec_beside(str(args.data), None)
+    before = {}
+    if eval_data is not None and model is not None:  # the suspect model on the same test set, for the change
+        from .models.evaluate import evaluate_model
+
+        before = evaluate_model(model, meta["normalisation"], eval_data, attack, num_classes=num_classes,
+                                dummy_class=meta.get("dummy_class"))
+        record["before"] = before
     metrics = save_trained(args.out, repaired.model, repaired.normalisation, arch=arch, trained_on=dataset,
                            extra={"purify": record}, attack=attack, eval_data=eval_data,
                            eval_source=args.eval_data, dummy_class=repaired.config.get("dummy_class"))
@@ -562,8 +577,12 @@ def cmd_purify(args) -> int:
     returned = [entry for entry in repaired.history if entry.get("returned")]
     chosen = {} if not returned else {"epoch_returned": returned[0]["epoch"], **{
         key: returned[0][key] for key in ("holdout_flagged_acc", "holdout_clean_acc") if key in returned[0]}}
+    aux_set = record.get("aux_set") or {}
     print(json.dumps({"out": args.out, "strategy": args.strategy, "n_flagged": n_flagged,
-                      "seconds": round(seconds, 1), **chosen, **metrics}))
+                      **({"aux_kind": aux_set["kind"], "n_aux": aux_set["n_samples"],
+                          "aux_calibrated": aux_set["calibrated"]} if aux_set else {}),
+                      "seconds": round(seconds, 1), **chosen, **{f"{k}_before": v for k, v in before.items()},
+                      **metrics}))
     return 0
 
 
@@ -624,7 +643,8 @@ def cmd_extract(args) -> int:
 def cmd_aux(args) -> int:
     import numpy as np
 
-    from .auxiliary.sets import make_aux
+    from .atomic import write_json_atomic
+    from .auxiliary.sets import make_aux, sidecar_path
     from .data.dataset import save_npz
     from .data.open import open_dataset
 
@@ -632,16 +652,20 @@ def cmd_aux(args) -> int:
     train = open_dataset(args.train, **_links(args))
     pool = open_dataset(args.pool, **_links(args)) if args.pool else None
     aux = make_aux(args.kind, train, pool, size=args.size, ratio=args.ratio, seed=args.seed)
+    info = {"out": args.out, "kind": args.kind, "n_samples": len(aux),
+            "per_class": np.bincount(aux.y, minlength=train.num_classes).tolist(),
+            "train": str(args.train), "pool": args.pool, "seed": args.seed}
+    # The description first: the set, what later steps read, appears last and whole.
+    write_json_atomic(sidecar_path(args.out, ".aux.json"), info)
     save_npz(aux, args.out)
-    print(json.dumps({"out": args.out, "kind": args.kind, "n_samples": len(aux),
-                      "per_class": np.bincount(aux.y, minlength=train.num_classes).tolist(),
-                      "train": str(args.train), "pool": args.pool}))
+    print(json.dumps(info))
     return 0
 
 
 def cmd_calibrate(args) -> int:
     from .atomic import atomic_write, write_json_atomic
     from .auxiliary.gic import GicParams, calibrate, calibration_page
+    from .auxiliary.sets import aux_description
     from .data.dataset import ArraySource, read_all, save_npz
     from .data.open import open_source
     from .params import build_params
@@ -657,13 +681,15 @@ def cmd_calibrate(args) -> int:
     result = calibrate(model.to(device), meta["normalisation"], aux, params, device=device, progress=not args.json)
     stem = args.out[: -len(".npz")]
     summary = {"out": args.out, "summary": f"{stem}.gic.json", "page": f"{stem}.html", "aux": str(args.aux),
-               "model": str(args.model), **result.summary()}
+               "aux_kind": aux_description(args.aux)["kind"], "model": str(args.model), **result.summary()}
     # The page and the summary first: the calibrated set, what later steps read, appears last and whole.
     with atomic_write(f"{stem}.html", "w") as f:
         f.write(calibration_page(result, aux, source=str(args.aux), model=str(args.model)))
     write_json_atomic(f"{stem}.gic.json", summary)
     save_npz(result.dataset, args.out)
     print(json.dumps(summary, indent=None if args.json else 2))
+    if summary["warning"]:
+        print(f"calibrate: warning: {summary['warning']}", file=sys.stderr)
     return 0
 
 
@@ -892,7 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true",
                    help="calibrate the --aux set to the suspect model with GIC first (see `calibrate --help`)")
     p.add_argument("--gic-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="GIC setting with --calibrate: radius, lr, steps, mode, batch_size")
+                   help="GIC setting with --calibrate: radius, lr, steps, mode, batch_size, fit_warning_acc")
     p.add_argument("--eval-data", help="clean test set: report BA (and ASR from the model's attack record)")
     p.add_argument("--out", required=True, help="output checkpoint .pt")
     p.set_defaults(func=cmd_purify)
@@ -956,7 +982,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aux", required=True, help="the auxiliary set (images with labels); " + DATA_HELP)
     p.add_argument("--out", required=True, help="the calibrated set, .npz")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="radius, lr, steps, mode (per_sample|universal), batch_size")
+                   help="radius, lr, steps, mode (per_sample|universal), batch_size, fit_warning_acc")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where it runs [cpu]")
     p.add_argument("--json", action="store_true", help="one-line JSON summary, no progress output")
     p.add_argument("--allow-outside-links", action="store_true", help=LINKS_HELP)

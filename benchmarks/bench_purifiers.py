@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from backdoor_engine import api
@@ -44,10 +43,21 @@ CPU_BUDGET = {"ft": {"epochs": 20}, "ft-sam": {"epochs": 20}, "fst": {"epochs": 
               "sau": {"epochs": 10}, "npd": {"epochs": 10, "warm_epochs": 2}}
 
 
+def official(defence: str) -> dict:
+    return dataclasses.asdict(get_repair(defence).Params())
+
+
+def budget_tag(budget: dict, official_params: dict) -> str:
+    """'official' where every budget value is the strategy's default, else the values that differ."""
+    changed = {k: v for k, v in sorted(budget.items()) if official_params.get(k) != v}
+    return ", ".join(f"{k} {v}" for k, v in changed.items()) or "official"
+
+
 def run(args):
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    done = {(r["model"], r["defence"], r["kind"], r["gic"]) for r in rows}
+    # a row is one (model, defence, kind, GIC, budget): the same cell at another budget is a new row
+    done = {(r["model"], r["defence"], r["kind"], r["gic"], budget_tag(r["budget"], r["official"])) for r in rows}
     budget = {**CPU_BUDGET, **(json.loads(args.budget) if args.budget else {})}
     test = load_fashion_mnist("test")
     pool = load_fashion_mnist("train")
@@ -60,7 +70,8 @@ def run(args):
             aux = make_aux(kind, train, pool, ratio=args.ratio, seed=args.seed)
             calibrated = None
             for gic in args.gic:
-                todo = [d for d in args.defences if (str(model_path), d, kind, gic) not in done]
+                todo = [d for d in args.defences
+                        if (str(model_path), d, kind, gic, budget_tag(budget.get(d, {}), official(d))) not in done]
                 if not todo:
                     continue
                 used, gic_summary = aux, None
@@ -76,11 +87,10 @@ def run(args):
                     seconds = time.perf_counter() - t0
                     after = api.evaluate(repaired.model, repaired.normalisation, test, spec,
                                          num_classes=train.num_classes)
-                    official = dataclasses.asdict(get_repair(defence).Params())
                     row = {"model": str(model_path), "attack": attack, "mode": mode, "defence": defence, "kind": kind,
                            "gic": gic, "n_aux": len(used), "ba_before": before["ba"], "asr_before": before["asr"],
                            "ba_after": after["ba"], "asr_after": after["asr"], "seconds": round(seconds, 1),
-                           "budget": params, "official": {k: official[k] for k in params}, "gic_summary": gic_summary,
+                           "budget": params, "official": official(defence), "gic_summary": gic_summary,
                            "config": repaired.config, "last": repaired.history[-1] if repaired.history else None,
                            "versions": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                                         "python": platform.python_version()}}
@@ -92,15 +102,16 @@ def run(args):
 
 def table(args):
     rows = [json.loads(line) for line in Path(args.out).read_text().splitlines()]
-    print("| attack | defence | aux kind | BA / ASR before | without GIC: BA / ASR | with GIC: BA / ASR | s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| attack | defence | budget | aux kind | BA / ASR before | without GIC: BA / ASR | with GIC: BA / ASR | s |")
+    print("|---|---|---|---|---|---|---|---|")
     cells = {}
     for r in rows:
-        cells.setdefault((r["attack"], r["mode"], r["defence"], r["kind"]), {})[r["gic"]] = r
-    for (attack, mode, defence, kind), pair in cells.items():
+        tag = budget_tag(r["budget"], r["official"])
+        cells.setdefault((r["attack"], r["mode"], r["defence"], tag, r["kind"]), {})[r["gic"]] = r
+    for (attack, mode, defence, tag, kind), pair in cells.items():
         any_row = next(iter(pair.values()))
         fmt = lambda r: "-" if r is None else f"{100 * r['ba_after']:.2f}% / {100 * r['asr_after']:.2f}%"  # noqa: E731
-        print(f"| {attack} {mode} | {defence} | {kind} | {100 * any_row['ba_before']:.2f}% / "
+        print(f"| {attack} {mode} | {defence} | {tag} | {kind} | {100 * any_row['ba_before']:.2f}% / "
               f"{100 * any_row['asr_before']:.2f}% | {fmt(pair.get(False))} | {fmt(pair.get(True))} | "
               f"{' / '.join(str(r['seconds']) for r in pair.values())} |")
 

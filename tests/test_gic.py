@@ -8,7 +8,6 @@ import torch
 from backdoor_engine.auxiliary import GicParams, calibrate
 from backdoor_engine.data.dataset import Dataset
 from backdoor_engine.errors import InputError
-from backdoor_engine.models.preprocess import fit_normalisation
 from backdoor_engine.models.train import TrainConfig, train_model
 
 
@@ -62,7 +61,8 @@ def test_the_universal_mode_shares_one_delta_and_the_model_is_left_as_it_was(vic
 
 
 @pytest.mark.parametrize("given, message", [({"radius": 0}, "radius must be in"), ({"steps": 0}, "steps"),
-                                            ({"mode": "global"}, "mode must be one of")])
+                                            ({"mode": "global"}, "mode must be one of"),
+                                            ({"fit_warning_acc": 1.5}, "fit_warning_acc must be in")])
 def test_bad_calibration_settings_are_refused(given, message):
     with pytest.raises(InputError, match=message):
         GicParams(**given)
@@ -99,6 +99,32 @@ def test_the_calibrate_command_writes_the_set_its_summary_and_a_page(victim, tmp
                  "--out", str(tmp_path / "bad.npz"), "--param", "radius=2"]) != 0
     assert "radius must be in" in capsys.readouterr().err
     assert not (tmp_path / "bad.npz").exists() and not (tmp_path / "bad.html").exists()
+
+
+def test_a_set_the_victim_already_scores_well_on_is_calibrated_with_a_warning_and_others_without(victim, tmp_path,
+                                                                                                capsys):
+    from backdoor_engine.cli import main
+    from backdoor_engine.data.dataset import save_npz
+    from backdoor_engine.models.checkpoint import save_checkpoint
+
+    model, normalisation, aux = victim
+    acc = calibrate(model, normalisation, aux, GicParams(steps=2)).before["acc"]
+    at = calibrate(model, normalisation, aux, GicParams(steps=2, fit_warning_acc=acc))
+    assert f"already classifies {100 * acc:.1f}%" in at.summary()["warning"]
+    above = calibrate(model, normalisation, aux, GicParams(steps=2, fit_warning_acc=min(1.0, acc + 0.01)))
+    assert above.summary()["warning"] is None or acc == 1.0
+    save_checkpoint(tmp_path / "victim.pt", model, arch="small_resnet", num_classes=2, in_channels=1, input_size=12,
+                    normalisation=normalisation)
+    save_npz(aux, tmp_path / "aux.npz")
+    assert main(["calibrate", "--model", str(tmp_path / "victim.pt"), "--aux", str(tmp_path / "aux.npz"),
+                 "--out", str(tmp_path / "cal.npz"), "--param", "steps=2", "--param", "fit_warning_acc=0",
+                 "--json"]) == 0
+    assert "calibrate: warning: the victim model already classifies" in capsys.readouterr().err
+    assert "GIC is for shifted sets" in (tmp_path / "cal.html").read_text()
+    assert main(["calibrate", "--model", str(tmp_path / "victim.pt"), "--aux", str(tmp_path / "aux.npz"),
+                 "--out", str(tmp_path / "cal2.npz"), "--param", "steps=2", "--param", "fit_warning_acc=1",
+                 "--json"]) == 0
+    assert "warning" not in capsys.readouterr().err or acc == 1.0
 
 
 def test_auxiliary_sets_are_stratified_unseen_and_shifted_as_their_kind_says():
@@ -153,6 +179,24 @@ def test_the_aux_command_writes_a_reserved_set_outside_the_training_ids(tmp_path
     aux = load_npz(tmp_path / "aux.npz")
     assert summary["n_samples"] == 5 == len(aux) and (aux.ids >= 100).all()
     assert np.array_equal(aux.x, np.round(pool.x[aux.ids] * 0.5).astype(np.uint8))
+    described = json.loads((tmp_path / "aux.aux.json").read_text())
+    assert described["kind"] == "dark" and described["n_samples"] == 5 and described["seed"] == 0
     assert main(["aux", "--kind", "seen", "--train", str(tmp_path / "train.npz"), "--out",
                  str(tmp_path / "seen.npz")]) != 0
     assert "ground-truth `poison` column" in capsys.readouterr().err and not (tmp_path / "seen.npz").exists()
+    assert not (tmp_path / "seen.aux.json").exists()
+
+
+def test_a_sets_kind_is_read_from_the_files_beside_it_and_nothing_else(tmp_path):
+    from backdoor_engine.auxiliary.sets import aux_description
+
+    (tmp_path / "a.aux.json").write_text('{"kind": "bright"}')
+    assert aux_description(tmp_path / "a.npz") == {"kind": "bright", "calibrated": False}
+    (tmp_path / "a_cal.gic.json").write_text('{"aux_kind": "bright", "steps": 100}')
+    assert aux_description(tmp_path / "a_cal.npz") == {"kind": "bright", "calibrated": True}
+    (tmp_path / "b.aux.json").write_text('{"kind": "../../etc"}')  # not a kind: unknown
+    (tmp_path / "c.aux.json").write_text("not json")
+    (tmp_path / "d.aux.json").write_text('{"kind": "reserved", "pad": "' + "x" * (1 << 20) + '"}')
+    for name in ("b", "c", "d", "e"):
+        assert aux_description(tmp_path / f"{name}.npz") == {"kind": None, "calibrated": False}
+    assert aux_description(tmp_path / "folder") == {"kind": None, "calibrated": False}

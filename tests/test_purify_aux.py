@@ -110,7 +110,7 @@ def test_aux_purifiers_refuse_to_run_without_an_auxiliary_set(toy):
         get_repair("ft").apply(model, normalisation, aux, None, None, params={"epochs": 1})
 
 
-def test_purify_ft_from_the_cli_needs_no_scanned_set(toy, tmp_path, capsys):
+def test_purify_ft_from_the_cli_needs_no_scanned_set_and_reports_the_aux_kind_and_ba_before(toy, tmp_path, capsys):
     import json
 
     from backdoor_engine.cli import main
@@ -121,11 +121,16 @@ def test_purify_ft_from_the_cli_needs_no_scanned_set(toy, tmp_path, capsys):
     save_checkpoint(tmp_path / "m.pt", model, arch="small_resnet", num_classes=2, in_channels=1, input_size=12,
                     normalisation=normalisation)
     save_npz(aux, tmp_path / "aux.npz")
+    (tmp_path / "aux.aux.json").write_text(json.dumps({"kind": "reserved"}))  # as `aux` writes it beside the set
+    save_npz(aux, tmp_path / "test.npz")
     assert main(["purify", "--strategy", "ft", "--model", str(tmp_path / "m.pt"), "--aux", str(tmp_path / "aux.npz"),
-                 "--epochs", "1", "--param", "batch_size=32", "--out", str(tmp_path / "ft.pt")]) == 0
-    assert json.loads(capsys.readouterr().out)["strategy"] == "ft"
+                 "--epochs", "1", "--param", "batch_size=32", "--eval-data", str(tmp_path / "test.npz"),
+                 "--out", str(tmp_path / "ft.pt")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["strategy"] == "ft" and out["aux_kind"] == "reserved" and out["n_aux"] == len(aux)
+    assert out["aux_calibrated"] is False and 0 <= out["ba_before"] <= 1 and 0 <= out["ba"] <= 1
     _, meta = load_checkpoint(tmp_path / "ft.pt")
-    assert meta["purify"]["strategy"] == "ft"
+    assert meta["purify"]["strategy"] == "ft" and meta["purify"]["before"]["ba"] == out["ba_before"]
     assert main(["purify", "--strategy", "retrain", "--model", str(tmp_path / "m.pt"), "--report", "x",
                  "--out", str(tmp_path / "r.pt")]) != 0
     assert "give --data" in capsys.readouterr().err
@@ -185,6 +190,8 @@ def test_purify_calibrates_the_aux_set_with_gic_first_when_asked(toy, tmp_path, 
     _, meta = load_checkpoint(tmp_path / "ft.pt")
     gic = meta["purify"]["gic"]
     assert gic["steps"] == 3 and gic["n_samples"] == len(aux) and gic["after"]["loss"] <= gic["before"]["loss"]
+    assert meta["purify"]["aux_set"] == {"source": str(tmp_path / "aux.npz"), "n_samples": len(aux), "kind": None,
+                                         "calibrated": True}
     capsys.readouterr()
     assert main(["purify", "--strategy", "ft", "--model", str(tmp_path / "m.pt"), "--aux", str(tmp_path / "aux.npz"),
                  "--gic-param", "steps=3", "--out", str(tmp_path / "x.pt")]) != 0

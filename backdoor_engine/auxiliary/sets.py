@@ -12,11 +12,18 @@ relative to the victim's training set (default 5%, `ratio 0.05` there).
               No external same-class set exists for Fashion-MNIST here (the paper's "external" kind draws
               other images of the same classes); this is a synthetic stand-in, and named as such
 Reserved and shifted kinds draw from a `pool` of clean images minus every id of the training set.
+
+`backdoor-engine aux` writes AUX.npz and, beside it, AUX.aux.json (its kind, size and sources); `calibrate`
+carries the kind into AUX_CAL.gic.json, and `purify` reads either so that a repair's record names the set's kind.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+import json
+import os
+from pathlib import Path
 
 from ..data.dataset import Dataset
 from ..errors import InputError
@@ -93,3 +100,34 @@ def make_aux(kind: str, train: Dataset, pool: Dataset | None = None, *, size: in
     chosen = unseen[stratified(pool.y[unseen], size, num_classes, seed)]
     reserved = pool.subset(chosen)
     return Dataset(shift(reserved.x, kind), reserved.y, reserved.ids)
+
+
+SIDECAR_MAX_BYTES = 1 << 20  # a description of a set is a few hundred bytes; the file beside it is untrusted
+
+
+def sidecar_path(npz: str | os.PathLike, suffix: str) -> Path | None:
+    """AUX.<suffix> beside AUX.npz (None for a source that is not an .npz file)."""
+    path = Path(npz)
+    return path.with_name(path.name[: -len(".npz")] + suffix) if path.name.endswith(".npz") else None
+
+
+def aux_description(source: str | os.PathLike) -> dict:
+    """What the files beside an auxiliary set say about it: {"kind", "calibrated"}; kind None when nothing does
+    (a set not written by `aux`, or one whose description is missing, oversized or not JSON)."""
+    kind, calibrated = None, False
+    for suffix in (".aux.json", ".gic.json"):
+        path = sidecar_path(source, suffix)
+        if path is None or not path.is_file() or path.stat().st_size > SIDECAR_MAX_BYTES:
+            continue
+        try:
+            info = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if not isinstance(info, dict):
+            continue
+        if suffix == ".gic.json":
+            calibrated = True
+            kind = kind or info.get("aux_kind")
+        else:
+            kind = info.get("kind")
+    return {"kind": kind if kind in KINDS else None, "calibrated": calibrated}
