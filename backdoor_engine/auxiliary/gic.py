@@ -50,7 +50,8 @@ class GicParams:
                             "per-image result in per_sample mode (BatchNorm is frozen), only the speed changes")
     fit_warning_acc: float = param(0.5, "ours", reason="warn when the victim already scores at least this on the "
                                    "uncalibrated set: measured (RESULTS.md issue 15), GIC raised the purifiers' BA "
-                                   "on sets scored 10-18% and lowered it on sets scored 81-85%; 0.5 lies between")
+                                   "in most pairs on sets the victim scored 10-18% and lowered it in most on sets "
+                                   "it scored 80-87%; 0.5 lies between")
 
     def __post_init__(self):
         if not 0 < self.radius <= 1 or not self.lr > 0 or self.steps < 1 or self.batch_size < 1:
