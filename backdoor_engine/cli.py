@@ -665,7 +665,7 @@ def cmd_aux(args) -> int:
 def cmd_calibrate(args) -> int:
     from .atomic import atomic_write, write_json_atomic
     from .auxiliary.gic import GicParams, calibrate, calibration_page
-    from .auxiliary.sets import aux_description
+    from .auxiliary.sets import aux_description, sidecar_path
     from .data.dataset import ArraySource, read_all, save_npz
     from .data.open import open_source
     from .params import build_params
@@ -679,13 +679,14 @@ def cmd_calibrate(args) -> int:
     _check_labels_fit(aux.y, meta, args.aux)
     device = _device_from_args(args.device)
     result = calibrate(model.to(device), meta["normalisation"], aux, params, device=device, progress=not args.json)
-    stem = args.out[: -len(".npz")]
-    summary = {"out": args.out, "summary": f"{stem}.gic.json", "page": f"{stem}.html", "aux": str(args.aux),
+    # The summary's name is the one `purify` reads back beside the calibrated set (auxiliary.sets.sidecar_path).
+    summary_path, page_path = sidecar_path(args.out, ".gic.json"), sidecar_path(args.out, ".html")
+    summary = {"out": args.out, "summary": summary_path, "page": page_path, "aux": str(args.aux),
                "aux_kind": aux_description(args.aux)["kind"], "model": str(args.model), **result.summary()}
     # The page and the summary first: the calibrated set, what later steps read, appears last and whole.
-    with atomic_write(f"{stem}.html", "w") as f:
+    with atomic_write(page_path, "w") as f:
         f.write(calibration_page(result, aux, source=str(args.aux), model=str(args.model)))
-    write_json_atomic(f"{stem}.gic.json", summary)
+    write_json_atomic(summary_path, summary)
     save_npz(result.dataset, args.out)
     print(json.dumps(summary, indent=None if args.json else 2))
     if summary["warning"]:

@@ -19,11 +19,11 @@ carries the kind into AUX_CAL.gic.json, and `purify` reads either so that a repa
 
 from __future__ import annotations
 
-import numpy as np
-
 import json
 import os
 from pathlib import Path
+
+import numpy as np
 
 from ..data.dataset import Dataset
 from ..errors import InputError
@@ -105,29 +105,31 @@ def make_aux(kind: str, train: Dataset, pool: Dataset | None = None, *, size: in
 SIDECAR_MAX_BYTES = 1 << 20  # a description of a set is a few hundred bytes; the file beside it is untrusted
 
 
-def sidecar_path(npz: str | os.PathLike, suffix: str) -> Path | None:
-    """AUX.<suffix> beside AUX.npz (None for a source that is not an .npz file)."""
-    path = Path(npz)
-    return path.with_name(path.name[: -len(".npz")] + suffix) if path.name.endswith(".npz") else None
+def sidecar_path(npz: str | os.PathLike, suffix: str) -> str | None:
+    """AUX.<suffix> beside AUX.npz, spelt as the set's path was (None for a source that is not an .npz file)."""
+    name = os.fspath(npz)
+    return name[: -len(".npz")] + suffix if name.endswith(".npz") else None
+
+
+def _read_sidecar(source: str | os.PathLike, suffix: str) -> dict | None:
+    """The JSON object in AUX.<suffix> beside `source`; None when it is missing, oversized or not a JSON object."""
+    name = sidecar_path(source, suffix)
+    if name is None:
+        return None
+    path = Path(name)
+    if not path.is_file() or path.stat().st_size > SIDECAR_MAX_BYTES:
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def aux_description(source: str | os.PathLike) -> dict:
     """What the files beside an auxiliary set say about it: {"kind", "calibrated"}; kind None when nothing does
     (a set not written by `aux`, or one whose description is missing, oversized or not JSON)."""
-    kind, calibrated = None, False
-    for suffix in (".aux.json", ".gic.json"):
-        path = sidecar_path(source, suffix)
-        if path is None or not path.is_file() or path.stat().st_size > SIDECAR_MAX_BYTES:
-            continue
-        try:
-            info = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            continue
-        if not isinstance(info, dict):
-            continue
-        if suffix == ".gic.json":
-            calibrated = True
-            kind = kind or info.get("aux_kind")
-        else:
-            kind = info.get("kind")
-    return {"kind": kind if kind in KINDS else None, "calibrated": calibrated}
+    described = _read_sidecar(source, ".aux.json") or {}
+    calibration = _read_sidecar(source, ".gic.json")
+    kind = described.get("kind") or (calibration or {}).get("aux_kind")
+    return {"kind": kind if kind in KINDS else None, "calibrated": calibration is not None}
