@@ -7,11 +7,14 @@ the checkpoint's attack record (bench_flare_detection.scanned_set) and scanned O
 SCALE-UP and IBD-PSC make by definition. The clean reference set is `make_aux("reserved")`: 5% of the set's size
 in Fashion-MNIST training images the model never saw (stratified, seed 0), what a defender holding a little
 clean data has. Ground truth is only read to score. One JSON line per model to --out (resumable): per method
-TPR / FPR / F1 / n_flagged / seconds, the consensus at every min_votes and under the Dawid-Skene rule (the
-members' error rates fitted to their flags without labels), the number of passes over the data.
+TPR / FPR / F1 / n_flagged / seconds, the consensus of the `--method all` members (VBD is scanned beside them,
+not voting) under every rule: the vote at every min_votes, Dawid-Skene (the members' error rates fitted to their
+flags without labels) and presence (the union of FLARE's and SCAn's flags), the number of passes over the data.
+--table adds FCT's and TRAP's rows from their own benchmarks' files on the same sets.
 
-    python benchmarks/bench_detectors.py --models runs/attacks/badnets-a2o-10000-e6.pt --out benchmarks/results/detectors.jsonl
-    python benchmarks/bench_detectors.py --out benchmarks/results/detectors.jsonl --table
+    python benchmarks/bench_detectors.py --models runs/attacks/badnets-a2o-10000-e6.pt \
+        --out benchmarks/results/detectors_all.jsonl
+    python benchmarks/bench_detectors.py --out benchmarks/results/detectors_all.jsonl --table
 """
 
 from __future__ import annotations
@@ -30,13 +33,17 @@ from backdoor_engine import api
 from backdoor_engine.auxiliary.sets import make_aux
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.detection import detection_metrics
-from backdoor_engine.methods.consensus import dawid_skene
+from backdoor_engine.methods import available_detectors, get_detector
+from backdoor_engine.methods.consensus import dawid_skene, method_list, presence_flags
 from backdoor_engine.models.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_flare_detection import scanned_set  # noqa: E402
 
-METHODS = ("flare", "ac", "spectral", "spectre", "scan", "strip", "scale_up", "ibd_psc")
+METHODS = ("flare", "ac", "spectral", "spectre", "scan", "strip", "scale_up", "ibd_psc", "vbd")
+# FCT and TRAP train a model of their own on the suspect set (6-21 min per 10k set here); their rows come from
+# their own benchmarks' files on the same sets (--fct, --trap), never from this scan unless asked (--methods).
+EXTRA = ("fct", "trap")
 
 
 def f1(m: dict) -> float:
@@ -70,28 +77,21 @@ def run(args):
             m = detection_metrics(flags, truth)
             methods[name] = {"tpr": m["tpr"], "fpr": m["fpr"], "f1": f1(m), "n_flagged": int(flags.sum()),
                              "seconds": round(d.diagnostics["per_method"][name]["time_s"], 2)}
-        votes = np.asarray(d.columns["votes"])
+        # The consensus a user gets from `--method all` (with a reference): its members only, so a detector that
+        # trains its own models (VBD here) is a column beside it, not a vote in it.
+        members = [name for name in method_list("all", available_detectors(), have_reference=True)
+                   if name in d.diagnostics["methods"]]
         # Per-sample flags and scores of every method, to judge other combination rules without rescanning.
         cache = Path(args.cache)
         cache.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(cache / f"{Path(model_path).stem}.npz", truth=truth,
                             **{key: np.asarray(value) for key, value in d.columns.items()})
-        consensus = {}
-        for k in range(1, len(d.diagnostics["methods"]) + 1):
-            m = detection_metrics(votes >= k, truth)
-            consensus[str(k)] = {"tpr": m["tpr"], "fpr": m["fpr"], "f1": f1(m), "n_flagged": int((votes >= k).sum())}
-        # The other combination rule from the same flags (consensus.dawid_skene, no labels; truth only scores it).
-        ran = d.diagnostics["methods"]
-        fit = dawid_skene(np.stack([d.columns[f"flagged_{name}"].astype(bool) for name in ran], axis=1))
-        m = detection_metrics(fit["posterior"] > 0.5, truth)
-        rules = {"dawid-skene": {"tpr": m["tpr"], "fpr": m["fpr"], "f1": f1(m),
-                                 "n_flagged": int((fit["posterior"] > 0.5).sum()), "prior": fit["prior"],
-                                 "estimated": {name: [round(float(t), 4), round(float(f), 4)]
-                                               for name, t, f in zip(ran, fit["tpr"], fit["fpr"])}}}
-        row = {"model": str(model_path), "attack": attack, "mode": mode, "n": len(dataset), "n_poison": int(truth.sum()),
+        consensus, rules = combined(d.columns, members, truth)
+        row = {"model": str(model_path), "attack": attack, "mode": mode, "n": len(dataset),
+               "n_poison": int(truth.sum()),
                "asr": meta.get("eval", {}).get("asr"), "ba": meta.get("eval", {}).get("ba"),
                "n_reference": len(reference), "methods": methods, "consensus": consensus, "rules": rules,
-               "default_min_votes": d.diagnostics["min_votes"], "jaccard": d.diagnostics["jaccard"],
+               "members": members, "default_min_votes": (len(members) + 1) // 2, "jaccard": d.diagnostics["jaccard"],
                "timings_s": {k: round(float(v), 2) for k, v in result.report["timings_s"].items()},
                "total_s": round(total_s, 1), "params": params,
                "versions": {"torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -102,19 +102,85 @@ def run(args):
             f.write(json.dumps(row) + "\n")
 
 
+def combined(columns, members: list[str], truth: np.ndarray) -> tuple[dict, dict]:
+    """The members' flags combined under every rule, scored against truth: (the vote at every min_votes,
+    {"dawid-skene": ..., "presence": ...}). The rules see only the flags (consensus.py); truth only scores."""
+    def score(verdict):
+        m = detection_metrics(verdict, truth)
+        return {"tpr": m["tpr"], "fpr": m["fpr"], "f1": f1(m), "n_flagged": int(verdict.sum())}
+
+    flags = {name: np.asarray(columns[f"flagged_{name}"]).astype(bool) for name in members}
+    votes = np.sum(list(flags.values()), axis=0)
+    consensus = {str(k): score(votes >= k) for k in range(1, len(members) + 1)}
+    fit = dawid_skene(np.stack(list(flags.values()), axis=1))
+    rules = {"dawid-skene": {**score(fit["posterior"] > 0.5), "prior": fit["prior"],
+                             "estimated": {name: [round(float(t), 4), round(float(f), 4)]
+                                           for name, t, f in zip(members, fit["tpr"], fit["fpr"])}}}
+    testers = [name for name in members if get_detector(name).presence_test]
+    if testers:
+        rules["presence"] = {**score(presence_flags(flags, testers)), "testers": testers}
+    return consensus, rules
+
+
+def rescore(args):
+    """Recompute every row's combined columns from the cached per-sample flags (after a rule is added)."""
+    out = Path(args.out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for row in rows:
+        cached = np.load(Path(args.cache) / f"{Path(row['model']).stem}.npz")
+        members = row.get("members") or [name for name in method_list("all", available_detectors(), have_reference=True)
+                                         if f"flagged_{name}" in cached]
+        row["consensus"], row["rules"] = combined(cached, members, cached["truth"].astype(bool))
+        row["members"], row["default_min_votes"] = members, (len(members) + 1) // 2
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(out)
+
+
+def own_file_rows(args) -> dict:
+    """FCT's and TRAP's TPR / FPR per (attack, mode, n) from their own benchmarks' files (bench_fct_dbr.py,
+    bench_trap.py): they train on the suspect set itself, so their rows on the same set apply to any model of it.
+    FCT flags its poisoned part (the top poison_ratio by FCT value); TRAP the union over its epochs (full variant)."""
+    found = {}
+    for path, method in ((args.fct, "fct"), (args.trap, "trap")):
+        if not path or not Path(path).exists():
+            continue
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            key = (r["attack"], r["mode"], r["n"])
+            if method == "fct" and r.get("stage") == "fct":
+                total = sum(part["n_poison"] for part in r["split"].values())
+                part = r["split"]["poisoned"]
+                found[key + (method,)] = {"tpr": part["n_poison"] / max(total, 1),
+                                          "fpr": (part["n"] - part["n_poison"]) / (r["n"] - total)}
+            elif method == "trap" and r.get("stage") == "isolation" and r.get("variant") == "full":
+                union, total = r["union"], r["poisoned"]
+                tp = round(union["recall"] * total)
+                found[key + (method,)] = {"tpr": union["recall"], "fpr": (union["n_flagged"] - tp) / (r["n"] - total)}
+    return found
+
+
 def table(args):
     rows = [json.loads(line) for line in Path(args.out).read_text().splitlines()]
-    methods = [m for m in METHODS if any(m in r["methods"] for r in rows)]
-    k_max = max(len(r["methods"]) for r in rows)
-    print("| attack | mode | ASR | " + " | ".join(methods) + " | " + " | ".join(f">= {k} votes" for k in range(1, k_max + 1))
-          + " | Dawid-Skene |")
-    print("|---" * (4 + len(methods) + k_max) + "|")
+    methods = [m for m in METHODS + EXTRA if any(m in r["methods"] for r in rows)]
+    own = own_file_rows(args)
+    extra = [m for m in EXTRA if m not in methods and any(key[-1] == m for key in own)]
     fmt = lambda c: "-" if c is None or "tpr" not in c else f"{100 * c['tpr']:.1f} / {100 * c['fpr']:.2f}"  # noqa: E731
+    print("| attack | mode | ASR | " + " | ".join(methods + [f"{m} (own run)" for m in extra])
+          + " | vote (>= half) | Dawid-Skene | presence | best single F1 | vote F1 | presence F1 |")
+    print("|---" * (9 + len(methods) + len(extra)) + "|")
     for r in rows:
         asr = "-" if r["asr"] is None else f"{100 * r['asr']:.1f}%"
+        default = r["consensus"].get(str(r["default_min_votes"]))
+        presence = r.get("rules", {}).get("presence")
+        singles = [v["f1"] for name, v in r["methods"].items() if "f1" in v and name in r.get("members", METHODS)]
         print(f"| {r['attack']} | {r['mode']} | {asr} | " + " | ".join(fmt(r["methods"].get(m)) for m in methods)
-              + " | " + " | ".join(fmt(r["consensus"].get(str(k))) for k in range(1, k_max + 1))
-              + f" | {fmt(r.get('rules', {}).get('dawid-skene'))} |")
+              + "".join(f" | {fmt(own.get((r['attack'], r['mode'], r['n'], m)))}" for m in extra)
+              + f" | {fmt(default)} | {fmt(r.get('rules', {}).get('dawid-skene'))} | {fmt(presence)}"
+              + f" | {100 * max(singles, default=0):.1f} | {100 * default['f1']:.1f} | "
+              + ("-" if presence is None else f"{100 * presence['f1']:.1f}") + " |")
+    print("\nconsensus at every vote count: " + "; ".join(
+        f"{r['attack']} {r['mode']}: " + ", ".join(f">={k} {fmt(c)}" for k, c in r["consensus"].items()) for r in rows))
     print("\nseconds per method: " + "; ".join(
         f"{r['attack']} {r['mode']}: " + ", ".join(f"{m} {v.get('seconds', 'failed')}" for m, v in r["methods"].items())
         + f", extract {r['timings_s'].get('extract')}" for r in rows))
@@ -124,14 +190,17 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=[])
     p.add_argument("--out", required=True)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS + EXTRA))
     p.add_argument("--params", help="scan parameters as JSON, e.g. {\"strip.n_superimpose\": 20} (the CPU budget)")
     p.add_argument("--reference-ratio", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0, help="the subset seed of train_attacks.py")
     p.add_argument("--cache", default="runs/detectors", help="per-sample flags and scores, one .npz per model")
     p.add_argument("--table", action="store_true")
+    p.add_argument("--rescore", action="store_true", help="recompute the combined columns of --out from --cache")
+    p.add_argument("--fct", default="benchmarks/results/fct_dbr.jsonl", help="FCT rows (bench_fct_dbr.py), for --table")
+    p.add_argument("--trap", default="benchmarks/results/trap.jsonl", help="TRAP's rows (bench_trap.py), for --table")
     args = p.parse_args()
-    table(args) if args.table else run(args)
+    table(args) if args.table else rescore(args) if args.rescore else run(args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ variant) is appended to --out, so an interrupted run resumes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import time
@@ -46,6 +47,8 @@ VARIANTS = {
     "stability": dict(labelling="stability", xi_mode="absolute"),
     "stability-relative-xi": dict(labelling="stability", xi_mode="relative"),
     "default": dict(),  # the engine's defaults as they stand
+    "seed0": dict(random_state=0),  # the default under other UMAP seeds: do the flags depend on the embedding?
+    "seed1": dict(random_state=1),
 }
 
 
@@ -108,6 +111,8 @@ def run(args):
                    "n": len(dataset), "n_poison": int(truth.sum()), "reduce": args.reduce,
                    "asr": meta.get("eval", {}).get("asr"), "ba": meta.get("eval", {}).get("ba"),
                    "tpr": metrics["tpr"], "fpr": metrics["fpr"], "n_flagged": detection.n_flagged,
+                   "flags_digest": hashlib.blake2b(np.flatnonzero(detection.flags).tobytes(),
+                                                   digest_size=8).hexdigest(),
                    "paper_tpr_fpr": PAPER_TABLE_I.get(case),
                    "dropped_layers": d.get("dropped_layers"), "n_steps": len(d["steps"]),
                    "explanation": d.get("explanation"), "verdicts": d.get("verdicts"),

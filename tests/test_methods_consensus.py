@@ -49,7 +49,7 @@ def test_parameters_route_to_the_named_method_to_every_method_having_them_or_are
     with pytest.raises(InputError, match="score"):  # a member's own checks still apply
         Consensus(["ac", "spectral"], {"spectral.score": "sideways"})
     with pytest.raises(InputError, match="exceeds"):
-        Consensus(["ac", "spectral"], {"min_votes": 3})
+        Consensus(["ac", "spectral"], {"rule": "vote", "min_votes": 3})
 
 
 def test_votes_jaccard_and_the_majority_rule():
@@ -62,7 +62,7 @@ def test_votes_jaccard_and_the_majority_rule():
     # The default: at least half of the methods run, rounded up.
     assert [Consensus(names).min_votes for names in (["ac", "spectral"], ["ac", "spectral", "spectre"],
                                                      ["ac", "spectral", "spectre", "flare"])] == [1, 2, 2]
-    assert Consensus(["ac", "spectral"], {"min_votes": 2}).min_votes == 2
+    assert Consensus(["ac", "spectral"], {"rule": "vote", "min_votes": 2}).min_votes == 2
 
 
 def test_a_consensus_scan_runs_every_method_from_one_pass_and_writes_one_report(tmp_path, untrained_scan_inputs,
@@ -80,7 +80,7 @@ def test_a_consensus_scan_runs_every_method_from_one_pass_and_writes_one_report(
     monkeypatch.setattr(engine, "extract_features", counted)
     out = tmp_path / "consensus"
     result = api.scan(dataset, model, normalisation, method="ac,spectral", out_dir=out, progress=False,
-                      min_votes=1, **{"spectral.expected_rate": 0.05})
+                      rule="vote", min_votes=1, **{"spectral.expected_rate": 0.05})
     assert passes == [("penultimate",)]  # one pass serves both methods
     singles = {name: api.scan(dataset, model, normalisation, method=name, progress=False,
                               **({"expected_rate": 0.05} if name == "spectral" else {})).detection
@@ -232,3 +232,50 @@ def test_dawid_skene_is_a_selectable_rule_that_reports_its_estimates(untrained_s
         from backdoor_engine.methods.consensus import dawid_skene
 
         dawid_skene(np.zeros((5, 1), bool))
+
+
+def test_only_methods_with_a_false_alarm_control_declare_a_presence_test():
+    from backdoor_engine.methods import get_detector
+
+    testers = {name for name in available_detectors() if get_detector(name).presence_test}
+    assert testers == {"flare", "scan", "vbd"}
+
+
+def test_the_presence_rule_flags_what_a_presence_test_flags_and_the_fixed_share_members_add_none(
+        untrained_scan_inputs, monkeypatch):
+    from backdoor_engine import api
+    from backdoor_engine.methods.activation_clustering import ActivationClustering
+    from backdoor_engine.methods import ReportParts
+    from backdoor_engine.methods.spectral import SpectralSignatures
+
+    dataset, model, normalisation = untrained_scan_inputs
+    n = len(dataset)
+    precise = np.zeros(n, bool)
+    precise[:5] = True
+    broad = np.zeros(n, bool)
+    broad[3:n // 2] = True  # a member flagging a fixed half of the set
+
+    def fixed(flags):
+        return lambda self, data: Detection(self.name, flags.copy(), params={}, scores=flags.astype(float),
+                                            diagnostics={"explanation": "planted"})
+
+    monkeypatch.setattr(ActivationClustering, "fit_scan", fixed(precise))
+    monkeypatch.setattr(SpectralSignatures, "fit_scan", fixed(broad))
+    for cls in (ActivationClustering, SpectralSignatures):
+        monkeypatch.setattr(cls, "report", lambda self, detection, rows, out_dir: ReportParts())
+    monkeypatch.setattr(ActivationClustering, "presence_test", True)
+    d = api.scan(dataset, model, normalisation, method="ac,spectral", progress=False, rule="presence").detection
+    assert np.array_equal(d.flags, precise)  # the broad member's 40-odd extra flags are not added
+    assert "presence test (ac)" in d.diagnostics["rule"] and "presence test (ac) flags it" in \
+        d.diagnostics["explanation"]
+    # both testers: their union
+    monkeypatch.setattr(SpectralSignatures, "presence_test", True)
+    d = api.scan(dataset, model, normalisation, method="ac,spectral", progress=False, rule="presence").detection
+    assert np.array_equal(d.flags, precise | broad)
+    # no tester ran: the vote, said so
+    monkeypatch.setattr(ActivationClustering, "presence_test", False)
+    monkeypatch.setattr(SpectralSignatures, "presence_test", False)
+    d = api.scan(dataset, model, normalisation, method="ac,spectral", progress=False, rule="presence").detection
+    assert np.array_equal(d.flags, precise | broad) and "fell back to this vote" in d.diagnostics["rule"]
+    with pytest.raises(InputError, match="min_votes applies to rule=vote only"):
+        Consensus(["ac", "spectral"], {"rule": "presence", "min_votes": 1})

@@ -13,6 +13,12 @@ A detector is a class with
                 the user vouches for (`scan --clean`), read the same way as the suspect set
   seed_param    the params field that `scan --seed` sets (None: the method draws nothing at random)
   in_all        whether `scan --method all` includes it (default True; False for a variant of another method)
+  presence_test whether its rule can conclude "no backdoor here" with a false-alarm control built in (a
+                statistical threshold, a stability requirement), so that on a clean set it flags nothing by
+                design: FLARE, SCAn, VBD. False for a method flagging a share fixed by a budget or a rejection
+                rate (Spectral, SPECTRE's one class, STRIP), a per-sample cut clean samples also pass (SCALE-UP,
+                IBD-PSC), or a split with no such control (AC's k-means relative size). The consensus'
+                `rule=presence` flags what these flag.
   reads_if_extracted   captures it uses when a scan extracts them anyway (no extra pass), e.g. SCALE-UP's plain
                 prediction from the logits of a consensus that reads the head for penultimate features
   fit_scan(data: ScanData) -> Detection      the scan's entry point
@@ -89,6 +95,7 @@ class Detector:
     # Whether `scan --method all` runs it (when it reads the suspect model); False for a variant of another
     # registered method, which would otherwise vote twice.
     in_all: ClassVar[bool] = True
+    presence_test: ClassVar[bool] = False
     # Captures it uses when the scan extracts them anyway, at no extra pass (e.g. logits beside penultimate features
     # in a consensus); fit_scan must work without them.
     reads_if_extracted: ClassVar[frozenset[str]] = frozenset()

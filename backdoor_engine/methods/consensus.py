@@ -12,6 +12,10 @@ Stages, each a plain function composed by `Consensus`:
                     from the flags alone by EM (Dawid & Skene 1979, members assumed independent given the truth);
                     flagged when the posterior of poison exceeds 1/2, so a member flagging most of the set (SCALE-UP
                     on clean data) counts for little and a precise one for much
+  presence_flags    rule=presence: flagged when a member with a presence test flags it (Detector.presence_test:
+                    FLARE, SCAn, VBD, whose rules can conclude "no backdoor" with a false-alarm control); the
+                    members flagging a fixed share or by a per-sample cut rank the samples (the score) and are
+                    reported, but add no flags
   agreement         pairwise Jaccard of the members' flag sets
   passes            the forward passes over the data: one shared, plus each method's own by definition
 
@@ -36,22 +40,26 @@ ALL = "all"
 NAME = "consensus"
 
 
-RULES = ("vote", "dawid-skene")
+RULES = ("vote", "dawid-skene", "presence")
 
 
 @dataclass(frozen=True)
 class ConsensusParams:
-    rule: str = param("vote", "ours", choices=RULES,
-                      reason="vote = at least min_votes members flag the sample; dawid-skene = the posterior of an "
-                             "EM fit of each member's error rates to the flags (no labels), selectable until it is "
-                             "judged on the development sets (RESULTS.md, issue 16)")
-    min_votes: int | None = param(None, "ours", reason="unset = at least half of the methods run (rounded up): "
-                                  "on the development sets (RESULTS.md, issue 16) a strict majority of the eight "
-                                  "lost Blend a2o (TPR 10.6%) when three methods missed it, half kept it (99.5%)")
+    rule: str = param("presence", "ours", choices=RULES,
+                      reason="presence = flagged when a member with a presence test (FLARE, SCAn, VBD) flags the "
+                             "sample, the vote when none ran; vote = at least min_votes members; dawid-skene = the "
+                             "posterior of an EM fit of each member's error rates to the flags (no labels). On the "
+                             "development sets (BadNets a2o, Blend a2o, clean; RESULTS.md, issue 16) only presence "
+                             "stayed within a point of the best single F1 on both attacks with no clean false "
+                             "positive: the vote at half flagged 1.7% of the clean set, Dawid-Skene 22%")
+    min_votes: int | None = param(None, "ours", reason="rule=vote only; unset = at least half of the methods run "
+                                  "(rounded up): on the development sets (RESULTS.md, issue 16) a strict majority "
+                                  "of the eight lost Blend a2o (TPR 10.6%) when three methods missed it, half kept it (99.5%)")
 
     def __post_init__(self):
         if self.rule != "vote" and self.min_votes is not None:
-            raise InputError(f"consensus: min_votes applies to rule=vote only, not rule={self.rule}")
+            raise InputError(f"consensus: min_votes applies to rule=vote only, not rule={self.rule}; give "
+                             "rule=vote with it")
         if self.min_votes is not None and (isinstance(self.min_votes, bool) or not isinstance(self.min_votes, int)
                                            or self.min_votes < 1):
             raise InputError(f"consensus: min_votes must be a whole number >= 1, got {self.min_votes!r}")
@@ -147,6 +155,11 @@ def dawid_skene(flags: np.ndarray, *, iterations: int = 200, tol: float = 1e-8) 
     if prior > 0.5:
         q, prior, tpr, fpr = 1 - q, 1 - prior, fpr, tpr
     return {"posterior": q[inverse], "tpr": tpr, "fpr": fpr, "prior": float(prior), "iterations": iteration}
+
+
+def presence_flags(flags: dict[str, np.ndarray], testers: list[str]) -> np.ndarray:
+    """The union of the flags of the members named in `testers` (at least one)."""
+    return np.logical_or.reduce([flags[name] for name in testers])
 
 
 def score_ranks(detection: Detection) -> np.ndarray:
@@ -267,6 +280,15 @@ class Consensus:
                          for name, t, f in zip(self.detections_, fit["tpr"], fit["fpr"])}
             rule = (f"flagged when the Dawid-Skene posterior of poison exceeds 1/2 (each member's error rates fitted "
                     f"to the flags by EM, no labels; estimated poison share {fit['prior']:.4f}); score = posterior")
+        testers = [name for name in self.detections_ if self.members_[name].presence_test]
+        if self.params.rule != "presence":
+            testers = []
+        elif not testers:
+            rule += "; rule=presence fell back to this vote: no member with a presence test (FLARE, SCAn, VBD) ran"
+        else:
+            verdict = presence_flags(flags, testers)
+            rule = (f"flagged when a member with a presence test ({', '.join(testers)}) flags the sample; the others "
+                    "rank (score = mean rank of the members' scores) but add no flags")
         pairs = agreement(flags)
         columns = {}
         for name, d in self.detections_.items():
@@ -279,6 +301,8 @@ class Consensus:
                       for name, d in self.detections_.items()}
         how = (f"at least {self.min_votes} of them flag it" if estimated is None else
                "the Dawid-Skene posterior of poison from their flags exceeds 1/2")
+        if testers:
+            how = f"one of the members with a presence test ({', '.join(testers)}) flags it"
         explanation = (f"{m} methods ({', '.join(self.detections_)}) ran on one pass; a sample is flagged when "
                        f"{how}: {int(verdict.sum())} of {len(verdict)} samples. "
                        + "; ".join(f"{name} flagged {d.n_flagged}" for name, d in self.detections_.items()))
@@ -334,7 +358,7 @@ def agreement_png(names: list[str], pairs: dict, votes: np.ndarray, verdict: np.
                 left.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
                           color="w" if matrix[i, j] < 0.6 else "k")
     fig.colorbar(image, ax=left, fraction=0.046)
-    # Stacked per vote count: under rule=dawid-skene the verdict is not a function of the count alone.
+    # Stacked per vote count: under rule=presence or dawid-skene the verdict is not a function of the count alone.
     flagged = np.bincount(votes[verdict], minlength=m + 1)
     kept = np.bincount(votes[~verdict], minlength=m + 1)
     right.bar(range(m + 1), kept, color="#9aa5b1", label="not flagged")

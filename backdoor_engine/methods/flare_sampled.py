@@ -91,6 +91,7 @@ class SampledFlare(Detector):
                "(Pan et al., TIFS 2025)")
     params_class = SampledParams
     needs = frozenset({"bn_minima"})
+    presence_test = True  # flags only a cluster that stays split off in the subspace search
     seed_param = "random_state"
 
     def __init__(self, **params):

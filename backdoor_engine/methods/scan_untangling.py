@@ -336,6 +336,7 @@ class Scan(Detector):
                "its two-identity statistic is a median/MAD outlier; the odd subgroup's samples (Tang et al. 2021)")
     params_class = ScanParams
     needs = frozenset({"penultimate", "reference"})
+    presence_test = True  # a class is flagged only when its untangling statistic J exceeds e^2
     seed_param = "seed"
 
     def fit(self, features, y, reference_features, reference_y) -> Detection:

@@ -428,6 +428,7 @@ class Vbd(Detector):
     # memory-mapped uint8 file. Beyond the pixels it holds its simple models, one class's gradient maps at a
     # time (float32, class size x C x H x W) and per-sample flags and scores.
     needs = frozenset({PIXELS})
+    presence_test = True  # flags only through a candidate trigger that passed the KS test and the ASR check
     seed_param = "seed"
 
     def fit(self, x: np.ndarray, y: np.ndarray, *, num_classes: int, normalisation: Normalisation | None = None,
