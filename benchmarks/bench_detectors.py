@@ -77,21 +77,16 @@ def run(args):
             m = detection_metrics(flags, truth)
             methods[name] = {"tpr": m["tpr"], "fpr": m["fpr"], "f1": f1(m), "n_flagged": int(flags.sum()),
                              "seconds": round(d.diagnostics["per_method"][name]["time_s"], 2)}
-        # The consensus a user gets from `--method all` (with a reference): its members only, so a detector that
-        # trains its own models (VBD here) is a column beside it, not a vote in it.
-        members = [name for name in method_list("all", available_detectors(), have_reference=True)
-                   if name in d.diagnostics["methods"]]
         # Per-sample flags and scores of every method, to judge other combination rules without rescanning.
         cache = Path(args.cache)
         cache.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(cache / f"{Path(model_path).stem}.npz", truth=truth,
                             **{key: np.asarray(value) for key, value in d.columns.items()})
-        consensus, rules = combined(d.columns, members, truth)
         row = {"model": str(model_path), "attack": attack, "mode": mode, "n": len(dataset),
                "n_poison": int(truth.sum()),
                "asr": meta.get("eval", {}).get("asr"), "ba": meta.get("eval", {}).get("ba"),
-               "n_reference": len(reference), "methods": methods, "consensus": consensus, "rules": rules,
-               "members": members, "default_min_votes": (len(members) + 1) // 2, "jaccard": d.diagnostics["jaccard"],
+               "n_reference": len(reference), "methods": methods,
+               **combined(d.columns, d.diagnostics["methods"], truth), "jaccard": d.diagnostics["jaccard"],
                "timings_s": {k: round(float(v), 2) for k, v in result.report["timings_s"].items()},
                "total_s": round(total_s, 1), "params": params,
                "versions": {"torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -102,9 +97,14 @@ def run(args):
             f.write(json.dumps(row) + "\n")
 
 
-def combined(columns, members: list[str], truth: np.ndarray) -> tuple[dict, dict]:
-    """The members' flags combined under every rule, scored against truth: (the vote at every min_votes,
-    {"dawid-skene": ..., "presence": ...}). The rules see only the flags (consensus.py); truth only scores."""
+def combined(columns, ran, truth: np.ndarray) -> dict:
+    """The flags of the methods that ran and that `--method all` (with a reference) includes, combined under every
+    rule and scored against truth: the row's "members", "consensus" (the vote at every min_votes),
+    "default_min_votes" and "rules" ({"dawid-skene": ..., "presence": ...}). A detector that trains its own models
+    (VBD here) is a column beside the consensus, not a vote in it. The rules see only the flags (consensus.py);
+    truth only scores them."""
+    members = [name for name in method_list("all", available_detectors(), have_reference=True) if name in ran]
+
     def score(verdict):
         m = detection_metrics(verdict, truth)
         return {"tpr": m["tpr"], "fpr": m["fpr"], "f1": f1(m), "n_flagged": int(verdict.sum())}
@@ -119,7 +119,7 @@ def combined(columns, members: list[str], truth: np.ndarray) -> tuple[dict, dict
     testers = [name for name in members if get_detector(name).presence_test]
     if testers:
         rules["presence"] = {**score(presence_flags(flags, testers)), "testers": testers}
-    return consensus, rules
+    return {"members": members, "consensus": consensus, "default_min_votes": (len(members) + 1) // 2, "rules": rules}
 
 
 def rescore(args):
@@ -128,10 +128,8 @@ def rescore(args):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     for row in rows:
         cached = np.load(Path(args.cache) / f"{Path(row['model']).stem}.npz")
-        members = row.get("members") or [name for name in method_list("all", available_detectors(), have_reference=True)
-                                         if f"flagged_{name}" in cached]
-        row["consensus"], row["rules"] = combined(cached, members, cached["truth"].astype(bool))
-        row["members"], row["default_min_votes"] = members, (len(members) + 1) // 2
+        ran = [key[len("flagged_"):] for key in cached.files if key.startswith("flagged_")]
+        row.update(combined(cached, ran, cached["truth"].astype(bool)))
     tmp = out.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     tmp.replace(out)

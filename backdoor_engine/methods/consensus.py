@@ -54,7 +54,8 @@ class ConsensusParams:
                              "positive: the vote at half flagged 1.7% of the clean set, Dawid-Skene 22%")
     min_votes: int | None = param(None, "ours", reason="rule=vote only; unset = at least half of the methods run "
                                   "(rounded up): on the development sets (RESULTS.md, issue 16) a strict majority "
-                                  "of the eight lost Blend a2o (TPR 10.6%) when three methods missed it, half kept it (99.5%)")
+                                  "of the eight lost Blend a2o (TPR 10.6%) when three methods missed it, half kept "
+                                  "it (99.5%)")
 
     def __post_init__(self):
         if self.rule != "vote" and self.min_votes is not None:
@@ -272,6 +273,7 @@ class Consensus:
         m = len(self.detections_)
         rule = (f"flagged when >= {self.min_votes} of {m} methods flag the sample; score = mean rank of the "
                 "members' scores")
+        how = f"at least {self.min_votes} of them flag it"
         estimated = None
         if self.params.rule == "dawid-skene" and m >= 2:
             fit = dawid_skene(np.stack(list(flags.values()), axis=1))
@@ -280,15 +282,17 @@ class Consensus:
                          for name, t, f in zip(self.detections_, fit["tpr"], fit["fpr"])}
             rule = (f"flagged when the Dawid-Skene posterior of poison exceeds 1/2 (each member's error rates fitted "
                     f"to the flags by EM, no labels; estimated poison share {fit['prior']:.4f}); score = posterior")
-        testers = [name for name in self.detections_ if self.members_[name].presence_test]
-        if self.params.rule != "presence":
-            testers = []
-        elif not testers:
-            rule += "; rule=presence fell back to this vote: no member with a presence test (FLARE, SCAn, VBD) ran"
-        else:
-            verdict = presence_flags(flags, testers)
-            rule = (f"flagged when a member with a presence test ({', '.join(testers)}) flags the sample; the others "
-                    "rank (score = mean rank of the members' scores) but add no flags")
+            how = "the Dawid-Skene posterior of poison from their flags exceeds 1/2"
+        if self.params.rule == "presence":
+            testers = [name for name in self.detections_ if self.members_[name].presence_test]
+            if testers:
+                verdict = presence_flags(flags, testers)
+                rule = (f"flagged when a member with a presence test ({', '.join(testers)}) flags the sample; the "
+                        "others rank (score = mean rank of the members' scores) but add no flags")
+                how = f"one of the members with a presence test ({', '.join(testers)}) flags it"
+            else:
+                rule += ("; rule=presence fell back to this vote: no member with a presence test (FLARE, SCAn, "
+                         "VBD) ran")
         pairs = agreement(flags)
         columns = {}
         for name, d in self.detections_.items():
@@ -299,10 +303,6 @@ class Consensus:
                              "explanation": d.diagnostics.get("explanation"),
                              **({} if estimated is None else {"estimated": estimated[name]})}
                       for name, d in self.detections_.items()}
-        how = (f"at least {self.min_votes} of them flag it" if estimated is None else
-               "the Dawid-Skene posterior of poison from their flags exceeds 1/2")
-        if testers:
-            how = f"one of the members with a presence test ({', '.join(testers)}) flags it"
         explanation = (f"{m} methods ({', '.join(self.detections_)}) ran on one pass; a sample is flagged when "
                        f"{how}: {int(verdict.sum())} of {len(verdict)} samples. "
                        + "; ".join(f"{name} flagged {d.n_flagged}" for name, d in self.detections_.items()))
