@@ -70,7 +70,7 @@ def test_a_leaf_is_as_stable_as_its_persistence_not_its_first_exiting_point():
 @pytest.fixture(scope="module")
 def planted_fit():
     features, truth, labels = planted()
-    flare = Flare()
+    flare = Flare(n_seeds=1)  # one run: these tests are of the stages; the seeds' majority has its own file
     return flare, flare.fit(features, SLICES, y=labels), truth
 
 
@@ -88,7 +88,7 @@ def test_flare_finds_a_planted_poison_cluster(planted_fit):
 
 def test_no_stable_subspace_flags_nothing_and_says_why():
     features = np.random.default_rng(1).normal(size=(1000, 12)).astype(np.float32)
-    detection = Flare().fit(features, SLICES)
+    detection = Flare(n_seeds=1).fit(features, SLICES)
     assert detection.n_flagged == 0
     assert detection.diagnostics["stable_subspace_found"] is False
     assert len(detection.diagnostics["steps"]) == SLICES.num_layers  # every subspace was tried
@@ -184,10 +184,10 @@ def test_clean_classes_as_separate_blobs_flag_nothing():
     centres = rng.normal(0, 8, (4, 12))
     y = np.repeat(np.arange(4), 400)
     features = (centres[y] + rng.normal(0, 1, (1600, 12))).astype(np.float32)
-    detection = Flare().fit(features, SLICES, y=y)
+    detection = Flare(n_seeds=1).fit(features, SLICES, y=y)
     assert detection.n_flagged == 0
     assert "nothing flagged" in detection.diagnostics["explanation"]
-    detection = Flare(labelling="official").fit(features, SLICES, y=y)
+    detection = Flare(labelling="official", n_seeds=1).fit(features, SLICES, y=y)
     assert detection.n_flagged > 0  # the official rule flags every class but the largest
 
 
@@ -200,7 +200,8 @@ def test_unknown_parameters_are_named():
 
 def test_pca_and_exact_knn_options_find_the_planted_cluster_too():
     features, truth, labels = planted()
-    detection = Flare(pca_components=6, knn_backend="auto", max_dropped_layers=0).fit(features, SLICES, y=labels)
+    detection = Flare(pca_components=6, knn_backend="auto", max_dropped_layers=0, n_seeds=1).fit(features, SLICES,
+                                                                                                   y=labels)
     assert (detection.flags == truth).mean() >= 0.99
 
 
@@ -211,3 +212,15 @@ def test_a_one_label_part_of_a_class_is_benign_unless_its_label_is_inflated():
     inflated = np.r_[y, np.zeros(60, int)]  # 60 relabelled into class 0
     makeup = class_makeup(inflated, np.arange(400, 460), np.arange(460), label_excess(inflated), class_coverage=0.5)
     assert not makeup["benign_class_split"] and not makeup["one_benign_class"]
+
+
+def test_how_pure_a_benign_island_must_be_is_a_parameter():
+    y = np.repeat(np.arange(4), 100)
+    island = np.r_[np.arange(34), np.arange(100, 106)]  # 34 of label 0, 6 of label 1: 85% one label
+    within = np.arange(400)
+    strict = class_makeup(y, island, within, label_excess(y), class_coverage=0.5, island_purity=0.9)
+    assert not strict["benign_class_split"]
+    default = class_makeup(y, island, within, label_excess(y), class_coverage=0.5)  # island_purity 0.8
+    assert default["benign_class_split"] and default["one_benign_class"]
+    with pytest.raises(InputError, match="island_purity"):
+        Flare(island_purity=0.4)

@@ -79,8 +79,9 @@ def planted_exact_and_sampled(tmp_path_factory):
     path = tmp_path_factory.mktemp("features") / "bn_minima.npy"
     np.save(path, features.astype(np.float16))
     stored = np.load(path, mmap_mode="r")
-    exact = Flare().fit(stored.astype(np.float32), LAYOUT, y=labels)
-    sampled = SampledFlare(sample_size=2500, exact_max_samples=0)
+    # One run each: what is tested is the sample and the assignment (several seeds: the test below).
+    exact = Flare(n_seeds=1).fit(stored.astype(np.float32), LAYOUT, y=labels)
+    sampled = SampledFlare(sample_size=2500, exact_max_samples=0, n_seeds=1)
     return truth, exact, sampled, sampled.fit(stored, LAYOUT, y=labels, chunk_rows=999)
 
 
@@ -99,12 +100,23 @@ def test_flags_fit_on_a_sample_agree_with_flare_on_every_row(planted_exact_and_s
 def test_a_sample_with_nothing_flagged_flags_nothing_and_a_full_sample_is_plain_flare():
     features = np.random.default_rng(1).normal(size=(3000, 12)).astype(np.float32)
     labels = np.random.default_rng(2).integers(0, 4, 3000)
-    detection = SampledFlare(sample_size=1000, exact_max_samples=2000).fit(features, LAYOUT, y=labels)
+    detection = SampledFlare(sample_size=1000, exact_max_samples=2000, n_seeds=1).fit(features, LAYOUT, y=labels)
     assert not detection.flags.any() and not detection.scores.any()
     small, truth, small_labels = planted(900, 100)
-    whole = SampledFlare(sample_size=100, exact_max_samples=1000).fit(small, LAYOUT, y=small_labels)
-    assert np.array_equal(whole.flags, Flare().fit(small, LAYOUT, y=small_labels).flags)
+    whole = SampledFlare(sample_size=100, exact_max_samples=1000, n_seeds=1).fit(small, LAYOUT, y=small_labels)
+    assert np.array_equal(whole.flags, Flare(n_seeds=1).fit(small, LAYOUT, y=small_labels).flags)
     with pytest.raises(InputError, match="flare: unknown parameter"):
         SampledFlare(sample_sise=10)
     with pytest.raises(InputError, match="knn_index"):
         SampledFlare(knn_index="hnsw")
+
+
+def test_several_seeds_on_a_sample_assign_the_rest_by_the_majoritys_flags_and_say_so():
+    features, truth, labels = planted(5400, 600)
+    sampled = SampledFlare(sample_size=1500, exact_max_samples=0, n_seeds=3)
+    detection = sampled.fit(features, LAYOUT, y=labels)
+    assert np.array_equal(detection.flags[sampled.sample_], sampled.flare_.flags_)
+    assert len(sampled.flare_.runs_) == 3
+    assert (detection.flags == truth).mean() >= 0.99
+    notes = sampled.report(detection, None, None).notes
+    assert any("FLARE ran under 3 UMAP seeds" in note for note in notes)

@@ -173,6 +173,9 @@ class SampledFlare(Detector):
                   f"{step.seconds:.1f} s)", flush=True)
 
         def report_stage(name, shape):
+            if name == "run":
+                print(f"flare: UMAP seed {shape[0]} of {shape[1]} (random_state={shape[2]})", flush=True)
+                return
             # Said before the fit, not after: a UMAP fit on 50k rows runs for a minute or more without output.
             what = {"umap": "UMAP embedding", "hdbscan": "HDBSCAN clustering"}.get(name, name)
             print(f"flare: {what} of {shape[0]:,} rows x {shape[1]} columns started", flush=True)
@@ -190,6 +193,13 @@ class SampledFlare(Detector):
             parts.notes.append(f"FLARE clustered a stratified sample of {sampled['n_sample']:,} of the "
                                f"{sampled['n_rows']:,} samples; every other sample took the flag of most of its "
                                f"{sampled['assign_k']} nearest sample rows (score = the flagged share)")
+        runs = detection.diagnostics.get("seed_runs")
+        if runs:
+            parts.notes.append(
+                f"FLARE ran under {len(runs)} UMAP seeds and flagged the samples most runs flagged; the runs "
+                "flagged " + ", ".join(f"{r['n_flagged']:,}" for r in runs) + " samples (random_state "
+                + ", ".join(str(r["random_state"]) for r in runs) + "); the figures show the run closest to "
+                "the majority")
         if "explanation" in detection.diagnostics:
             parts.notes.append(detection.diagnostics["explanation"])
         if out_dir is None:

@@ -263,10 +263,11 @@ def suspicious_clusters(clusters: np.ndarray, y: np.ndarray, num_classes: int, r
             suspicious, reason = True, f"not the largest, and it holds all {num_classes} classes"
         else:
             suspicious, reason = False, f"holds {n_classes} of {num_classes} classes (neither one nor all)"
-        makeup = class_makeup(y, samples, np.arange(len(y)), excess, class_coverage or 1.0)
+        # TRAP's guard was measured with the 0.9 one-label bar (FLARE's default is lower since; not re-measured here).
+        makeup = class_makeup(y, samples, np.arange(len(y)), excess, class_coverage or 1.0, island_purity=0.9)
         rule_suspicious = suspicious
-        inflated = makeup["purity"] >= 0.9 and makeup["label_excess"] >= 0.5 * sizes[c]  # as class_makeup
-        if suspicious and class_coverage is not None and makeup["class_share"] > class_coverage and not inflated:
+        if (suspicious and class_coverage is not None and makeup["class_share"] > class_coverage
+                and not makeup["inflated"]):
             suspicious = False
             reason += (f"; but it holds {makeup['class_share']:.0%} of its labels' samples (> class_coverage "
                        f"{class_coverage:g}) and label {makeup['top_label']} is not inflated by its size: a benign "

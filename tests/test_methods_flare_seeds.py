@@ -1,0 +1,101 @@
+"""FLARE under several UMAP seeds: the runs' seeds, the per-sample majority, what the fit reports."""
+
+import numpy as np
+import pytest
+
+from backdoor_engine.engine import FeatureLayout
+from backdoor_engine.errors import InputError
+from backdoor_engine.methods import flare as flare_module
+from backdoor_engine.methods.flare import Flare, FlareRun, ensemble_seeds, fit_once, seed_majority
+
+SLICES = FeatureLayout(("bn1", "bn2", "bn3"), (4, 4, 4))
+
+
+def planted(n_clean=1200, n_poison=150, shift=6.0, seed=0):
+    rng = np.random.default_rng(seed)
+    features = np.vstack([rng.normal(0, 1, (n_clean, 12)), rng.normal(0, 1, (n_poison, 12)) + shift])
+    truth = np.r_[np.zeros(n_clean, bool), np.ones(n_poison, bool)]
+    labels = np.r_[rng.integers(0, 4, n_clean), np.zeros(n_poison, int)]
+    return features.astype(np.float32), truth, labels
+
+
+def run_of(flags, seed=0, embedding=True):
+    flags = np.asarray(flags, bool)
+    n = len(flags)
+    return FlareRun(seed, [], flags, np.where(flags, 1, 0), np.zeros((n, 2)) if embedding else None, None,
+                    0 if embedding else None, {"stable_subspace_found": embedding})
+
+
+def test_the_first_run_is_the_base_seed_and_two_bases_share_no_other_run():
+    assert ensemble_seeds(42, 1) == [42]
+    a, b = ensemble_seeds(42, 5), ensemble_seeds(0, 5)
+    assert a[0] == 42 and b[0] == 0 and len(set(a)) == 5
+    assert not set(a) & set(b)
+    assert ensemble_seeds(42, 5) == a  # reproducible
+    assert ensemble_seeds(None, 3) == [None, None, None]
+
+
+def test_a_sample_is_flagged_when_most_runs_flag_it():
+    runs = [run_of([1, 1, 0, 0]), run_of([1, 0, 1, 0]), run_of([1, 1, 0, 1])]
+    flags, votes, chosen = seed_majority(runs)
+    assert flags.tolist() == [True, True, False, False]
+    assert votes.tolist() == [3, 2, 1, 1]
+    assert chosen == 0  # differs on nothing; the third run differs on one sample
+    even = [run_of([1, 1]), run_of([1, 0])]
+    assert seed_majority(even)[0].tolist() == [True, False]  # a tie is not a majority
+
+
+def test_the_reported_run_is_one_that_found_the_flagged_samples():
+    # The run that flagged nothing is as close to the majority as the third run (one sample each); the
+    # reported subspace and embedding must be where the flagged samples were found.
+    runs = [run_of([0, 0, 0, 0, 0], embedding=False), run_of([1, 1, 1, 1, 0]), run_of([1, 0, 0, 0, 1])]
+    flags, _, chosen = seed_majority(runs)
+    assert flags.tolist() == [True, False, False, False, False] and chosen == 2
+    runs = [run_of([0, 0, 0]), run_of([1, 0, 0]), run_of([0, 0, 0])]
+    assert seed_majority(runs)[2] == 0  # nothing flagged: the base run
+
+
+@pytest.fixture(scope="module")
+def three_seeds():
+    features, truth, labels = planted()
+    flare = Flare(n_seeds=3)
+    return flare, flare.fit(features, SLICES, y=labels), features, truth, labels
+
+
+def test_three_seeds_find_the_planted_cluster_by_the_majority_of_their_runs(three_seeds):
+    flare, detection, features, truth, labels = three_seeds
+    assert (detection.flags == truth).mean() >= 0.99
+    seeds = ensemble_seeds(42, 3)
+    runs = [fit_once(features, SLICES, labels, flare.params, seed) for seed in seeds]
+    assert [r.random_state for r in flare.runs_] == seeds
+    votes = np.sum([r.flags for r in runs], axis=0)
+    np.testing.assert_array_equal(detection.flags, 2 * votes > 3)
+    np.testing.assert_array_equal(flare.votes_, votes)
+    d = detection.diagnostics
+    assert [r["random_state"] for r in d["seed_runs"]] == seeds
+    assert sum(d["votes_histogram"]) == len(truth)
+    assert detection.scores[truth].mean() > detection.scores[~truth].mean()
+    flagged_clusters = [c for c in d["clusters"] if c["flagged"]]
+    assert sum(c["size"] for c in flagged_clusters) >= detection.n_flagged
+
+
+def test_the_base_seeds_run_is_the_plain_fit(three_seeds):
+    flare, _, features, _, labels = three_seeds
+    plain = Flare(n_seeds=1).fit(features, SLICES, y=labels)
+    np.testing.assert_array_equal(flare.runs_[0].flags, plain.flags)
+    assert "seed_runs" not in plain.diagnostics
+
+
+def test_a_minority_of_runs_flagging_is_reported_and_flags_nothing(monkeypatch):
+    features, _, labels = planted(n_clean=300, n_poison=0)
+    outcomes = iter([[0] * 300, [1] * 150 + [0] * 150, [0] * 300])
+    monkeypatch.setattr(flare_module, "fit_once", lambda *a, **k: run_of(next(outcomes), embedding=True))
+    detection = Flare(n_seeds=3).fit(features, SLICES, y=labels)
+    assert detection.n_flagged == 0
+    assert "1 of 3 UMAP seeds flagged samples, none of them in a majority" in detection.diagnostics["explanation"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_n_seeds_must_be_a_positive_integer(bad):
+    with pytest.raises(InputError, match="n_seeds"):
+        Flare(n_seeds=bad)
