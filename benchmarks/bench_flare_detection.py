@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -49,12 +50,26 @@ VARIANTS = {
     "default": dict(),  # the engine's defaults as they stand
     "seed0": dict(random_state=0),  # the default under other UMAP seeds: do the flags depend on the embedding?
     "seed1": dict(random_state=1),
+    # The per-sample majority of five runs (n_seeds), under three base seeds: are its flags the same?
+    "seeds5": dict(n_seeds=5),
+    "seeds5-base0": dict(n_seeds=5, random_state=0),
+    "seeds5-base1": dict(n_seeds=5, random_state=1),
+    # Three runs: the first three of the five above (the drawn seeds of a base are a prefix of each other).
+    "seeds3": dict(n_seeds=3),
+    "seeds3-base0": dict(n_seeds=3, random_state=0),
+    "seeds3-base1": dict(n_seeds=3, random_state=1),
+    # A cluster of >= 80% one (not inflated) label read as a benign island (0.9: the default).
+    "p80": dict(island_purity=0.8),
+    "seeds5-p80": dict(n_seeds=5, island_purity=0.8),
+    "seeds5-base0-p80": dict(n_seeds=5, random_state=0, island_purity=0.8),
+    "seeds5-base1-p80": dict(n_seeds=5, random_state=1, island_purity=0.8),
 }
 
 
-def share_embeddings_between_variants():
-    """Variants that differ only in labelling embed the same subspaces: compute each UMAP once per process
-    (keyed by the matrix's bytes and the UMAP arguments). detect_s then counts a reused embedding as free."""
+def share_embeddings_between_variants(keep: str | None = None):
+    """Variants that differ only in labelling or in the number of seeds embed the same subspaces: compute each
+    UMAP once (keyed by the matrix's bytes and the UMAP arguments), in this process or, with `keep`, in any
+    run that kept it there. detect_s then counts a reused embedding as free."""
     import hashlib
 
     from backdoor_engine import cluster
@@ -62,10 +77,18 @@ def share_embeddings_between_variants():
     fit, cache = cluster.umap, {}
 
     def umap(X, **kwargs):
-        key = (hashlib.blake2b(np.ascontiguousarray(X).tobytes(), digest_size=16).hexdigest(), X.shape,
-               repr(sorted((k, v if k != "knn" else v is not None) for k, v in kwargs.items())))
+        key = hashlib.blake2b(repr((hashlib.blake2b(np.ascontiguousarray(X).tobytes()).hexdigest(), X.shape,
+                                    sorted((k, v if k != "knn" else v is not None) for k, v in kwargs.items()))
+                                   ).encode(), digest_size=16).hexdigest()
+        path = None if keep is None else Path(keep) / f"{key}.npy"
         if key not in cache:
-            cache[key] = fit(X, **kwargs)
+            if path is not None and path.exists():
+                cache[key] = np.load(path)
+            else:
+                cache[key] = fit(X, **kwargs)
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(path, cache[key])
         return cache[key]
 
     cluster.umap = umap
@@ -106,6 +129,10 @@ def run(args):
             detection = Flare(**variants[variant], reduce=args.reduce).fit(features.bn_minima, features.layout,
                                                                            y=dataset.y)
             metrics = detection_metrics(detection.flags, truth)
+            if args.keep_flags:
+                Path(args.keep_flags).mkdir(parents=True, exist_ok=True)
+                np.save(Path(args.keep_flags) / f"{Path(model_path).stem}--{variant}.npy",
+                        np.flatnonzero(detection.flags))
             d = detection.diagnostics
             row = {"model": str(model_path), "variant": variant, "attack": case[0], "mode": case[1],
                    "n": len(dataset), "n_poison": int(truth.sum()), "reduce": args.reduce,
@@ -116,6 +143,7 @@ def run(args):
                    "paper_tpr_fpr": PAPER_TABLE_I.get(case),
                    "dropped_layers": d.get("dropped_layers"), "n_steps": len(d["steps"]),
                    "explanation": d.get("explanation"), "verdicts": d.get("verdicts"),
+                   "seed_runs": d.get("seed_runs"), "votes_histogram": d.get("votes_histogram"),
                    "extract_s": round(extract_s, 1), "detect_s": round(time.perf_counter() - t0, 1),
                    "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "cpu": platform.processor() or platform.machine()}
@@ -126,15 +154,27 @@ def run(args):
                 f.write(json.dumps(row) + "\n")
 
 
-def print_table(rows):
-    """One row per scanned set, TPR / FPR of each variant side by side, the paper's beside them."""
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
+def differing(model: str, variants: list[str], kept: Path) -> str:
+    """The most samples on which two of the variants' flags differ (from --keep-flags), '?' if not kept."""
+    paths = [kept / f"{Path(model).stem}--{v}.npy" for v in variants]
+    if not all(path.exists() for path in paths):
+        return "?"
+    flagged = [set(np.load(path).tolist()) for path in paths]
+    return str(max(len(a ^ b) for i, a in enumerate(flagged) for b in flagged[i + 1:]))
+
+
+def print_table(rows, variants=None, same=None, kept=None):
+    """One row per scanned set, TPR / FPR of each variant side by side, the paper's beside them; with
+    `same` (variant names), whether those variants flagged the same samples and on how many they differ."""
+    variants = variants or list(dict.fromkeys(r["variant"] for r in rows))
+    rows = [r for r in rows if r["variant"] in variants]
     cases = {}
     for r in rows:
         cases.setdefault(r["model"], {})[r["variant"]] = r
+    same_head = f" same flags ({', '.join(same)}) | samples differing |" if same else ""
     print("| attack | mode | n | poisoned | ASR | " + " | ".join(f"{v} TPR / FPR" for v in variants)
-          + " | paper TPR / FPR (CIFAR-10) |")
-    print("|---" * (6 + len(variants)) + "|")
+          + " | paper TPR / FPR (CIFAR-10) |" + same_head)
+    print("|---" * (6 + len(variants) + (2 if same else 0)) + "|")
     for by_variant in cases.values():
         r = next(iter(by_variant.values()))
         paper = r["paper_tpr_fpr"]
@@ -142,8 +182,13 @@ def print_table(rows):
         asr = "-" if r["asr"] is None else f"{100 * r['asr']:.1f}%"
         cells = [f"{100 * by_variant[v]['tpr']:.1f}% / {100 * by_variant[v]['fpr']:.2f}%" if v in by_variant else "-"
                  for v in variants]
+        tail = ""
+        if same:
+            digests = {by_variant[v]["flags_digest"] for v in same if v in by_variant}
+            agree = "-" if not all(v in by_variant for v in same) else ("yes" if len(digests) == 1 else "no")
+            tail = f" {agree} | {differing(r['model'], same, Path(kept)) if kept else '?'} |"
         print(f"| {r['attack']} | {r['mode']} | {r['n']} | {r['n_poison']} | {asr} | " + " | ".join(cells)
-              + f" | {paper} |")
+              + f" | {paper} |" + tail)
 
 
 def main():
@@ -155,11 +200,16 @@ def main():
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--reduce", default="channel", choices=["channel", "layer"])
     p.add_argument("--seed", type=int, default=0, help="seed of the training subset (train_attacks.py --seed)")
+    p.add_argument("--keep-flags", help="save each variant's flagged indices here (the table counts differences)")
+    p.add_argument("--umap-cache", help="keep every UMAP embedding here and reuse it in later runs")
+    p.add_argument("--same", nargs="+", help="with --table: do these variants flag the same samples?")
     args = p.parse_args()
     if args.table:
-        print_table([json.loads(line) for line in Path(args.out).read_text().splitlines()])
+        print_table([json.loads(line) for line in Path(args.out).read_text().splitlines()],
+                    variants=args.variants if "--variants" in sys.argv else None, same=args.same,
+                    kept=args.keep_flags)
         return
-    share_embeddings_between_variants()
+    share_embeddings_between_variants(args.umap_cache)
     run(args)
 
 
