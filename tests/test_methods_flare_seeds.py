@@ -74,6 +74,7 @@ def test_three_seeds_find_the_planted_cluster_by_the_majority_of_their_runs(thre
     d = detection.diagnostics
     assert [r["random_state"] for r in d["seed_runs"]] == seeds
     assert sum(d["votes_histogram"]) == len(truth)
+    assert detection.scores[detection.flags].min() > detection.scores[~detection.flags].max()  # votes rank first
     assert detection.scores[truth].mean() > detection.scores[~truth].mean()
     flagged_clusters = [c for c in d["clusters"] if c["flagged"]]
     assert sum(c["size"] for c in flagged_clusters) >= detection.n_flagged

@@ -473,7 +473,10 @@ class Flare:
         if extra.any():  # flagged by the majority, not by the representative run: one more cluster
             labels[extra] = labels.max() + 1
         diagnostics["clusters"] = cluster_table(labels, flags, y, run.embedding)
-        embeddings = [r.embedding for r in runs if r.embedding is not None]
-        scores = np.mean([suspicion_scores(e, flags) for e in embeddings], axis=0)
+        scores = suspicion_scores(run.embedding, flags)
+        if len(runs) > 1:
+            # The share of runs that flagged the sample first (an embedding where the poison did not split off
+            # ranks it anywhere); among equal shares, the farther from the clean samples' centre ranks higher.
+            scores = (votes + scores / (1.0 + scores)) / (len(runs) + 1.0)
         return Detection(self.name, flags, params=asdict(self.params), scores=scores, clusters=labels,
                          embedding=run.embedding, diagnostics=diagnostics)
