@@ -218,7 +218,7 @@ def label_excess(y: np.ndarray) -> np.ndarray:
 
 
 def class_makeup(y: np.ndarray, samples: np.ndarray, within: np.ndarray, excess: np.ndarray,
-                 class_coverage: float, island_purity: float = 0.8) -> dict:
+                 class_coverage: float, island_purity: float = FlareParams.island_purity) -> dict:
     """Whether a cluster is a benign class (or classes, or part of one class) split off, and the evidence.
 
     Benign when it holds more than `class_coverage` of each of its labels' samples (whole_class_share,
@@ -242,7 +242,8 @@ def class_makeup(y: np.ndarray, samples: np.ndarray, within: np.ndarray, excess:
             "one_benign_class": bool(one_label)}
 
 
-def stability_split(tree, y: np.ndarray | None, levels: int, class_coverage: float, island_purity: float = 0.8):
+def stability_split(tree, y: np.ndarray | None, levels: int, class_coverage: float,
+                    island_purity: float = FlareParams.island_purity):
     """Paper Sec. IV-C3 with the class make-up guard: at the root's split, the children are taken in
     order of stability (persistence, Def. IV.1) and the first that is not a benign class split
     (`class_makeup`) is poisoned. When every child of a split is one, the splits of those children are
@@ -398,8 +399,7 @@ def ensemble_seeds(random_state: int | None, n_seeds: int) -> list:
     it, so that two base seeds share no other run. None: every run unseeded."""
     if random_state is None:
         return [None] * n_seeds
-    drawn = np.random.SeedSequence(random_state).generate_state(n_seeds - 1) if n_seeds > 1 else []
-    return [random_state] + [int(s) for s in drawn]
+    return [random_state] + [int(s) for s in np.random.SeedSequence(random_state).generate_state(n_seeds - 1)]
 
 
 def seed_majority(runs: list[FlareRun]) -> tuple[np.ndarray, np.ndarray, int]:
