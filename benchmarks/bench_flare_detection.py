@@ -63,6 +63,8 @@ VARIANTS = {
     "seeds5-p80": dict(n_seeds=5, island_purity=0.8),
     "seeds5-base0-p80": dict(n_seeds=5, random_state=0, island_purity=0.8),
     "seeds5-base1-p80": dict(n_seeds=5, random_state=1, island_purity=0.8),
+    # The defaults without the neighbours' recovery: the flags of the seeds' majority alone.
+    "norecover": dict(recover_neighbors=None),
 }
 
 

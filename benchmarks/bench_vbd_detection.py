@@ -91,7 +91,7 @@ def run_case(name: str, train, args) -> dict:
                           params={"pattern": pattern, "position": position, "alpha": alpha})
     poisoned, _ = harness.poison(train, spec)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    vbd = Vbd(seed=args.seed)
+    vbd = Vbd(seed=args.seed, **args.params)
     detection = vbd.fit(poisoned.x, poisoned.y, num_classes=10)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     metrics = detection_metrics(detection.flags, poisoned.poison)
@@ -99,7 +99,7 @@ def run_case(name: str, train, args) -> dict:
     # IoU of the chosen trigger of every truly poisoned class that was found; false classes are counted apart.
     ious = {label: iou(t.mask, true_mask(label, mode, position, args.target, train.image_shape, 10))
             for label, t in vbd.triggers_.items() if label in poisoned_labels}
-    return {"case": name, "pattern": pattern, "mode": mode, "position": position, "alpha": alpha,
+    return {"case": name, "params": args.params, "pattern": pattern, "mode": mode, "position": position, "alpha": alpha,
             "train_size": len(train), "rate": args.rate, "seed": args.seed,
             "n_poisoned": int(poisoned.poison.sum()), "poisoned_classes": poisoned_labels,
             "detected_classes": detection.diagnostics["poisoned_classes"],
@@ -124,7 +124,8 @@ def print_table(rows):
         detected = (f"{len(r['detected_classes']) - len(r['false_classes'])}/{len(r['poisoned_classes'])} true"
                     + (f", false: {','.join(map(str, r['false_classes']))}" if r["false_classes"] else ""))
         iou_text = "-" if r["mean_iou"] is None else f"{r['mean_iou']:.2f}"
-        print(f"| {r['case']} | {r['pattern']} | {r['mode']} | {r['position']} | {r['alpha']} | {r['train_size']} "
+        case = r["case"] + "".join(f" {k}={v}" for k, v in r.get("params", {}).items())
+        print(f"| {case} | {r['pattern']} | {r['mode']} | {r['position']} | {r['alpha']} | {r['train_size']} "
               f"| {100 * r['f1']:.2f}% | {100 * r['tpr']:.2f}% | {100 * r['fpr']:.2f}% | {detected} | {iou_text} "
               f"| {'-' if paper is None else f'{paper:.2f}%'} | {r['wall_s'] / 60:.1f} |")
 
@@ -138,18 +139,22 @@ def main():
     p.add_argument("--rate", type=float, default=0.1)
     p.add_argument("--target", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a VBD parameter (JSON value), e.g. rank_accuracy=0.8; rows of other parameters stay apart")
     args = p.parse_args()
+    args.params = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.param)}
 
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     if args.table:
         print_table(rows)
         return
-    done = {(r["case"], r["train_size"], r["rate"], r["seed"]) for r in rows}
+    done = {(r["case"], r["train_size"], r["rate"], r["seed"], json.dumps(r.get("params", {}), sort_keys=True))
+            for r in rows}
     train = subset(load_fashion_mnist("train"), args.train_size, args.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.cases:
-        if (name, len(train), args.rate, args.seed) in done:
+        if (name, len(train), args.rate, args.seed, json.dumps(args.params, sort_keys=True)) in done:
             continue
         row = run_case(name, train, args)
         print(json.dumps({k: row[k] for k in ("case", "f1", "tpr", "fpr", "detected_classes", "mean_iou", "wall_s")}),

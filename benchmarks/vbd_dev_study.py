@@ -5,16 +5,21 @@ positions), to see what separates real triggers from patterns of clean classes. 
 classes reach stage 3, so more false candidates are seen; the detectors are irrelevant here (1 epoch).
 
     python benchmarks/vbd_dev_study.py d4-clean d3-grid-a0.2-t9 d2-square-a0.1-t7 > dev.log
+
+`--full` runs the whole pipeline at its defaults instead (plus any `--param KEY=VALUE`) and prints F1 and the
+classes found: how a candidate rule was judged on these sets before the benchmark (the all-to-all study).
 """
 
+import argparse
+
 import json
-import sys
 import time
 
 import numpy as np
 
 from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
+from backdoor_engine.detection import detection_metrics
 from backdoor_engine.methods.vbd import Vbd
 
 DEV = {
@@ -24,10 +29,12 @@ DEV = {
                                                               alpha=0.2)),
     "d4-clean": None,
     "d5-square-a2a": dict(mode="a2a", target=0, params=dict(pattern="square", position="per-class", alpha=0.5)),
+    "d6-random-a2a": dict(mode="a2a", target=0, params=dict(pattern="random", position="per-class")),
+    "d7-grid-a2a": dict(mode="a2a", target=0, params=dict(pattern="checkerboard", position="per-class")),
 }
 
 
-def main(names):
+def main(names, full=False, params=None):
     train = load_fashion_mnist("train")
     train = train.subset(np.sort(np.random.default_rng(1).choice(len(train), 10000, replace=False)))
     for name in names:
@@ -37,6 +44,14 @@ def main(names):
             data, _ = harness.poison(train, harness.PoisonSpec(attack="badnets", rate=0.1, seed=1, **DEV[name]))
             poison = data.poison.astype(bool)
         started = time.time()
+        if full:
+            detection = Vbd(seed=1, **(params or {})).fit(data.x, data.y, num_classes=10)
+            metrics = detection_metrics(detection.flags, poison) if poison.any() else {}
+            print(json.dumps(dict(dev=name, params=params, f1=metrics.get("f1"), tpr=metrics.get("tpr"),
+                                  fpr=metrics.get("fpr", float(detection.flags.mean())),
+                                  found=detection.diagnostics["poisoned_classes"],
+                                  s=round(time.time() - started))), flush=True)
+            continue
         detection = Vbd(seed=1, detector_epochs=1, ks_alpha=0.05).fit(data.x, data.y, num_classes=10)
         poisoned_labels = set(data.y[poison].tolist())
         for c in detection.diagnostics["candidates"]:
@@ -47,4 +62,9 @@ def main(names):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cases", nargs="+", choices=list(DEV))
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    main(args.cases, args.full, {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.param)})

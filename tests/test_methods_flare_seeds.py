@@ -6,7 +6,8 @@ import pytest
 from backdoor_engine.engine import FeatureLayout
 from backdoor_engine.errors import InputError
 from backdoor_engine.methods import flare as flare_module
-from backdoor_engine.methods.flare import Flare, FlareRun, ensemble_seeds, fit_once, seed_majority
+from backdoor_engine.methods.flare import (Flare, FlareRun, ensemble_seeds, fit_once, recover_by_neighbours,
+                                          seed_majority)
 
 SLICES = FeatureLayout(("bn1", "bn2", "bn3"), (4, 4, 4))
 
@@ -58,7 +59,7 @@ def test_the_reported_run_is_one_that_found_the_flagged_samples():
 @pytest.fixture(scope="module")
 def three_seeds():
     features, truth, labels = planted()
-    flare = Flare(n_seeds=3)
+    flare = Flare(n_seeds=3, recover_neighbors=None)  # the majority alone (recovery: its own tests)
     return flare, flare.fit(features, SLICES, y=labels), features, truth, labels
 
 
@@ -82,7 +83,7 @@ def test_three_seeds_find_the_planted_cluster_by_the_majority_of_their_runs(thre
 
 def test_the_base_seeds_run_is_the_plain_fit(three_seeds):
     flare, _, features, _, labels = three_seeds
-    plain = Flare(n_seeds=1).fit(features, SLICES, y=labels)
+    plain = Flare(n_seeds=1, recover_neighbors=None).fit(features, SLICES, y=labels)
     np.testing.assert_array_equal(flare.runs_[0].flags, plain.flags)
     assert "seed_runs" not in plain.diagnostics
 
@@ -100,3 +101,44 @@ def test_a_minority_of_runs_flagging_is_reported_and_flags_nothing(monkeypatch):
 def test_n_seeds_must_be_a_positive_integer(bad):
     with pytest.raises(InputError, match="n_seeds"):
         Flare(n_seeds=bad)
+
+
+def test_samples_among_the_flagged_in_the_all_layers_embeddings_are_recovered():
+    rng = np.random.default_rng(0)
+    clean, poison = rng.normal(0, 1, (400, 2)), rng.normal(8, 0.5, (60, 2))
+    embedding = np.vstack([clean, poison])
+    flags = np.r_[np.zeros(400, bool), np.ones(60, bool)]
+    flags[[400, 401, 402]] = False  # three poisoned samples the chosen subspace left with the clean ones
+    recovered = recover_by_neighbours(flags, [embedding, embedding + 0.01], k=15, share=0.5)
+    assert np.flatnonzero(recovered).tolist() == [400, 401, 402]
+    # Averaged over the embeddings: where one of two has them among the clean samples, a 0.75 bar keeps them out.
+    elsewhere = embedding.copy()
+    elsewhere[[400, 401, 402]] = 0.0
+    assert not recover_by_neighbours(flags, [embedding, elsewhere], k=15, share=0.75).any()
+    assert recover_by_neighbours(flags, [embedding, elsewhere], k=15, share=0.5)[[400, 401, 402]].all()
+    assert not recover_by_neighbours(np.zeros(460, bool), [embedding], k=15, share=0.5).any()  # nothing to grow from
+    assert not recover_by_neighbours(flags, [None], k=15, share=0.5).any()  # no embedding (no subspace found)
+
+
+def test_recovered_samples_are_flagged_counted_and_ranked_with_the_flagged(monkeypatch):
+    features, _, labels = planted(n_clean=300, n_poison=0)
+    rng = np.random.default_rng(1)
+    embedding = np.vstack([rng.normal(0, 1, (240, 2)), rng.normal(9, 1, (60, 2))])
+    flags = np.r_[np.zeros(240, bool), np.ones(60, bool)]
+    flags[250] = False  # one that every run leaves unflagged, among the flagged in the all-layers embedding
+    run = run_of(flags, embedding=True)
+    run.embedding, run.full_embedding = embedding, embedding
+    monkeypatch.setattr(flare_module, "fit_once", lambda *a, **k: run)
+    detection = Flare(n_seeds=3).fit(features, SLICES, y=labels)
+    assert detection.flags[250] and detection.n_flagged == 60
+    assert detection.diagnostics["recovered_by_neighbours"] == 1
+    assert detection.scores[detection.flags].min() > detection.scores[~detection.flags].max()
+    off = Flare(n_seeds=3, recover_neighbors=None).fit(features, SLICES, y=labels)
+    assert not off.flags[250] and "recovered_by_neighbours" not in off.diagnostics
+
+
+@pytest.mark.parametrize("params", [{"recover_neighbors": 0}, {"recover_neighbors": 2.5}, {"recover_share": 0.0},
+                                    {"recover_share": 1.5}])
+def test_recovery_parameters_are_checked(params):
+    with pytest.raises(InputError, match=next(iter(params))):
+        Flare(**params)

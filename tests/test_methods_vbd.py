@@ -9,7 +9,9 @@ from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.errors import InputError
 from backdoor_engine.detection import detection_metrics
-from backdoor_engine.methods.vbd import Vbd, VbdParams, choose_triggers, mask_box, stratified_split
+from backdoor_engine.methods.vbd import (Inputs, Vbd, VbdParams, choose_triggers, mask_box, stratified_split,
+                                        test_class as vbd_test_class, train_poison_models)
+from backdoor_engine.models.preprocess import fit_normalisation
 
 SMALL = dict(poison_archs=("10-10P",), poison_epochs=10, detector_epochs=8, ssl_start_epoch=3, ssl_stop_epoch=6)
 
@@ -110,6 +112,7 @@ def test_a_large_mask_needs_a_high_asr_unless_official():
     ({"min_top_n": 30}, "min_top_n"),
     ({"poison_train_fraction": 1.0}, "poison_train_fraction"),
     ({"large_mask_fraction": 1.5}, "large_mask_fraction"),
+    ({"rank_accuracy": 0.0}, "rank_accuracy"),
 ])
 def test_bad_parameters_are_named(params, match):
     with pytest.raises(InputError, match=match):
@@ -119,3 +122,41 @@ def test_bad_parameters_are_named(params, match):
 def test_bad_labels_are_named(poisoned):
     with pytest.raises(InputError, match="labels must be in"):
         Vbd(**SMALL).fit(poisoned.x, poisoned.y + 5, num_classes=10)
+
+
+def test_the_top_set_is_ranked_after_the_first_epoch_that_reaches_rank_accuracy(poisoned, fitted):
+    assert fitted[0].models_[0].rank_epoch is None  # official by default: the last epoch ranks
+    vbd = Vbd(**SMALL, rank_accuracy=0.8)
+    detection = vbd.fit(poisoned.x, poisoned.y, num_classes=10)
+    (model,) = vbd.models_
+    # The 10-epoch model reaches 80% on its detection split before its last epoch; the ranking is that epoch's.
+    assert 1 <= model.rank_epoch < SMALL["poison_epochs"] and model.rank_split_accuracy >= 0.8
+    assert detection.diagnostics["models"][0]["rank_epoch"] == model.rank_epoch
+    # test_class orders the top set by the ranking it is given, among the samples the last epoch predicts as the class.
+    inputs = Inputs(poisoned.x, fit_normalisation(poisoned.x))
+    detect = np.arange(0, len(poisoned.y), 5)
+    final = np.full((len(detect), 10), 0.01)
+    final[np.arange(len(detect)), poisoned.y[detect]] = 0.9
+    members = np.flatnonzero(poisoned.y[detect] == 2)
+    ranking = final.copy()
+    ranking[members, 2] = np.linspace(0.1, 0.9, len(members))  # the last members rank highest
+    params = VbdParams(**SMALL)
+    official = vbd_test_class(model.model, 0, inputs, poisoned.y, detect, final, 2, params)
+    ranked = vbd_test_class(model.model, 0, inputs, poisoned.y, detect, final, 2, params, ranking)
+    assert official.top_index.tolist() == detect[members[:20]].tolist()  # ties keep the order (stable)
+    assert ranked.top_index.tolist() == detect[members[::-1][:20]].tolist()
+
+
+def test_watching_the_epochs_leaves_the_trained_models_unchanged(poisoned):
+    y = poisoned.y
+    inputs = Inputs(poisoned.x, fit_normalisation(poisoned.x))
+    train, detect = stratified_split(y, 0.8, np.random.default_rng(0))
+    params = dict(poison_archs=("10-10P",), poison_epochs=3)
+    watched = train_poison_models(("10-10P",), inputs, y, train, num_classes=10,
+                                  params=VbdParams(**params, rank_accuracy=0.5), detect_index=detect)
+    plain = train_poison_models(("10-10P",), inputs, y, train, num_classes=10,
+                                params=VbdParams(**params), detect_index=detect)
+    assert watched[0].rank_epoch is not None  # it did watch (and stopped watching once reached)
+    assert plain[0].rank_epoch is None and plain[0].rank_probabilities is None
+    for a, b in zip(watched[0].model.state_dict().values(), plain[0].model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -8,6 +8,7 @@ seed_majority flags what most runs flag):
                        a benign class split off (class_makeup): then look at the splits one level further down
   flat_labels          labelling="official": the official flat cut just before the stable cluster splits
   flags_from_clusters  official: largest cluster clean, other clusters poisoned, noise by `noise_rule`
+  recover_by_neighbours ours: also flag what sits among the flagged samples in the all-layers embeddings
 Provenance of each default: SEED_NOTES.md section 1 (official code) and DESIGN.md section 4.
 """
 
@@ -74,6 +75,14 @@ class FlareParams:
     n_seeds: int = param(5, "ours: a per-sample majority of five UMAP seeds; one seed's flags differed from the "
                          "others' on 6 of 10 development models (Blend a2a missed), the majority's did not under three "
                          "base seeds (RESULTS.md, issue 17); 1 = the official code's single embedding")
+    # A searched subspace can leave part of the poison inside the clean cluster (Blend at 3%: 12% of it, where the
+    # all-layers embedding of the same run had it beside the rest); the neighbours there bring it back.
+    recover_neighbors: int | None = param(15, "ours: an unflagged sample is also flagged when, averaged over the "
+                                          "runs' all-layers embeddings (the search's first subspace), at least "
+                                          "recover_share of its this-many nearest neighbours are flagged; "
+                                          "RESULTS.md, issue 17 (low rates). None = off (the paper and official "
+                                          "code flag the chosen cluster only)")
+    recover_share: float = param(0.5, "ours: a majority of the neighbours (see recover_neighbors)")
     # Speed options, measured against the default in benchmarks/bench_flare_clustering.py. None = as the
     # official code (raw columns, UMAP's own approximate neighbour search).
     pca_components: int | None = param(None, "official code: no projection before UMAP")
@@ -84,6 +93,10 @@ class FlareParams:
 
     def __post_init__(self):
         integer(self.n_seeds, "n_seeds", 1)
+        if self.recover_neighbors is not None:
+            integer(self.recover_neighbors, "recover_neighbors", 1)
+        if not 0.0 < self.recover_share <= 1.0:
+            raise InputError(f"recover_share must be in (0, 1], got {self.recover_share!r}")
         if not 0.5 < self.island_purity <= 1.0:
             raise InputError(f"island_purity must be in (0.5, 1], got {self.island_purity!r}")
         if self.pca_components is not None and (not isinstance(self.pca_components, int) or self.pca_components < 2):
@@ -179,24 +192,26 @@ def search_subspace(features: np.ndarray, layout: FeatureLayout, params: FlarePa
     progress(step) is called after each subspace is tried; stage(name, shape) before each UMAP ("umap") and
     HDBSCAN ("hdbscan") fit, with the shape of the matrix it fits.
 
-    Returns (steps, chosen) where chosen = (step, embedding, hdbscan fit, split) or None when no
-    subspace shows a stable split (the official code stops after the first try and crashes then).
+    Returns (steps, chosen, first) where chosen = (step, embedding, hdbscan fit, split) or None when no
+    subspace shows a stable split (the official code stops after the first try and crashes then), and first
+    is the embedding of the first subspace tried (all layers).
     """
     n_layers = layout.num_layers
     max_dropped = n_layers - 1 if params.max_dropped_layers is None else min(params.max_dropped_layers, n_layers - 1)
-    steps = []
+    steps, first = [], None
     for dropped in range(max_dropped + 1):
         t0 = time.perf_counter()
         X = subspace_matrix(features, layout, dropped, params.reduce)
         embedding, fit, gaps, threshold, split = _try_subspace(X, params, stage)
+        first = embedding if first is None else first
         step = SubspaceStep(dropped, X.shape[1], gaps, threshold,
                             None if split is None else asdict(split), time.perf_counter() - t0)
         steps.append(step)
         if progress is not None:
             progress(step)
         if split is not None:
-            return steps, (step, embedding, fit, split)
-    return steps, None
+            return steps, (step, embedding, fit, split), first
+    return steps, None, first
 
 
 def whole_class_share(y: np.ndarray, samples: np.ndarray, within: np.ndarray | None = None) -> float:
@@ -342,6 +357,7 @@ class FlareRun:
     condensed_tree: object | None
     subspace: int | None
     diagnostics: dict
+    full_embedding: np.ndarray | None = None  # the all-layers subspace's embedding (recover_by_neighbours)
 
 
 def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, params: FlareParams,
@@ -349,7 +365,7 @@ def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, 
     """The subspace search and the labelling (stability split or the official flat cut) under one seed."""
     if random_state != params.random_state:
         params = replace(params, random_state=random_state)
-    steps, chosen = search_subspace(features, layout, params, progress=progress, stage=stage)
+    steps, chosen, first = search_subspace(features, layout, params, progress=progress, stage=stage)
     n = len(features)
     diagnostics = {"n_layers": layout.num_layers, "layers": list(layout.layer_names),
                    "steps": [asdict(s) for s in steps]}
@@ -359,7 +375,8 @@ def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, 
         diagnostics["explanation"] = (
             f"no lambda gap exceeded the threshold in any of {len(steps)} subspaces "
             f"(largest gap {max((g for s in steps for g in s.gaps), default=0.0):.4g}); nothing flagged")
-        return FlareRun(random_state, steps, np.zeros(n, bool), np.full(n, -1), None, None, None, diagnostics)
+        return FlareRun(random_state, steps, np.zeros(n, bool), np.full(n, -1), None, None, None, diagnostics,
+                        first)
     step, embedding, fit, split = chosen
     diagnostics.update(stable_subspace_found=True, dropped_layers=step.dropped_layers, n_columns=step.n_columns,
                        split=step.split)
@@ -391,7 +408,7 @@ def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, 
             flags[cluster.members(tree, flagged)] = True
             labels[flags] = len(root_children)
     return FlareRun(random_state, steps, flags, labels, embedding, fit.condensed_tree, step.dropped_layers,
-                    diagnostics)
+                    diagnostics, first)
 
 
 def ensemble_seeds(random_state: int | None, n_seeds: int) -> list:
@@ -410,6 +427,21 @@ def seed_majority(runs: list[FlareRun]) -> tuple[np.ndarray, np.ndarray, int]:
     flags = 2 * votes > len(runs)
     candidates = [i for i, run in enumerate(runs) if run.flags.any() or not flags.any()]
     return flags, votes, min(candidates, key=lambda i: int((runs[i].flags != flags).sum()))
+
+
+def recover_by_neighbours(flags: np.ndarray, embeddings: list, k: int, share: float) -> np.ndarray:
+    """The unflagged samples of which, averaged over `embeddings`, at least `share` of the `k` nearest
+    neighbours (the sample itself excluded) are flagged. Nothing when nothing is flagged."""
+    from scipy.spatial import cKDTree
+
+    embeddings = [e for e in embeddings if e is not None]
+    if not flags.any() or not embeddings or len(flags) <= k:
+        return np.zeros(len(flags), bool)
+    flagged_share = np.zeros(len(flags))
+    for embedding in embeddings:
+        _, neighbours = cKDTree(embedding).query(embedding, k=k + 1)
+        flagged_share += flags[neighbours[:, 1:]].mean(axis=1)
+    return ~flags & (flagged_share / len(embeddings) >= share)
 
 
 class Flare:
@@ -450,6 +482,12 @@ class Flare:
         flags, votes, chosen = seed_majority(runs)
         run = runs[chosen]
         diagnostics = dict(run.diagnostics)
+        recovered = np.zeros(len(flags), bool)
+        if self.params.recover_neighbors is not None:
+            recovered = recover_by_neighbours(flags, [r.full_embedding for r in runs], self.params.recover_neighbors,
+                                              self.params.recover_share)
+            flags = flags | recovered
+            diagnostics["recovered_by_neighbours"] = int(recovered.sum())
         if len(runs) > 1:
             diagnostics["seed_runs"] = [
                 {"random_state": r.random_state, "dropped_layers": r.subspace, "n_flagged": int(r.flags.sum()),
@@ -477,6 +515,8 @@ class Flare:
         if len(runs) > 1:
             # The share of runs that flagged the sample first (an embedding where the poison did not split off
             # ranks it anywhere); among equal shares, the farther from the clean samples' centre ranks higher.
-            scores = (votes + scores / (1.0 + scores)) / (len(runs) + 1.0)
+            # A sample recovered by its neighbours counts as the smallest majority, so flagged samples rank first.
+            counted = np.where(recovered, len(runs) // 2 + 1, votes)
+            scores = (counted + scores / (1.0 + scores)) / (len(runs) + 1.0)
         return Detection(self.name, flags, params=asdict(self.params), scores=scores, clusters=labels,
                          embedding=run.embedding, diagnostics=diagnostics)

@@ -5,6 +5,7 @@ Stages, each a plain function composed by `Vbd` (provenance of every default: SE
 the official BackdoorBench `VarianceBasedDefense.py`; the paper where it says more):
   1 stratified_split + train_poison_models   the ensemble of simple models, all trained in one pass over the data
   2 test_class                               top/low sets, margin gradients, KS test on the most influential input
+                                             (rank_accuracy, opt-in: the top set ranked at an earlier epoch)
   3 extract_trigger                          mask = Otsu(gradient mask x (1 - variance)), pattern = masked mean
   4 pattern_asr + choose_triggers            ASR check (>= 0.33; a mask over 5% of the image needs >= 0.9, ours)
                                              and one pattern per class (0.6 (1 - train acc) + 0.4 ASR)
@@ -45,6 +46,15 @@ class VbdParams:
     poison_train_fraction: float = param(0.8, "official code: pois_train_perc (the other 20% is the detection split)")
     poison_epochs: int = param(20, "official code: pois_max_epochs, last epoch kept, no augmentation")
     top_n: int = param(20, "official code: max_instances_for_variance")
+    rank_accuracy: float | None = param(None, "official code: the top set is ranked by the last epoch's "
+                                        "probabilities. "
+                                        "A value (ours, opt-in) ranks it by each simple model's probabilities "
+                                        "after the first epoch whose detection-split accuracy reaches it (the "
+                                        "paper's premise: a model that has learned the trigger but still "
+                                        "underperforms on clean data). Tried at 0.8 for the all-to-all miss: F1 "
+                                        "0 -> 29% on one of three a2a development sets, the others unchanged, then "
+                                        "19 -> 36% on BadNets a2a square but 47 -> 34% on grid: not the default "
+                                        "(RESULTS.md, VBD all-to-all)")
     min_top_n: int = param(5, "official code: min_instances_for_variance")
     ks_alpha: float = param(0.01, "official code: pois_class_detect_alpha_thr (paper: 99% confidence)")
     pattern_min_asr: float = param(0.33, "official code: pattern_min_asr")
@@ -89,6 +99,8 @@ class VbdParams:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if self.rank_accuracy is not None and not 0 < self.rank_accuracy <= 1:
+            raise InputError(f"rank_accuracy must be None or in (0, 1], got {self.rank_accuracy}")
         if self.min_top_n > self.top_n or self.min_top_n < 2:
             raise InputError(f"min_top_n must be in [2, top_n={self.top_n}], got {self.min_top_n}")
         if self.large_mask_fraction is not None and not 0 < self.large_mask_fraction < 1:
@@ -104,6 +116,10 @@ class PoisonModel:
     arch: str
     model: nn.Module
     train_accuracy: float
+    # Stage 2's ranking: detection-split probabilities after `rank_epoch` (1-based; None: the last epoch's).
+    rank_probabilities: np.ndarray | None = field(default=None, repr=False)
+    rank_epoch: int | None = None
+    rank_split_accuracy: float | None = None
 
 
 @dataclass
@@ -203,9 +219,12 @@ def predict_probabilities(model: nn.Module, inputs: Inputs, index: np.ndarray, b
 
 
 def train_poison_models(archs, inputs: Inputs, y: np.ndarray, index: np.ndarray, *, num_classes: int,
-                        params: VbdParams, progress: bool = False) -> list[PoisonModel]:
+                        params: VbdParams, detect_index: np.ndarray | None = None,
+                        progress: bool = False) -> list[PoisonModel]:
     """Stage 1: every simple model trained on the same shuffled batches, so each batch is prepared once.
-    Batch 256 with drop_last, cross-entropy, constant lr, no augmentation, last epoch kept (official)."""
+    Batch 256 with drop_last, cross-entropy, constant lr, no augmentation, last epoch kept (official).
+    With `detect_index` and `params.rank_accuracy`, each model's detection-split probabilities are also kept
+    from the first epoch at which its accuracy there reaches rank_accuracy (stage 2 ranks by them)."""
     _, height, width, channels = inputs.x.shape
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(params.seed)
@@ -218,11 +237,13 @@ def train_poison_models(archs, inputs: Inputs, y: np.ndarray, index: np.ndarray,
     if n_batches == 0:
         raise InputError(f"VBD needs at least train_batch_size={params.train_batch_size} training samples in its "
                          f"{params.poison_train_fraction:.0%} split, got {len(index)}")
-    for model in models:
-        model.train()
+    watch = detect_index is not None and params.rank_accuracy is not None and len(detect_index) > 0
+    ranked: list[tuple[int, np.ndarray, float] | None] = [None] * len(models)
     with tqdm(total=params.poison_epochs * n_batches, desc="vbd: simple models", disable=not progress,
               unit="batch") as bar:
-        for _ in range(params.poison_epochs):
+        for epoch in range(params.poison_epochs):
+            for model in models:
+                model.train()
             order = index[torch.randperm(len(index), generator=generator).numpy()]
             for b in range(n_batches):
                 batch = order[b * params.train_batch_size:(b + 1) * params.train_batch_size]
@@ -233,12 +254,21 @@ def train_poison_models(archs, inputs: Inputs, y: np.ndarray, index: np.ndarray,
                     loss.backward()
                     optimiser.step()
                 bar.update()
+            if watch and epoch + 1 < params.poison_epochs:  # the last epoch is the official ranking anyway
+                for m, model in enumerate(models):
+                    if ranked[m] is None:
+                        probabilities = predict_probabilities(model, inputs, detect_index)
+                        accuracy = float((probabilities.argmax(1) == y[detect_index]).mean())
+                        if accuracy >= params.rank_accuracy:
+                            ranked[m] = (epoch + 1, probabilities, accuracy)
     trained = []
-    for arch, model in zip(archs, models):
+    for arch, model, rank in zip(archs, models, ranked):
         # Every later stage only evaluates the model and its input gradients: BN folded in is cheaper.
         inference = model.eval().folded().to(memory_format=torch.channels_last)
         predicted = predict_probabilities(inference, inputs, index).argmax(1)
         trained.append(PoisonModel(arch, inference, float((predicted == y[index]).mean())))
+        if rank is not None:
+            trained[-1].rank_epoch, trained[-1].rank_probabilities, trained[-1].rank_split_accuracy = rank
     return trained
 
 
@@ -266,17 +296,20 @@ def batched_gradients(model: nn.Module, inputs: Inputs, index: np.ndarray, label
 
 
 def test_class(model: nn.Module, model_index: int, inputs: Inputs, y: np.ndarray, detect_index: np.ndarray,
-               probabilities: np.ndarray, label: int, params: VbdParams) -> ClassTest:
+               probabilities: np.ndarray, label: int, params: VbdParams,
+               rank_probabilities: np.ndarray | None = None) -> ClassTest:
     """Stage 2 for one class: the most confident `top_n` samples labelled and predicted `label` against
-    the `top_n` least confident others of that label, compared on the input the top set relies on most."""
+    the `top_n` least confident others of that label, compared on the input the top set relies on most.
+    `rank_probabilities` (an earlier epoch's, same rows as `probabilities`) rank the top set when given."""
     in_class = y[detect_index] == label
     members, p = detect_index[in_class], probabilities[in_class]
+    rank = p if rank_probabilities is None else rank_probabilities[in_class]
     predicted = p.argmax(1) == label
     confident = np.flatnonzero(predicted)
     n_top = min(params.top_n, len(confident))
     if n_top < params.min_top_n:
         return ClassTest(model_index, label, n_top, 0, None)
-    top_local = confident[np.argsort(-p[confident, label], kind="stable")[:n_top]]
+    top_local = confident[np.argsort(-rank[confident, label], kind="stable")[:n_top]]
     rest = np.setdiff1d(np.arange(len(members)), top_local)
     low_local = rest[np.argsort(p[rest, label], kind="stable")[:params.top_n]]
     gradients = batched_gradients(model, inputs, members[np.concatenate([top_local, low_local])], label).numpy()
@@ -448,7 +481,7 @@ class Vbd(Detector):
         t0 = time.perf_counter()
         train_index, detect_index = stratified_split(y, params.poison_train_fraction, rng)
         self.models_ = train_poison_models(params.poison_archs, inputs, y, train_index, num_classes=num_classes,
-                                           params=params, progress=progress)
+                                           params=params, detect_index=detect_index, progress=progress)
         timings["simple_models"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -456,7 +489,8 @@ class Vbd(Detector):
         for m, poison in enumerate(self.models_):
             probabilities = predict_probabilities(poison.model, inputs, detect_index)
             for label in range(num_classes):
-                test = test_class(poison.model, m, inputs, y, detect_index, probabilities, label, params)
+                test = test_class(poison.model, m, inputs, y, detect_index, probabilities, label, params,
+                                  poison.rank_probabilities)
                 self.tests_.append(test)
                 if not test.poisoned(params.ks_alpha):
                     continue
@@ -496,7 +530,8 @@ class Vbd(Detector):
         detected = [label for label, t in self.triggers_.items() if t.detector_kept]
         diagnostics = {
             "poisoned_classes": detected,
-            "models": [{"arch": p.arch, "train_accuracy": p.train_accuracy} for p in self.models_],
+            "models": [{"arch": p.arch, "train_accuracy": p.train_accuracy, "rank_epoch": p.rank_epoch,
+                        "rank_split_accuracy": p.rank_split_accuracy} for p in self.models_],
             "class_tests": [t.summary() for t in self.tests_],
             "candidates": [{**c.summary(), "passed": passes_check(c, params)} for c in self.candidates_],
             "triggers": [t.summary(arrays=True) for t in self.triggers_.values()],
