@@ -63,7 +63,9 @@ VARIANTS = {
     "seeds5-p80": dict(n_seeds=5, island_purity=0.8),
     "seeds5-base0-p80": dict(n_seeds=5, random_state=0, island_purity=0.8),
     "seeds5-base1-p80": dict(n_seeds=5, random_state=1, island_purity=0.8),
-    # The defaults without the neighbours' recovery: the flags of the seeds' majority alone.
+    # Session 12's two rules one at a time: "session11" = every run votes, no neighbours' recovery (the defaults
+    # before); "norecover" = runs that flag nothing abstain, no recovery; "default" = both.
+    "session11": dict(abstain=False, recover_neighbors=None),
     "norecover": dict(recover_neighbors=None),
 }
 

@@ -46,6 +46,20 @@ def test_a_sample_is_flagged_when_most_runs_flag_it():
     assert seed_majority(even)[0].tolist() == [True, False]  # a tie is not a majority
 
 
+def test_runs_that_flag_nothing_abstain_and_two_flagging_runs_must_agree():
+    found, nothing = run_of([1, 1, 1, 0, 0]), run_of([0, 0, 0, 0, 0])
+    # Two of five runs find the same cluster, three find no stable split: the two decide.
+    flags, votes, chosen = seed_majority([found, nothing, nothing, found, nothing])
+    assert flags.tolist() == [True, True, True, False, False] and chosen == 0
+    # Every run voting (the earlier rule), the three that found nothing outvote them.
+    assert not seed_majority([found, nothing, nothing, found, nothing], abstain=False)[0].any()
+    # One flagging run is not enough, nor two that disagree.
+    assert not seed_majority([found, nothing, nothing])[0].any()
+    assert not seed_majority([found, run_of([0, 0, 0, 1, 1]), nothing])[0].any()
+    # A single run is its own majority.
+    assert seed_majority([found])[0].tolist() == [True, True, True, False, False]
+
+
 def test_the_reported_run_is_one_that_found_the_flagged_samples():
     # The run that flagged nothing is as close to the majority as the third run (one sample each); the
     # reported subspace and embedding must be where the flagged samples were found.
@@ -94,7 +108,8 @@ def test_a_minority_of_runs_flagging_is_reported_and_flags_nothing(monkeypatch):
     monkeypatch.setattr(flare_module, "fit_once", lambda *a, **k: run_of(next(outcomes), embedding=True))
     detection = Flare(n_seeds=3).fit(features, SLICES, y=labels)
     assert detection.n_flagged == 0
-    assert "1 of 3 UMAP seeds flagged samples, none of them in a majority" in detection.diagnostics["explanation"]
+    assert ("1 of 3 UMAP seeds flagged samples, none of them in a majority of the runs that flagged (at least two "
+            "must agree)") in detection.diagnostics["explanation"]
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])

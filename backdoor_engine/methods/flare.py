@@ -75,6 +75,10 @@ class FlareParams:
     n_seeds: int = param(5, "ours: a per-sample majority of five UMAP seeds; one seed's flags differed from the "
                          "others' on 6 of 10 development models (Blend a2a missed), the majority's did not under three "
                          "base seeds (RESULTS.md, issue 17); 1 = the official code's single embedding")
+    # At low poisoning rates some runs find no stable split at all while the others flag the same cluster: with
+    # every run voting, Blend at 1% was found under one base seed of three (RESULTS.md, issue 17, low rates).
+    abstain: bool = param(True, "ours: a run that flags nothing abstains; a sample is flagged by a majority of the "
+                          "runs that flagged, at least two of them (False: a majority of all runs)")
     # A searched subspace can leave part of the poison inside the clean cluster (Blend at 3%: 12% of it, where the
     # all-layers embedding of the same run had it beside the rest); the neighbours there bring it back.
     recover_neighbors: int | None = param(15, "ours: an unflagged sample is also flagged when, averaged over the "
@@ -419,12 +423,17 @@ def ensemble_seeds(random_state: int | None, n_seeds: int) -> list:
     return [random_state] + [int(s) for s in np.random.SeedSequence(random_state).generate_state(n_seeds - 1)]
 
 
-def seed_majority(runs: list[FlareRun]) -> tuple[np.ndarray, np.ndarray, int]:
+def seed_majority(runs: list[FlareRun], abstain: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-sample majority over the runs: (flags, votes, index of the run closest to the majority, the
-    first on ties, so the base seed's run when it agrees). When the majority flags samples the closest
-    run is one that flagged some: its subspace and embedding are where the flagged samples were found."""
+    first on ties, so the base seed's run when it agrees). With `abstain`, a run that flagged nothing does not
+    vote: a sample is flagged when more than half of the runs that flagged anything flag it, and at least two
+    runs must have flagged (one when there is one run). When the majority flags samples the closest run is one
+    that flagged some: its subspace and embedding are where the flagged samples were found."""
     votes = np.sum([run.flags for run in runs], axis=0)
-    flags = 2 * votes > len(runs)
+    voters = sum(bool(run.flags.any()) for run in runs) if abstain else len(runs)
+    flags = 2 * votes > voters
+    if abstain and voters < min(2, len(runs)):
+        flags = np.zeros_like(flags)
     candidates = [i for i, run in enumerate(runs) if run.flags.any() or not flags.any()]
     return flags, votes, min(candidates, key=lambda i: int((runs[i].flags != flags).sum()))
 
@@ -479,7 +488,7 @@ class Flare:
             if stage is not None and len(seeds) > 1:
                 stage("run", (k + 1, len(seeds), seed))
             runs.append(fit_once(features, layout, y, self.params, seed, progress=progress, stage=stage))
-        flags, votes, chosen = seed_majority(runs)
+        flags, votes, chosen = seed_majority(runs, self.params.abstain)
         run = runs[chosen]
         diagnostics = dict(run.diagnostics)
         recovered = np.zeros(len(flags), bool)
@@ -496,9 +505,10 @@ class Flare:
             diagnostics["representative_run"] = chosen
             diagnostics["votes_histogram"] = np.bincount(votes, minlength=len(runs) + 1).tolist()
             if not flags.any() and votes.any():
+                among = "the runs that flagged (at least two must agree)" if self.params.abstain else "the runs"
                 diagnostics["explanation"] = (f"{sum(bool(r.flags.any()) for r in runs)} of "
                                               f"{len(runs)} UMAP seeds flagged samples, none of them in a majority "
-                                              "of the runs; nothing flagged")
+                                              f"of {among}; nothing flagged")
             elif flags.any():
                 diagnostics.pop("explanation", None)
         self.runs_, self.votes_ = runs, votes
