@@ -119,4 +119,7 @@ def test_several_seeds_on_a_sample_assign_the_rest_by_the_majoritys_flags_and_sa
     assert len(sampled.flare_.runs_) == 3
     assert (detection.flags == truth).mean() >= 0.99
     notes = sampled.report(detection, None, None).notes
-    assert any("FLARE ran under 3 UMAP seeds" in note for note in notes)
+    assert any("FLARE ran under 3 UMAP seeds" in note and "a run that flags nothing abstains" in note
+               for note in notes)
+    recovered = detection.diagnostics.get("recovered_by_neighbours", 0)
+    assert any(f"{recovered:,} more samples were flagged" in note for note in notes) == (recovered > 0)

@@ -196,10 +196,17 @@ class SampledFlare(Detector):
         runs = detection.diagnostics.get("seed_runs")
         if runs:
             parts.notes.append(
-                f"FLARE ran under {len(runs)} UMAP seeds and flagged the samples most runs flagged; the runs "
-                "flagged " + ", ".join(f"{r['n_flagged']:,}" for r in runs) + " samples (random_state "
+                f"FLARE ran under {len(runs)} UMAP seeds and flagged the samples most "
+                + ("of the runs that flagged anything flagged (a run that flags nothing abstains)"
+                   if detection.params.get("abstain") else "runs flagged") + "; the runs flagged "
+                + ", ".join(f"{r['n_flagged']:,}" for r in runs) + " samples (random_state "
                 + ", ".join(str(r["random_state"]) for r in runs) + "); the figures show the run closest to "
                 "the majority")
+        recovered = detection.diagnostics.get("recovered_by_neighbours", 0)
+        if recovered:
+            parts.notes.append(f"{recovered:,} more samples were flagged because most of their "
+                               f"{detection.params.get('recover_neighbors')} nearest neighbours in the runs' "
+                               "all-layers embeddings were flagged (recover_neighbors)")
         if "explanation" in detection.diagnostics:
             parts.notes.append(detection.diagnostics["explanation"])
         if out_dir is None:
