@@ -1,7 +1,7 @@
 """FLARE (TIFS 2025): cluster BN-aligned activation minima, find the stable subspace, flag the rest.
 
 Stages, each a plain function composed by `Flare` (fit_once runs them under one UMAP seed; with n_seeds > 1
-seed_majority flags what most runs flag):
+seed_majority flags what most of the runs that flagged anything flag):
   subspace_matrix      columns of the first L - k BN layers (per channel or per layer), sliced, never re-extracted
   search_subspace      the paper's loop: k = 0, 1, 2, ... until the condensed tree shows a large drop
   stability_split      paper Sec. IV-C3: split at the root, the more stable cluster is poisoned, unless it is
