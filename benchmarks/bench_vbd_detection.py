@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from backdoor_engine.cli import _parse_param
 from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.attacks.badnets import class_slot_origin, patch_origin
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
@@ -142,7 +143,7 @@ def main():
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a VBD parameter (JSON value), e.g. rank_accuracy=0.8; rows of other parameters stay apart")
     args = p.parse_args()
-    args.params = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.param)}
+    args.params = dict(_parse_param(item) for item in args.param)
 
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []

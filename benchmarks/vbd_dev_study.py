@@ -11,12 +11,12 @@ classes found: how a candidate rule was judged on these sets before the benchmar
 """
 
 import argparse
-
 import json
 import time
 
 import numpy as np
 
+from backdoor_engine.cli import _parse_param
 from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.detection import detection_metrics
@@ -67,4 +67,4 @@ if __name__ == "__main__":
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    main(args.cases, args.full, {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.param)})
+    main(args.cases, args.full, dict(_parse_param(item) for item in args.param))

@@ -525,7 +525,8 @@ class Flare:
         if len(runs) > 1:
             # The share of runs that flagged the sample first (an embedding where the poison did not split off
             # ranks it anywhere); among equal shares, the farther from the clean samples' centre ranks higher.
-            # A sample recovered by its neighbours counts as the smallest majority, so flagged samples rank first.
+            # A sample recovered by its neighbours counts as a majority of all the runs, more votes than any
+            # unflagged sample has, so flagged samples rank first.
             counted = np.where(recovered, len(runs) // 2 + 1, votes)
             scores = (counted + scores / (1.0 + scores)) / (len(runs) + 1.0)
         return Detection(self.name, flags, params=asdict(self.params), scores=scores, clusters=labels,

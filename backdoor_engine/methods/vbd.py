@@ -238,7 +238,7 @@ def train_poison_models(archs, inputs: Inputs, y: np.ndarray, index: np.ndarray,
         raise InputError(f"VBD needs at least train_batch_size={params.train_batch_size} training samples in its "
                          f"{params.poison_train_fraction:.0%} split, got {len(index)}")
     watch = detect_index is not None and params.rank_accuracy is not None and len(detect_index) > 0
-    ranked: list[tuple[int, np.ndarray, float] | None] = [None] * len(models)
+    ranked: list[dict] = [{} for _ in models]  # PoisonModel's rank_* fields, once a model reaches rank_accuracy
     with tqdm(total=params.poison_epochs * n_batches, desc="vbd: simple models", disable=not progress,
               unit="batch") as bar:
         for epoch in range(params.poison_epochs):
@@ -256,19 +256,18 @@ def train_poison_models(archs, inputs: Inputs, y: np.ndarray, index: np.ndarray,
                 bar.update()
             if watch and epoch + 1 < params.poison_epochs:  # the last epoch is the official ranking anyway
                 for m, model in enumerate(models):
-                    if ranked[m] is None:
+                    if not ranked[m]:
                         probabilities = predict_probabilities(model, inputs, detect_index)
                         accuracy = float((probabilities.argmax(1) == y[detect_index]).mean())
                         if accuracy >= params.rank_accuracy:
-                            ranked[m] = (epoch + 1, probabilities, accuracy)
+                            ranked[m] = dict(rank_probabilities=probabilities, rank_epoch=epoch + 1,
+                                             rank_split_accuracy=accuracy)
     trained = []
     for arch, model, rank in zip(archs, models, ranked):
         # Every later stage only evaluates the model and its input gradients: BN folded in is cheaper.
         inference = model.eval().folded().to(memory_format=torch.channels_last)
         predicted = predict_probabilities(inference, inputs, index).argmax(1)
-        trained.append(PoisonModel(arch, inference, float((predicted == y[index]).mean())))
-        if rank is not None:
-            trained[-1].rank_epoch, trained[-1].rank_probabilities, trained[-1].rank_split_accuracy = rank
+        trained.append(PoisonModel(arch, inference, float((predicted == y[index]).mean()), **rank))
     return trained
 
 
