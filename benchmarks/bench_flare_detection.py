@@ -67,6 +67,12 @@ VARIANTS = {
     # before); "norecover" = runs that flag nothing abstain, no recovery; "default" = both.
     "session11": dict(abstain=False, recover_neighbors=None),
     "norecover": dict(recover_neighbors=None),
+    # Session 13's two rules: "session12" = neither (the defaults before); "islands1" = only the off-label members
+    # dropped (a benign island must still be one label); "keepoff" = only few-label islands (the whole flagged
+    # cluster kept); "default" = both.
+    "session12": dict(island_labels=1, drop_off_label=False),
+    "islands1": dict(island_labels=1),
+    "keepoff": dict(drop_off_label=False),
 }
 
 
@@ -98,13 +104,18 @@ def share_embeddings_between_variants(keep: str | None = None):
     cluster.umap = umap
 
 
-def scanned_set(meta: dict, seed: int):
-    """The training set the checkpoint saw: the same subset and the same poisoning."""
+def scanned_subset(meta: dict, seed: int):
+    """The clean Fashion-MNIST training images the checkpoint's training set was drawn from (its subset)."""
     train = load_fashion_mnist("train")
     size = meta.get("train_size") or meta.get("train", {}).get("n_samples") or len(train)
     if size < len(train):
-        index = np.sort(np.random.default_rng(seed).choice(len(train), size, replace=False))
-        train = train.subset(index)
+        train = train.subset(np.sort(np.random.default_rng(seed).choice(len(train), size, replace=False)))
+    return train
+
+
+def scanned_set(meta: dict, seed: int):
+    """The training set the checkpoint saw: the same subset and the same poisoning."""
+    train = scanned_subset(meta, seed)
     if not isinstance(meta.get("attack"), dict):
         return train, ("clean", "-")
     spec = harness.PoisonSpec.from_dict(meta["attack"])
@@ -124,6 +135,9 @@ def run(args):
         model, meta = load_checkpoint(model_path)
         dataset, case = scanned_set(meta, args.seed)
         truth = dataset.poison if dataset.poison is not None else np.zeros(len(dataset), np.int64)
+        # All-to-one poison drawn from the target class keeps its label (about a tenth of it): how much of the
+        # poison whose label the attack changed was found, beside the TPR over all of it.
+        relabelled = truth.astype(bool) & (dataset.y != scanned_subset(meta, args.seed).y)
         t0 = time.perf_counter()
         features = extract_features(model, dataset, meta["normalisation"], progress=False,
                                     store=Path(args.cache) / Path(model_path).stem)
@@ -142,6 +156,8 @@ def run(args):
                    "n": len(dataset), "n_poison": int(truth.sum()), "reduce": args.reduce,
                    "asr": meta.get("eval", {}).get("asr"), "ba": meta.get("eval", {}).get("ba"),
                    "tpr": metrics["tpr"], "fpr": metrics["fpr"], "n_flagged": detection.n_flagged,
+                   "n_relabelled": int(relabelled.sum()),
+                   "tpr_relabelled": float(detection.flags[relabelled].mean()) if relabelled.any() else None,
                    "flags_digest": hashlib.blake2b(np.flatnonzero(detection.flags).tobytes(),
                                                    digest_size=8).hexdigest(),
                    "paper_tpr_fpr": PAPER_TABLE_I.get(case),

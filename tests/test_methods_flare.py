@@ -11,6 +11,7 @@ from backdoor_engine.methods.flare import (
     assign_noise_to_nearest,
     class_makeup,
     flags_from_clusters,
+    off_label_members,
     label_excess,
     stability_split,
     subspace_matrix,
@@ -205,6 +206,20 @@ def test_pca_and_exact_knn_options_find_the_planted_cluster_too():
     assert (detection.flags == truth).mean() >= 0.99
 
 
+def test_clean_samples_of_other_labels_inside_an_all_to_one_cluster_are_left_unflagged():
+    features, truth, labels = planted()
+    inside = np.flatnonzero(truth)[:12]  # twelve rows of the poison blob carry labels 1-3: clean look-alikes
+    labels = labels.copy()
+    labels[inside] = np.arange(12) % 3 + 1
+    truth = truth.copy()
+    truth[inside] = False
+    detection = Flare(n_seeds=1, max_dropped_layers=0, recover_neighbors=None).fit(features, SLICES, y=labels)
+    assert not detection.flags[inside].any() and detection.flags[truth].all()
+    assert detection.diagnostics["off_label_unflagged"] == 12
+    whole = Flare(n_seeds=1, max_dropped_layers=0, recover_neighbors=None, drop_off_label=False)
+    assert whole.fit(features, SLICES, y=labels).flags[inside].all()
+
+
 def test_a_one_label_part_of_a_class_is_benign_unless_its_label_is_inflated():
     y = np.repeat(np.arange(4), 100)  # balanced: no label inflated
     makeup = class_makeup(y, np.arange(30), np.arange(400), label_excess(y), class_coverage=0.5)
@@ -224,3 +239,48 @@ def test_how_pure_a_benign_island_must_be_is_a_parameter():
     assert default["benign_class_split"] and default["one_benign_class"]
     with pytest.raises(InputError, match="island_purity"):
         Flare(island_purity=0.4)
+
+
+def test_a_few_label_island_is_benign_but_poison_spread_over_every_label_or_relabelled_into_one_is_not():
+    y = np.repeat(np.arange(10), 100)  # ten balanced classes: no label inflated
+    within, excess = np.arange(1000), label_excess(y)
+    # half of classes 2 and 4 and a tenth of 6 (the pullover / coat / shirt island of LF's scan)
+    island = np.r_[np.arange(200, 250), np.arange(400, 445), np.arange(600, 610)]
+    makeup = class_makeup(y, island, within, excess, class_coverage=0.5, island_labels=3)
+    assert makeup["class_share"] < 0.5 and makeup["few_label_share"] == 1.0
+    assert makeup["benign_class_split"] and not makeup["one_benign_class"]
+    assert not class_makeup(y, island, within, excess, class_coverage=0.5, island_labels=1)["benign_class_split"]
+    spread = np.arange(0, 1000, 10)  # ten of every class: all-to-all poison's make-up
+    assert not class_makeup(y, spread, within, excess, class_coverage=0.5, island_labels=3)["benign_class_split"]
+    # 85 relabelled into class 0 alone, or beside 45 of class 1 (Adaptive-Blend's partial cluster): the
+    # all-to-one footprint, flagged; beside 90 of class 1 (poison and most of a benign class in one cluster,
+    # Trojan's root split) a class split at its level, which the walk divides next
+    inflated = np.r_[y, np.zeros(85, int)]
+    relabelled, within, excess = np.arange(1000, 1085), np.arange(1085), label_excess(inflated)
+    for benign, flagged in (([], True), (np.arange(100, 145), True), (np.arange(100, 190), False)):
+        cluster = np.r_[relabelled, benign].astype(int)
+        makeup = class_makeup(inflated, cluster, within, excess, 0.5, island_labels=3)
+        assert makeup["benign_class_split"] is not flagged
+    # with only five classes a few labels are most of them: the rule falls back to one label
+    y5 = np.repeat(np.arange(5), 100)
+    two = np.r_[np.arange(0, 45), np.arange(100, 145)]
+    assert not class_makeup(y5, two, np.arange(500), label_excess(y5), 0.5, island_labels=3)["benign_class_split"]
+    with pytest.raises(InputError, match="island_labels"):
+        Flare(island_labels=0)
+
+
+def test_off_label_members_of_an_all_to_one_flagged_cluster_are_unflagged_and_nothing_else_is():
+    y = np.r_[np.repeat(np.arange(10), 100), np.zeros(90, int)]  # 90 relabelled into class 0
+    flags = np.zeros(len(y), bool)
+    flags[1000:] = True
+    flags[[200, 201, 805]] = True  # three clean samples of labels 2 and 8 beside the poison
+    flags[[3, 4]] = True  # two clean class-0 samples: same label, indistinguishable here, kept
+    off = off_label_members(flags, y)
+    assert np.flatnonzero(off).tolist() == [200, 201, 805]
+    spread = np.zeros(len(y), bool)
+    spread[::10] = True  # every label: all-to-all make-up, nothing dropped
+    assert not off_label_members(spread, y).any()
+    island = np.zeros(len(y), bool)
+    island[np.r_[300:390, 400:405]] = True  # one label that is not inflated: nothing dropped
+    assert not off_label_members(island, y).any()
+    assert not off_label_members(np.zeros(len(y), bool), y).any()

@@ -123,3 +123,5 @@ def test_several_seeds_on_a_sample_assign_the_rest_by_the_majoritys_flags_and_sa
                for note in notes)
     recovered = detection.diagnostics.get("recovered_by_neighbours", 0)
     assert any(f"{recovered:,} more samples were flagged" in note for note in notes) == (recovered > 0)
+    off_label = detection.diagnostics.get("off_label_unflagged", 0)
+    assert any(f"its {off_label:,} members with another label" in note for note in notes) == (off_label > 0)

@@ -202,6 +202,11 @@ class SampledFlare(Detector):
                 + ", ".join(f"{r['n_flagged']:,}" for r in runs) + " samples (random_state "
                 + ", ".join(str(r["random_state"]) for r in runs) + "); the figures show the run closest to "
                 "the majority")
+        off_label = detection.diagnostics.get("off_label_unflagged", 0)
+        if off_label:
+            parts.notes.append(f"the flagged cluster was essentially one inflated label (all-to-one relabelling); "
+                               f"its {off_label:,} members with another label were left unflagged (drop_off_label; "
+                               "figures' run)")
         recovered = detection.diagnostics.get("recovered_by_neighbours", 0)
         if recovered:
             parts.notes.append(f"{recovered:,} more samples were flagged because most of their "
