@@ -204,9 +204,9 @@ class SampledFlare(Detector):
                 "the majority")
         off_label = detection.diagnostics.get("off_label_unflagged", 0)
         if off_label:
-            parts.notes.append(f"the flagged cluster was essentially one inflated label (all-to-one relabelling); "
-                               f"its {off_label:,} members with another label were left unflagged (drop_off_label; "
-                               "figures' run)")
+            parts.notes.append(f"in the run the figures show, the flagged cluster was essentially one inflated label "
+                               f"(all-to-one relabelling) and its {off_label:,} members with another label were left "
+                               "unflagged (drop_off_label)")
         recovered = detection.diagnostics.get("recovered_by_neighbours", 0)
         if recovered:
             parts.notes.append(f"{recovered:,} more samples were flagged because most of their "
