@@ -40,6 +40,9 @@ PAPER_TABLE_I = {
     ("wanet", "a2a"): (95.76, 0.00),
     ("badnets", "ut"): (100.00, 0.00), ("blend", "ut"): (99.44, 0.03), ("trojan", "ut"): (100.00, 0.00),
     ("wanet", "ut"): (80.52, 0.10),
+    ("iad", "a2o"): (100.00, 0.00), ("issba", "a2o"): (99.98, 0.01), ("siba", "a2o"): (100.00, 0.00),
+    ("iad", "a2a"): (99.98, 0.00), ("issba", "a2a"): (99.70, 0.27), ("siba", "a2a"): (99.74, 0.00),
+    ("iad", "ut"): (99.44, 0.03), ("issba", "ut"): (98.56, 0.01), ("siba", "ut"): (97.94, 0.00),
 }
 
 # Labelling variants compared on the same features (DESIGN section 4 asks for each).
