@@ -118,7 +118,11 @@ def scanned_subset(meta: dict, seed: int):
 
 def scanned_set(meta: dict, seed: int):
     """The training set the checkpoint saw: the same subset and the same poisoning."""
-    train = scanned_subset(meta, seed)
+    return poisoned_as_recorded(scanned_subset(meta, seed), meta)
+
+
+def poisoned_as_recorded(train, meta: dict):
+    """`train` poisoned as the checkpoint's attack record says, and (attack, mode); clean when it has none."""
     if not isinstance(meta.get("attack"), dict):
         return train, ("clean", "-")
     spec = harness.PoisonSpec.from_dict(meta["attack"])
@@ -136,11 +140,12 @@ def run(args):
         if not todo:
             continue
         model, meta = load_checkpoint(model_path)
-        dataset, case = scanned_set(meta, args.seed)
+        source = scanned_subset(meta, args.seed)
+        dataset, case = poisoned_as_recorded(source, meta)
         truth = dataset.poison if dataset.poison is not None else np.zeros(len(dataset), np.int64)
         # All-to-one poison drawn from the target class keeps its label (about a tenth of it): how much of the
         # poison whose label the attack changed was found, beside the TPR over all of it.
-        relabelled = truth.astype(bool) & (dataset.y != scanned_subset(meta, args.seed).y)
+        relabelled = truth.astype(bool) & (dataset.y != source.y)
         t0 = time.perf_counter()
         features = extract_features(model, dataset, meta["normalisation"], progress=False,
                                     store=Path(args.cache) / Path(model_path).stem)

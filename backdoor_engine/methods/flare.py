@@ -322,17 +322,13 @@ def stability_split(tree, y: np.ndarray | None, levels: int, class_coverage: flo
 
 def off_label_members(flags: np.ndarray, y: np.ndarray, island_purity: float = FlareParams.island_purity
                       ) -> np.ndarray:
-    """The flagged samples to unflag: when what is flagged is essentially one label (>= island_purity) whose
-    excess over the median label count covers at least half of it (all-to-one relabelling, class_makeup),
+    """The flagged samples to unflag: when what is flagged is the all-to-one footprint (class_makeup's
+    "inflated": essentially one label, whose excess over the median label count covers at least half of it),
     its members with any other label; none otherwise (all-to-all, untargeted and clean-label flags)."""
-    off = np.zeros(len(flags), bool)
     if not flags.any():
-        return off
-    counts = np.bincount(y[flags], minlength=int(y.max()) + 1)
-    top = int(counts.argmax())
-    if counts[top] >= island_purity * flags.sum() and label_excess(y)[top] >= 0.5 * flags.sum():
-        off = flags & (y != top)
-    return off
+        return np.zeros(len(flags), bool)
+    makeup = class_makeup(y, np.flatnonzero(flags), np.arange(len(y)), label_excess(y), 1.0, island_purity)
+    return flags & (y != makeup["top_label"]) if makeup["inflated"] else np.zeros(len(flags), bool)
 
 
 def flat_labels(fit, split: StableSplit, min_cluster_size: int) -> np.ndarray:
