@@ -1,6 +1,8 @@
 """VBD on real Fashion-MNIST with a small budget (one simple model, few epochs): the poisoned class is
 found, the mask sits on the trigger, the poisoned samples are flagged; plus each stage's contract."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.errors import InputError
 from backdoor_engine.detection import detection_metrics
-from backdoor_engine.methods.vbd import (Inputs, Vbd, VbdParams, choose_triggers, mask_box, stratified_split,
+from backdoor_engine.methods.vbd import (Inputs, Vbd, VbdParams, choose_triggers, extract_trigger, mask_box,
+                                        stratified_split,
                                         test_class as vbd_test_class, train_poison_models)
 from backdoor_engine.models.preprocess import fit_normalisation
 
@@ -125,9 +128,7 @@ def test_bad_labels_are_named(poisoned):
 
 
 def test_the_top_set_is_ranked_after_the_first_epoch_that_reaches_rank_accuracy(poisoned, fitted):
-    assert fitted[0].models_[0].rank_epoch is None  # official by default: the last epoch ranks
-    vbd = Vbd(**SMALL, rank_accuracy=0.8)
-    detection = vbd.fit(poisoned.x, poisoned.y, num_classes=10)
+    vbd, detection = fitted  # rank_accuracy=0.8 by default (None, the official last epoch: the next test)
     (model,) = vbd.models_
     # The 10-epoch model reaches 80% on its detection split before its last epoch; the ranking is that epoch's.
     assert 1 <= model.rank_epoch < SMALL["poison_epochs"] and model.rank_split_accuracy >= 0.8
@@ -155,8 +156,44 @@ def test_watching_the_epochs_leaves_the_trained_models_unchanged(poisoned):
     watched = train_poison_models(("10-10P",), inputs, y, train, num_classes=10,
                                   params=VbdParams(**params, rank_accuracy=0.5), detect_index=detect)
     plain = train_poison_models(("10-10P",), inputs, y, train, num_classes=10,
-                                params=VbdParams(**params), detect_index=detect)
+                                params=VbdParams(**params, rank_accuracy=None), detect_index=detect)
     assert watched[0].rank_epoch is not None  # it did watch (and stopped watching once reached)
     assert plain[0].rank_epoch is None and plain[0].rank_probabilities is None
     for a, b in zip(watched[0].model.state_dict().values(), plain[0].model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_half_clean_top_set_yields_the_trigger_at_full_strength_from_its_carriers(poisoned, fitted):
+    """The all-to-all failure in miniature: the top set is half poisoned. The KS statistic marks the carriers,
+    and the pattern extracted from them is the white square itself, where the whole top set gives a grey one."""
+    vbd, _ = fitted
+    model = vbd.models_[0].model
+    inputs = Inputs(poisoned.x, fit_normalisation(poisoned.x))
+    detect = np.arange(len(poisoned.y))
+    in_class = np.flatnonzero(poisoned.y == 2)
+    bad, good = in_class[poisoned.poison[in_class] == 1][:10], in_class[poisoned.poison[in_class] == 0][:200]
+    # Rank: 10 poisoned and 10 clean on top (interleaved), the rest of the class below, clean samples lowest.
+    probabilities = np.full((len(detect), 10), 0.01)
+    probabilities[in_class, 2] = 0.5
+    probabilities[good[10:], 2] = 0.2
+    top = np.empty(20, int)
+    top[0::2], top[1::2] = bad, good[:10]
+    probabilities[top, 2] = np.linspace(0.99, 0.9, 20)
+    params = VbdParams(**SMALL, trigger_carriers=True)
+    test = vbd_test_class(model, 0, inputs, poisoned.y, detect, probabilities, 2, params)
+    assert set(test.top_index.tolist()) == set(top.tolist())
+    is_bad = poisoned.poison[test.top_index] == 1
+    assert test.carriers.sum() >= 8 and is_bad[test.carriers].mean() >= 0.9, (test.carriers, is_bad)
+    assert test.summary()["n_carriers"] == int(test.carriers.sum())
+    mask, _, carried = extract_trigger(test, inputs)
+    whole = extract_trigger(dataclasses.replace(test, carriers=None), inputs)[2]
+    square = np.zeros((28, 28), bool)
+    square[:3, :3] = True
+    on = square & mask.astype(bool)
+    assert on.sum() >= 6, mask_box(mask)
+    # The white (255) square: the carriers' mean is near white, the whole top set's near the half-way grey.
+    assert carried[on].mean() >= 220 and whole[on].mean() <= 180, (carried[on].mean(), whole[on].mean())
+    # Official (trigger_carriers=False): no carriers are marked and stage 3 uses the whole top set.
+    official = vbd_test_class(model, 0, inputs, poisoned.y, detect, probabilities, 2,
+                              VbdParams(**SMALL, trigger_carriers=False))
+    assert official.carriers is None and official.summary()["n_carriers"] is None
