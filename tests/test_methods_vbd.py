@@ -12,7 +12,7 @@ from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.errors import InputError
 from backdoor_engine.detection import detection_metrics
 from backdoor_engine.methods.vbd import (Inputs, Vbd, VbdParams, choose_triggers, extract_trigger, mask_box,
-                                        stratified_split,
+                                        predict_probabilities, stratified_split,
                                         test_class as vbd_test_class, train_poison_models)
 from backdoor_engine.models.preprocess import fit_normalisation
 
@@ -197,3 +197,21 @@ def test_a_half_clean_top_set_yields_the_trigger_at_full_strength_from_its_carri
     official = vbd_test_class(model, 0, inputs, poisoned.y, detect, probabilities, 2,
                               VbdParams(**SMALL, trigger_carriers=False))
     assert official.carriers is None and official.summary()["n_carriers"] is None
+
+
+def test_epoch_end_sees_every_epoch_and_leaves_the_models_unchanged(poisoned):
+    y = poisoned.y
+    inputs = Inputs(poisoned.x, fit_normalisation(poisoned.x))
+    train, detect = stratified_split(y, 0.8, np.random.default_rng(0))
+    params = VbdParams(poison_archs=("10-10P",), poison_epochs=2, rank_accuracy=None)
+    calls = []
+
+    def record(epoch, models):  # as the top-set study does: it evaluates the models (eval mode) every epoch
+        calls.append((epoch, len(models), predict_probabilities(models[0], inputs, detect).shape))
+
+    seen = train_poison_models(("10-10P",), inputs, y, train, num_classes=10, params=params, detect_index=detect,
+                               epoch_end=record)
+    plain = train_poison_models(("10-10P",), inputs, y, train, num_classes=10, params=params, detect_index=detect)
+    assert calls == [(1, 1, (len(detect), 10)), (2, 1, (len(detect), 10))]
+    for a, b in zip(seen[0].model.state_dict().values(), plain[0].model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

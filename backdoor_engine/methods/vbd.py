@@ -230,11 +230,13 @@ def predict_probabilities(model: nn.Module, inputs: Inputs, index: np.ndarray, b
 
 def train_poison_models(archs, inputs: Inputs, y: np.ndarray, index: np.ndarray, *, num_classes: int,
                         params: VbdParams, detect_index: np.ndarray | None = None,
-                        progress: bool = False) -> list[PoisonModel]:
+                        progress: bool = False, epoch_end=None) -> list[PoisonModel]:
     """Stage 1: every simple model trained on the same shuffled batches, so each batch is prepared once.
     Batch 256 with drop_last, cross-entropy, constant lr, no augmentation, last epoch kept (official).
     With `detect_index` and `params.rank_accuracy`, each model's detection-split probabilities are also kept
-    from the first epoch at which its accuracy there reaches rank_accuracy (stage 2 ranks by them)."""
+    from the first epoch at which its accuracy there reaches rank_accuracy (stage 2 ranks by them).
+    `epoch_end(epoch, models)`, when given, is called after each epoch (1-based) with the models being trained:
+    a study's view of every epoch (benchmarks/vbd_topset_study.py); it must not change them."""
     _, height, width, channels = inputs.x.shape
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(params.seed)
@@ -264,6 +266,8 @@ def train_poison_models(archs, inputs: Inputs, y: np.ndarray, index: np.ndarray,
                     loss.backward()
                     optimiser.step()
                 bar.update()
+            if epoch_end is not None:
+                epoch_end(epoch + 1, models)
             if watch and epoch + 1 < params.poison_epochs:  # the last epoch is the official ranking anyway
                 for m, model in enumerate(models):
                     if not ranked[m]:
