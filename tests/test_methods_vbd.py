@@ -215,3 +215,31 @@ def test_epoch_end_sees_every_epoch_and_leaves_the_models_unchanged(poisoned):
     assert calls == [(1, 1, (len(detect), 10)), (2, 1, (len(detect), 10))]
     for a, b in zip(seen[0].model.state_dict().values(), plain[0].model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_concentration_top_set_holds_the_poison_that_confidence_ranks_below_clean_samples(poisoned, fitted):
+    """The easy-class all-to-all failure in miniature: the class's confident clean samples outrank every poisoned
+    one, so the official top set is all clean; ranked by how concentrated each sample's margin gradient
+    is, the top set is the trigger's carriers."""
+    vbd, _ = fitted
+    model = vbd.models_[0].model
+    inputs = Inputs(poisoned.x, fit_normalisation(poisoned.x))
+    detect = np.arange(len(poisoned.y))
+    in_class = np.flatnonzero(poisoned.y == 2)
+    bad = in_class[poisoned.poison[in_class] == 1][:60]
+    good = in_class[poisoned.poison[in_class] == 0][:200]
+    keep = np.concatenate([bad, good])
+    probabilities = np.full((len(detect), 10), 0.01)
+    probabilities[np.arange(len(detect)), poisoned.y] = 0.9
+    probabilities[np.setdiff1d(in_class, keep), 2] = 0.01  # outside this planted class: not predicted as 2
+    probabilities[np.setdiff1d(in_class, keep), 3] = 0.9
+    probabilities[bad, 2] = 0.95
+    probabilities[good[:150], 2] = np.linspace(0.999, 0.96, 150)  # clean samples above every poisoned one ...
+    probabilities[good[150:], 2] = 0.3  # ... and the least confident (the low set) clean too
+    confidence = vbd_test_class(model, 0, inputs, poisoned.y, detect, probabilities, 2, VbdParams(**SMALL))
+    concentration = vbd_test_class(model, 0, inputs, poisoned.y, detect, probabilities, 2,
+                                   VbdParams(**SMALL, top_set="concentration"))
+    assert poisoned.poison[confidence.top_index].sum() == 0
+    assert poisoned.poison[concentration.top_index].mean() >= 0.8, poisoned.poison[concentration.top_index]
+    with pytest.raises(InputError, match="top_set"):
+        VbdParams(top_set="gradient")
