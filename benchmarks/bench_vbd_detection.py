@@ -86,11 +86,15 @@ def subset(dataset, size: int, seed: int):
     return dataset.subset(np.sort(np.random.default_rng(seed).choice(len(dataset), size, replace=False)))
 
 
+def case_spec(name: str, rate: float, target: int, seed: int) -> harness.PoisonSpec:
+    pattern, mode, position, alpha = CASES[name]
+    return harness.PoisonSpec(attack="badnets", mode=mode, rate=rate, target=target, seed=seed,
+                              params={"pattern": pattern, "position": position, "alpha": alpha})
+
+
 def run_case(name: str, train, args) -> dict:
     pattern, mode, position, alpha = CASES[name]
-    spec = harness.PoisonSpec(attack="badnets", mode=mode, rate=args.rate, target=args.target, seed=args.seed,
-                          params={"pattern": pattern, "position": position, "alpha": alpha})
-    poisoned, _ = harness.poison(train, spec)
+    poisoned, _ = harness.poison(train, case_spec(name, args.rate, args.target, args.seed))
     t0, cpu0 = time.perf_counter(), time.process_time()
     vbd = Vbd(seed=args.seed, **args.params)
     detection = vbd.fit(poisoned.x, poisoned.y, num_classes=10)

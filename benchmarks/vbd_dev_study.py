@@ -34,15 +34,23 @@ DEV = {
 }
 
 
-def main(names, full=False, params=None):
+def dev_train():
     train = load_fashion_mnist("train")
-    train = train.subset(np.sort(np.random.default_rng(1).choice(len(train), 10000, replace=False)))
+    return train.subset(np.sort(np.random.default_rng(1).choice(len(train), 10000, replace=False)))
+
+
+def dev_set(name: str, train):
+    """(dataset, poison mask) of development set `name` on `train` (dev_train())."""
+    if DEV[name] is None:
+        return train, np.zeros(len(train), bool)
+    data, _ = harness.poison(train, harness.PoisonSpec(attack="badnets", rate=0.1, seed=1, **DEV[name]))
+    return data, data.poison.astype(bool)
+
+
+def main(names, full=False, params=None):
+    train = dev_train()
     for name in names:
-        if DEV[name] is None:
-            data, poison = train, np.zeros(len(train), bool)
-        else:
-            data, _ = harness.poison(train, harness.PoisonSpec(attack="badnets", rate=0.1, seed=1, **DEV[name]))
-            poison = data.poison.astype(bool)
+        data, poison = dev_set(name, train)
         started = time.time()
         if full:
             detection = Vbd(seed=1, **(params or {})).fit(data.x, data.y, num_classes=10)

@@ -335,24 +335,25 @@ def test_class(model: nn.Module, model_index: int, inputs: Inputs, y: np.ndarray
     n_top = min(params.top_n, len(confident))
     if n_top < params.min_top_n:
         return ClassTest(model_index, label, n_top, 0, None)
-    if params.top_set == "concentration":
+    by_concentration = params.top_set == "concentration"
+    if by_concentration:
         # Each candidate's own margin gradient: a trigger of a few pixels puts most of its mass there.
         pool = batched_gradients(model, inputs, members[confident], label).numpy()
         mass = np.abs(pool).sum(axis=1).reshape(len(pool), -1)
         pixels = min(params.concentration_pixels, mass.shape[1])
         share = np.sort(mass, axis=1)[:, -pixels:].sum(axis=1) / np.maximum(mass.sum(axis=1), 1e-30)
         chosen = np.argsort(-share, kind="stable")[:n_top]
-        top_local, top_gradients = confident[chosen], pool[chosen]
+        top_local = confident[chosen]
     else:
         top_local = confident[np.argsort(-rank[confident, label], kind="stable")[:n_top]]
-        top_gradients = None
     rest = np.setdiff1d(np.arange(len(members)), top_local)
     low_local = rest[np.argsort(p[rest, label], kind="stable")[:params.top_n]]
-    if top_gradients is None:
+    if by_concentration:  # the top set's gradients are already computed
+        top_gradients = pool[chosen]
+        low_gradients = batched_gradients(model, inputs, members[low_local], label).numpy()
+    else:
         gradients = batched_gradients(model, inputs, members[np.concatenate([top_local, low_local])], label).numpy()
         top_gradients, low_gradients = gradients[:n_top], gradients[n_top:]
-    else:
-        low_gradients = batched_gradients(model, inputs, members[low_local], label).numpy()
     importance = np.abs(top_gradients.mean(axis=0))
     # Official: every (channel, row, col) where |mean gradient| is maximal (usually one); the paper's Eq. 7
     # averages over channels first. Statistic = max |gradient| over those inputs.
