@@ -8,6 +8,11 @@ classes reach stage 3, so more false candidates are seen; the detectors are irre
 
 `--full` runs the whole pipeline at its defaults instead (plus any `--param KEY=VALUE`) and prints F1 and the
 classes found: how a candidate rule was judged on these sets before the benchmark (the all-to-all study).
+
+HELDOUT (h*) sets were fixed before any rule was run on them, on a third 10k subset and seed, to judge a rule
+designed on the d* sets and the benchmark: they are for measuring, never for tuning.
+
+    python benchmarks/vbd_dev_study.py --full h1-clean h2-random-a2a --param top_set='"concentration"'
 """
 
 import argparse
@@ -32,35 +37,50 @@ DEV = {
     "d6-random-a2a": dict(mode="a2a", target=0, params=dict(pattern="random", position="per-class")),
     "d7-grid-a2a": dict(mode="a2a", target=0, params=dict(pattern="checkerboard", position="per-class")),
 }
+HELDOUT = {
+    "h1-clean": None,
+    "h2-random-a2a": dict(mode="a2a", target=0, params=dict(pattern="random", position="per-class")),
+    "h3-square-a2a": dict(mode="a2a", target=0, params=dict(pattern="square", position="per-class")),
+    "h4-grid-a2o-t3": dict(mode="a2o", target=3, params=dict(pattern="checkerboard", position=[20, 5])),
+    "h5-random-a0.2-t1": dict(mode="a2o", target=1, params=dict(pattern="random", position="top-right", alpha=0.2)),
+    "h6-square-t8-rate0.05": dict(mode="a2o", target=8, rate=0.05, params=dict(pattern="square", position=[8, 14])),
+}
 
 
-def dev_train():
+def set_seed(name: str) -> int:
+    """The subset and poisoning seed of set `name`: 1 for development sets, 2 for held-out ones."""
+    return 2 if name in HELDOUT else 1
+
+
+def dev_train(seed: int = 1):
     train = load_fashion_mnist("train")
-    return train.subset(np.sort(np.random.default_rng(1).choice(len(train), 10000, replace=False)))
+    return train.subset(np.sort(np.random.default_rng(seed).choice(len(train), 10000, replace=False)))
 
 
 def dev_set(name: str, train):
-    """(dataset, poison mask) of development set `name` on `train` (dev_train())."""
-    if DEV[name] is None:
+    """(dataset, poison mask) of development or held-out set `name` on `train` (dev_train(set_seed(name)))."""
+    spec = {**DEV, **HELDOUT}[name]
+    if spec is None:
         return train, np.zeros(len(train), bool)
-    data, _ = harness.poison(train, harness.PoisonSpec(attack="badnets", rate=0.1, seed=1, **DEV[name]))
+    spec = {"rate": 0.1, **spec}
+    data, _ = harness.poison(train, harness.PoisonSpec(attack="badnets", seed=set_seed(name), **spec))
     return data, data.poison.astype(bool)
 
 
 def main(names, full=False, params=None):
-    train = dev_train()
     for name in names:
-        data, poison = dev_set(name, train)
+        seed = set_seed(name)
+        data, poison = dev_set(name, dev_train(seed))
         started = time.time()
         if full:
-            detection = Vbd(seed=1, **(params or {})).fit(data.x, data.y, num_classes=10)
+            detection = Vbd(seed=seed, **(params or {})).fit(data.x, data.y, num_classes=10)
             metrics = detection_metrics(detection.flags, poison) if poison.any() else {}
             print(json.dumps(dict(dev=name, params=params, f1=metrics.get("f1"), tpr=metrics.get("tpr"),
                                   fpr=metrics.get("fpr", float(detection.flags.mean())),
                                   found=detection.diagnostics["poisoned_classes"],
                                   s=round(time.time() - started))), flush=True)
             continue
-        detection = Vbd(seed=1, detector_epochs=1, ks_alpha=0.05).fit(data.x, data.y, num_classes=10)
+        detection = Vbd(seed=seed, detector_epochs=1, ks_alpha=0.05).fit(data.x, data.y, num_classes=10)
         poisoned_labels = set(data.y[poison].tolist())
         for c in detection.diagnostics["candidates"]:
             print(json.dumps(dict(dev=name, label=c["label"], true=c["label"] in poisoned_labels, arch=c["arch"],
@@ -71,7 +91,7 @@ def main(names, full=False, params=None):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("cases", nargs="+", choices=list(DEV))
+    parser.add_argument("cases", nargs="+", choices=list(DEV) + list(HELDOUT))
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
