@@ -159,6 +159,10 @@ def test_watching_the_epochs_leaves_the_trained_models_unchanged(poisoned):
                                 params=VbdParams(**params, rank_accuracy=None), detect_index=detect)
     assert watched[0].rank_epoch is not None  # it did watch (and stopped watching once reached)
     assert plain[0].rank_epoch is None and plain[0].rank_probabilities is None
+    # A concentration top set does not read the ranking, so stage 1 does not keep one (nor report its epoch).
+    concentration = train_poison_models(("10-10P",), inputs, y, train, num_classes=10, detect_index=detect,
+                                        params=VbdParams(**params, rank_accuracy=0.5, top_set="concentration"))
+    assert concentration[0].rank_epoch is None and concentration[0].rank_probabilities is None
     for a, b in zip(watched[0].model.state_dict().values(), plain[0].model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -243,3 +247,38 @@ def test_a_concentration_top_set_holds_the_poison_that_confidence_ranks_below_cl
     assert poisoned.poison[concentration.top_index].mean() >= 0.8, poisoned.poison[concentration.top_index]
     with pytest.raises(InputError, match="top_set"):
         VbdParams(top_set="gradient")
+
+
+def test_confidence_then_concentration_retests_only_the_missed_classes_and_finds_what_confidence_missed(
+        poisoned, fitted, monkeypatch):
+    """The fallback: classes the confidence top set finds keep their confidence triggers (the run's flags are the
+    confidence run's); every other class is tested again with a concentration top set. With the confidence pass
+    made to miss the poisoned class, the concentration pass finds it, its trigger and its samples."""
+    from backdoor_engine.methods import vbd as vbd_module
+
+    _, confident = fitted
+    params = {**SMALL, "top_set": "confidence-then-concentration"}
+    both = Vbd(**params).fit(poisoned.x, poisoned.y, num_classes=10)
+    np.testing.assert_array_equal(both.flags, confident.flags)
+    tests = both.diagnostics["class_tests"]
+    assert [t["label"] for t in tests if t["top_set"] == "confidence"] == list(range(10))
+    assert [t["label"] for t in tests if t["top_set"] == "concentration"] == [0, 1, 3, 4, 5, 6, 7, 8, 9]
+    assert both.diagnostics["triggers"][0]["top_set"] == "confidence"
+
+    real = vbd_module.class_candidates
+
+    def confidence_misses_class_2(*args, **kwargs):
+        tests, candidates = real(*args, **kwargs)
+        if args[-1] == "confidence":
+            candidates = [c for c in candidates if c.label != 2]
+        return tests, candidates
+
+    monkeypatch.setattr(vbd_module, "class_candidates", confidence_misses_class_2)
+    rescued = Vbd(**params).fit(poisoned.x, poisoned.y, num_classes=10)
+    assert rescued.diagnostics["poisoned_classes"] == [2]
+    (trigger,) = rescued.diagnostics["triggers"]
+    assert trigger["top_set"] == "concentration" and trigger["mask_box"][2] <= 4 and trigger["mask_box"][3] <= 4
+    metrics = detection_metrics(rescued.flags, poisoned.poison)
+    assert metrics["tpr"] >= 0.95 and metrics["fpr"] <= 0.01, metrics
+    # Official and pure settings never run a second pass.
+    assert {t["top_set"] for t in confident.diagnostics["class_tests"]} == {"confidence"}

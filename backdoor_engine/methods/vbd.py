@@ -37,6 +37,10 @@ from ..params import param
 from .base import PIXELS, Detector, ReportParts, ScanData
 from .vbd_trigger import paste, trigger_mask
 
+# Stage 2's top sets: the official confidence ranking, the gradient-concentration one (ours), and the first
+# followed, for each class no candidate of it passes, by the second (ours).
+TOP_SETS = ("confidence", "concentration", "confidence-then-concentration")
+
 SCOPE_NOTE = ("VBD finds static triggers (BadNets/Blend-style patches and blends) that a simple model learns; "
               "it is not expected to find warping (WaNet), sample-specific or clean-label triggers.")
 
@@ -110,8 +114,8 @@ class VbdParams:
             raise InputError(f"poison_train_fraction must be in (0, 1), got {self.poison_train_fraction}")
         if not 0 < self.check_fraction <= 1:
             raise InputError(f"check_fraction must be in (0, 1], got {self.check_fraction}")
-        if self.top_set not in ("confidence", "concentration"):
-            raise InputError(f"top_set must be 'confidence' or 'concentration', got {self.top_set!r}")
+        if self.top_set not in TOP_SETS:
+            raise InputError(f"top_set must be one of {', '.join(TOP_SETS)}; got {self.top_set!r}")
         for name in ("poison_epochs", "detector_epochs", "top_n", "min_top_n", "train_batch_size", "min_patterns",
                      "concentration_pixels"):
             value = getattr(self, name)
@@ -154,6 +158,7 @@ class ClassTest:
     top_gradients: np.ndarray | None = field(default=None, repr=False)
     # With params.trigger_carriers: which top-set samples the test's statistic puts above every low-set sample.
     carriers: np.ndarray | None = field(default=None, repr=False)
+    top_set: str = "confidence"  # how the top set was chosen
 
     def poisoned(self, alpha: float) -> bool:
         return self.p_value is not None and self.p_value < alpha
@@ -161,7 +166,7 @@ class ClassTest:
     def summary(self) -> dict:
         return {"model": self.model_index, "label": self.label, "n_top": self.n_top, "n_low": self.n_low,
                 "p_value": self.p_value, "coordinates": self.coordinates,
-                "n_carriers": None if self.carriers is None else int(self.carriers.sum())}
+                "n_carriers": None if self.carriers is None else int(self.carriers.sum()), "top_set": self.top_set}
 
 
 @dataclass
@@ -181,6 +186,7 @@ class Trigger:
     detector_accuracy: float | None = None
     detector_kept: bool | None = None
     n_flagged: int = 0
+    top_set: str = "confidence"  # stage 2's top set it was extracted from
 
     def summary(self, *, arrays: bool = False) -> dict:
         """JSON-ready; `arrays` adds the mask (H x W 0/1) and the pattern as pixels (H x W x C 0..255)."""
@@ -188,7 +194,7 @@ class Trigger:
                "asr": self.asr, "score": self.score, "mask_pixels": int(self.mask.sum()),
                "mask_fraction": float(self.mask.mean()),
                "mask_box": mask_box(self.mask), "detector_accuracy": self.detector_accuracy,
-               "detector_kept": self.detector_kept, "n_flagged": self.n_flagged}
+               "detector_kept": self.detector_kept, "n_flagged": self.n_flagged, "top_set": self.top_set}
         if arrays:
             out.update(mask=self.mask.astype(int).tolist(), pattern_pixels=self.pixels.tolist())
         return out
@@ -244,7 +250,7 @@ def train_poison_models(archs, inputs: Inputs, y: np.ndarray, index: np.ndarray,
                         progress: bool = False, epoch_end=None) -> list[PoisonModel]:
     """Stage 1: every simple model trained on the same shuffled batches, so each batch is prepared once.
     Batch 256 with drop_last, cross-entropy, constant lr, no augmentation, last epoch kept (official).
-    With `detect_index` and `params.rank_accuracy`, each model's detection-split probabilities are also kept
+    With `detect_index`, `params.rank_accuracy` and a confidence top set, each model's detection-split probabilities are also kept
     from the first epoch at which its accuracy there reaches rank_accuracy (stage 2 ranks by them).
     `epoch_end(epoch, models)`, when given, is called after each epoch (1-based) with the models being trained:
     a study's view of every epoch (benchmarks/vbd_topset_study.py); it must not change them."""
@@ -260,7 +266,9 @@ def train_poison_models(archs, inputs: Inputs, y: np.ndarray, index: np.ndarray,
     if n_batches == 0:
         raise InputError(f"VBD needs at least train_batch_size={params.train_batch_size} training samples in its "
                          f"{params.poison_train_fraction:.0%} split, got {len(index)}")
-    watch = detect_index is not None and params.rank_accuracy is not None and len(detect_index) > 0
+    # A concentration top set never reads the ranking: nothing to watch for.
+    watch = (detect_index is not None and params.rank_accuracy is not None and len(detect_index) > 0
+             and params.top_set != "concentration")
     ranked: list[dict] = [{} for _ in models]  # PoisonModel's rank_* fields, once a model reaches rank_accuracy
     with tqdm(total=params.poison_epochs * n_batches, desc="vbd: simple models", disable=not progress,
               unit="batch") as bar:
@@ -321,12 +329,14 @@ def batched_gradients(model: nn.Module, inputs: Inputs, index: np.ndarray, label
 
 def test_class(model: nn.Module, model_index: int, inputs: Inputs, y: np.ndarray, detect_index: np.ndarray,
                probabilities: np.ndarray, label: int, params: VbdParams,
-               rank_probabilities: np.ndarray | None = None) -> ClassTest:
+               rank_probabilities: np.ndarray | None = None, top_set: str | None = None) -> ClassTest:
     """Stage 2 for one class: the most confident `top_n` samples labelled and predicted `label` against
     the `top_n` least confident others of that label, compared on the input the top set relies on most.
     `rank_probabilities` (an earlier epoch's, same rows as `probabilities`) rank the top set when given;
-    with params.top_set "concentration" the top set is instead the samples predicted `label` whose margin
-    gradient is most concentrated (share of its mass in its `concentration_pixels` largest pixels)."""
+    with `top_set` "concentration" (default: params.top_set's first kind) the top set is instead the samples
+    predicted `label` whose margin gradient is most concentrated (share of its mass in its
+    `concentration_pixels` largest pixels)."""
+    top_set = "concentration" if (top_set or params.top_set) == "concentration" else "confidence"
     in_class = y[detect_index] == label
     members, p = detect_index[in_class], probabilities[in_class]
     rank = p if rank_probabilities is None else rank_probabilities[in_class]
@@ -334,8 +344,8 @@ def test_class(model: nn.Module, model_index: int, inputs: Inputs, y: np.ndarray
     confident = np.flatnonzero(predicted)
     n_top = min(params.top_n, len(confident))
     if n_top < params.min_top_n:
-        return ClassTest(model_index, label, n_top, 0, None)
-    by_concentration = params.top_set == "concentration"
+        return ClassTest(model_index, label, n_top, 0, None, top_set=top_set)
+    by_concentration = top_set == "concentration"
     if by_concentration:
         # Each candidate's own margin gradient: a trigger of a few pixels puts most of its mass there.
         pool = batched_gradients(model, inputs, members[confident], label).numpy()
@@ -363,7 +373,7 @@ def test_class(model: nn.Module, model_index: int, inputs: Inputs, y: np.ndarray
     p_value = float(ks_2samp(top_statistic, low_statistic).pvalue) if len(low_local) else None
     carriers = top_statistic > low_statistic.max() if params.trigger_carriers and len(low_local) else None
     return ClassTest(model_index, label, n_top, len(low_local), p_value, where.tolist(), members[top_local],
-                     top_gradients, carriers)
+                     top_gradients, carriers, top_set)
 
 
 def extract_trigger(test: ClassTest, inputs: Inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -379,6 +389,32 @@ def extract_trigger(test: ClassTest, inputs: Inputs) -> tuple[np.ndarray, np.nda
     pattern = inputs(index).mean(dim=0).numpy() * mask
     shown = np.rint(pixels.astype(np.float64).mean(axis=0) * mask[:, :, None]).astype(np.uint8)
     return mask, pattern.astype(np.float32), shown
+
+
+def class_candidates(models: list[PoisonModel], inputs: Inputs, y: np.ndarray, detect_index: np.ndarray,
+                     probabilities: list[np.ndarray], labels, params: VbdParams, rng: np.random.Generator,
+                     top_set: str) -> tuple[list[ClassTest], list[Trigger]]:
+    """Stages 2-4 for each of `labels` on every simple model, the top set chosen by `top_set`: every class test,
+    and a candidate Trigger (with its ASR and score) for each test that passed KS and gave a mask."""
+    tests, candidates = [], []
+    for m, poison in enumerate(models):
+        for label in labels:
+            test = test_class(poison.model, m, inputs, y, detect_index, probabilities[m], label, params,
+                              poison.rank_probabilities, top_set)
+            tests.append(test)
+            if not test.poisoned(params.ks_alpha):
+                continue
+            extracted = extract_trigger(test, inputs)
+            if extracted is None:
+                continue
+            mask, pattern, shown = extracted
+            others = detect_index[y[detect_index] != label]
+            check_index, _ = stratified_split(y[others], params.check_fraction, rng)
+            asr = pattern_asr(poison.model, inputs, others[check_index], label, pattern, mask)
+            score = params.selection_weight * (1 - poison.train_accuracy) + (1 - params.selection_weight) * asr
+            candidates.append(Trigger(label, m, poison.arch, mask, pattern, shown, test.p_value, asr, score,
+                                      top_set=test.top_set))
+    return tests, candidates
 
 
 def pattern_asr(model: nn.Module, inputs: Inputs, check_index: np.ndarray, label: int, pattern: np.ndarray,
@@ -530,25 +566,18 @@ class Vbd(Detector):
         timings["simple_models"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        self.tests_, self.candidates_ = [], []
-        for m, poison in enumerate(self.models_):
-            probabilities = predict_probabilities(poison.model, inputs, detect_index)
-            for label in range(num_classes):
-                test = test_class(poison.model, m, inputs, y, detect_index, probabilities, label, params,
-                                  poison.rank_probabilities)
-                self.tests_.append(test)
-                if not test.poisoned(params.ks_alpha):
-                    continue
-                extracted = extract_trigger(test, inputs)
-                if extracted is None:
-                    continue
-                mask, pattern, shown = extracted
-                others = detect_index[y[detect_index] != label]
-                check_index, _ = stratified_split(y[others], params.check_fraction, rng)
-                asr = pattern_asr(poison.model, inputs, others[check_index], label, pattern, mask)
-                score = params.selection_weight * (1 - poison.train_accuracy) + (1 - params.selection_weight) * asr
-                self.candidates_.append(Trigger(label, m, poison.arch, mask, pattern, shown, test.p_value, asr, score))
+        probabilities = [predict_probabilities(p.model, inputs, detect_index) for p in self.models_]
+        first = "concentration" if params.top_set == "concentration" else "confidence"
+        self.tests_, self.candidates_ = class_candidates(self.models_, inputs, y, detect_index, probabilities,
+                                                         range(num_classes), params, rng, first)
         self.triggers_ = choose_triggers(self.candidates_, params)
+        if params.top_set == "confidence-then-concentration":
+            missed = [label for label in range(num_classes) if label not in self.triggers_]
+            tests, candidates = class_candidates(self.models_, inputs, y, detect_index, probabilities, missed,
+                                                 params, rng, "concentration")
+            self.tests_ += tests
+            self.candidates_ += candidates
+            self.triggers_ = choose_triggers(self.candidates_, params)
         timings["triggers"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
