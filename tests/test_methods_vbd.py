@@ -282,3 +282,32 @@ def test_confidence_then_concentration_retests_only_the_missed_classes_and_finds
     assert metrics["tpr"] >= 0.95 and metrics["fpr"] <= 0.01, metrics
     # Official and pure settings never run a second pass.
     assert {t["top_set"] for t in confident.diagnostics["class_tests"]} == {"confidence"}
+
+
+def test_a_small_pattern_that_flips_one_source_class_passes_only_with_source_min_asr():
+    # The all-to-all trigger learned with its source class: ASR 0.15 over every class, 0.7 of one class.
+    a2a = dataclasses.replace(_trigger(1, 0, 0.15, 0.5, 4), source_asr=0.7, source_class=0)
+    weak = dataclasses.replace(_trigger(2, 0, 0.15, 0.5, 4), source_asr=0.4, source_class=0)
+    large = dataclasses.replace(_trigger(3, 0, 0.15, 0.5, 6), source_asr=0.9, source_class=0)  # over 5%
+    assert sorted(choose_triggers([a2a, weak, large], VbdParams())) == []  # the default: off
+    assert sorted(choose_triggers([a2a, weak, large], VbdParams(source_min_asr=0.5))) == [1]
+    with pytest.raises(InputError, match="source_min_asr"):
+        VbdParams(source_min_asr=0.0)
+
+
+def test_class_asr_is_the_share_of_each_class_the_pasted_pattern_flips(poisoned, fitted):
+    from backdoor_engine.methods.vbd import class_asr
+
+    vbd, _ = fitted
+    trigger = vbd.triggers_[2]
+    model = vbd.models_[0].model
+    inputs = Inputs(poisoned.x, fit_normalisation(poisoned.x))
+    clean = np.flatnonzero((poisoned.poison == 0) & (poisoned.y != 2))[:900]
+    rates = class_asr(model, inputs, clean, poisoned.y[clean], 2, trigger.pattern, trigger.mask)
+    assert sorted(rates) == sorted(set(poisoned.y[clean].tolist())) and 2 not in rates
+    assert min(rates.values()) >= 0.8, rates  # the a2o trigger flips every class
+    blank = class_asr(model, inputs, clean, poisoned.y[clean], 2, trigger.pattern, np.zeros_like(trigger.mask))
+    assert max(blank.values()) <= 0.1, blank  # nothing pasted: the clean predictions
+    expected = (predict_probabilities(model, inputs, clean).argmax(1) == 2)
+    for c, rate in blank.items():
+        assert rate == pytest.approx(expected[poisoned.y[clean] == c].mean())

@@ -86,6 +86,15 @@ class VbdParams:
                                               "large_mask_min_asr; 5% is the round value nearest the log-midpoint "
                                               "of the measured gap (None = official)")
     large_mask_min_asr: float = param(0.9, "ours: the ASR a large mask needs (see large_mask_fraction)")
+    # All-to-all: a trigger learned together with its source class's content flips that class and few others,
+    # so its ASR over every class stays under the bar (3x3 masks at ASR 0.02-0.31 on the development sets).
+    source_min_asr: float | None = param(None, "ours, opt-in: a pattern whose mask is not large (see "
+                                         "large_mask_fraction) also passes the check when it flips at least this "
+                                         "share of one other class's detection-split samples (None = official). "
+                                         "0.5: on the development and benchmark sets, 12 true all-to-all 3x3 "
+                                         "candidates under the ASR bar flipped 0.56-0.90 of their source class, "
+                                         "130 of 131 false small-mask candidates <= 0.20, one 0.395 (RESULTS.md, "
+                                         "session 15)")
     check_fraction: float = param(0.1, "official code: stratified 10% of the detection split for the ASR check")
     min_patterns: int = param(1, "official code: ensemble_detect_min_thr (paper: 1, to keep false negatives low)")
     selection_weight: float = param(0.6, "paper and official code: 0.6 (1 - train acc) + 0.4 ASR")
@@ -125,6 +134,8 @@ class VbdParams:
             raise InputError(f"rank_accuracy must be None or in (0, 1], got {self.rank_accuracy}")
         if self.min_top_n > self.top_n or self.min_top_n < 2:
             raise InputError(f"min_top_n must be in [2, top_n={self.top_n}], got {self.min_top_n}")
+        if self.source_min_asr is not None and not 0 < self.source_min_asr <= 1:
+            raise InputError(f"source_min_asr must be None or in (0, 1], got {self.source_min_asr}")
         if self.large_mask_fraction is not None and not 0 < self.large_mask_fraction < 1:
             raise InputError(f"large_mask_fraction must be None or in (0, 1), got {self.large_mask_fraction}")
         if len(self.detector_alpha) != 2 or not 0 < self.detector_alpha[0] <= self.detector_alpha[1] <= 1:
@@ -187,6 +198,9 @@ class Trigger:
     detector_kept: bool | None = None
     n_flagged: int = 0
     top_set: str = "confidence"  # stage 2's top set it was extracted from
+    # With params.source_min_asr: the highest share of one other class's detection-split samples it flips.
+    source_asr: float | None = None
+    source_class: int | None = None
 
     def summary(self, *, arrays: bool = False) -> dict:
         """JSON-ready; `arrays` adds the mask (H x W 0/1) and the pattern as pixels (H x W x C 0..255)."""
@@ -194,7 +208,8 @@ class Trigger:
                "asr": self.asr, "score": self.score, "mask_pixels": int(self.mask.sum()),
                "mask_fraction": float(self.mask.mean()),
                "mask_box": mask_box(self.mask), "detector_accuracy": self.detector_accuracy,
-               "detector_kept": self.detector_kept, "n_flagged": self.n_flagged, "top_set": self.top_set}
+               "detector_kept": self.detector_kept, "n_flagged": self.n_flagged, "top_set": self.top_set,
+               "source_asr": self.source_asr, "source_class": self.source_class}
         if arrays:
             out.update(mask=self.mask.astype(int).tolist(), pattern_pixels=self.pixels.tolist())
         return out
@@ -412,8 +427,13 @@ def class_candidates(models: list[PoisonModel], inputs: Inputs, y: np.ndarray, d
             check_index, _ = stratified_split(y[others], params.check_fraction, rng)
             asr = pattern_asr(poison.model, inputs, others[check_index], label, pattern, mask)
             score = params.selection_weight * (1 - poison.train_accuracy) + (1 - params.selection_weight) * asr
+            source = {}
+            if params.source_min_asr is not None:
+                rates = class_asr(poison.model, inputs, others, y[others], label, pattern, mask)
+                best = max(rates, key=rates.get)
+                source = dict(source_asr=rates[best], source_class=best)
             candidates.append(Trigger(label, m, poison.arch, mask, pattern, shown, test.p_value, asr, score,
-                                      top_set=test.top_set))
+                                      top_set=test.top_set, **source))
     return tests, candidates
 
 
@@ -430,12 +450,28 @@ def pattern_asr(model: nn.Module, inputs: Inputs, check_index: np.ndarray, label
     return hits / max(len(check_index), 1)
 
 
+def class_asr(model: nn.Module, inputs: Inputs, index: np.ndarray, labels: np.ndarray, label: int,
+              pattern: np.ndarray, mask: np.ndarray) -> dict[int, float]:
+    """{class: share of its samples among `index` (labelled `labels`) the model assigns to `label` once the
+    pattern is pasted (alpha 1)}."""
+    model.eval()
+    hits = np.zeros(len(index), bool)
+    mask_t, pattern_t = torch.from_numpy(mask.astype(np.float32)), torch.from_numpy(pattern)
+    with torch.no_grad():
+        for start in range(0, len(index), 1024):
+            x = paste(inputs(index[start:start + 1024]), pattern_t, mask_t, 1.0)
+            hits[start:start + 1024] = (model(x).argmax(1) == label).numpy()
+    return {int(c): float(hits[labels == c].mean()) for c in np.unique(labels)}
+
+
 def passes_check(candidate: Trigger, params: VbdParams) -> bool:
-    """Stage 4's bar: ASR >= pattern_min_asr, and a large mask needs large_mask_min_asr."""
-    if candidate.asr < params.pattern_min_asr:
-        return False
+    """Stage 4's bar: ASR >= pattern_min_asr, and a large mask needs large_mask_min_asr; with source_min_asr, a
+    mask that is not large also passes by flipping that share of one other class."""
     large = params.large_mask_fraction is not None and candidate.mask.mean() > params.large_mask_fraction
-    return not large or candidate.asr >= params.large_mask_min_asr
+    if candidate.asr >= params.pattern_min_asr:
+        return not large or candidate.asr >= params.large_mask_min_asr
+    return (not large and params.source_min_asr is not None and candidate.source_asr is not None
+            and candidate.source_asr >= params.source_min_asr)
 
 
 def choose_triggers(candidates: list[Trigger], params: VbdParams) -> dict[int, Trigger]:
