@@ -55,8 +55,11 @@ def test_diagnostics_explain_every_stage(fitted):
     vbd, detection = fitted
     d = detection.diagnostics
     assert [m["arch"] for m in d["models"]] == ["10-10P"] and 0 < d["models"][0]["train_accuracy"] <= 1
-    assert len(d["class_tests"]) == 10
-    assert any(c["label"] == 2 and c["passed"] for c in d["candidates"])
+    # Ten confidence tests, then a concentration test of each class not found (all but 2).
+    assert [(t["label"], t["top_set"]) for t in d["class_tests"]] == (
+        [(c, "confidence") for c in range(10)] + [(c, "concentration") for c in range(10) if c != 2])
+    assert any(c["label"] == 2 and c["passed"] and c["top_set"] == "confidence" for c in d["candidates"])
+    assert all(c["source_asr"] is not None and c["source_class"] != c["label"] for c in d["candidates"])
     (trigger,) = d["triggers"]
     assert np.asarray(trigger["mask"]).shape == (28, 28) and np.asarray(trigger["pattern_pixels"]).shape == (28, 28, 1)
     assert set(d["timings_s"]) == {"simple_models", "triggers", "detectors"}
@@ -251,18 +254,15 @@ def test_a_concentration_top_set_holds_the_poison_that_confidence_ranks_below_cl
 
 def test_confidence_then_concentration_retests_only_the_missed_classes_and_finds_what_confidence_missed(
         poisoned, fitted, monkeypatch):
-    """The fallback: classes the confidence top set finds keep their confidence triggers (the run's flags are the
-    confidence run's); every other class is tested again with a concentration top set. With the confidence pass
-    made to miss the poisoned class, the concentration pass finds it, its trigger and its samples."""
+    """The fallback (the default): classes the confidence top set finds keep their confidence triggers (the run's
+    flags are the confidence run's); every other class is tested again with a concentration top set. With the
+    confidence pass made to miss the poisoned class, the concentration pass finds it, its trigger and its samples."""
     from backdoor_engine.methods import vbd as vbd_module
 
-    _, confident = fitted
-    params = {**SMALL, "top_set": "confidence-then-concentration"}
-    both = Vbd(**params).fit(poisoned.x, poisoned.y, num_classes=10)
-    np.testing.assert_array_equal(both.flags, confident.flags)
-    tests = both.diagnostics["class_tests"]
-    assert [t["label"] for t in tests if t["top_set"] == "confidence"] == list(range(10))
-    assert [t["label"] for t in tests if t["top_set"] == "concentration"] == [0, 1, 3, 4, 5, 6, 7, 8, 9]
+    _, both = fitted
+    assert VbdParams().top_set == "confidence-then-concentration"
+    confident = Vbd(**SMALL, top_set="confidence").fit(poisoned.x, poisoned.y, num_classes=10)
+    np.testing.assert_array_equal(both.flags, confident.flags)  # the second pass (test_diagnostics_...) adds none
     assert both.diagnostics["triggers"][0]["top_set"] == "confidence"
 
     real = vbd_module.class_candidates
@@ -274,13 +274,13 @@ def test_confidence_then_concentration_retests_only_the_missed_classes_and_finds
         return tests, candidates
 
     monkeypatch.setattr(vbd_module, "class_candidates", confidence_misses_class_2)
-    rescued = Vbd(**params).fit(poisoned.x, poisoned.y, num_classes=10)
+    rescued = Vbd(**SMALL).fit(poisoned.x, poisoned.y, num_classes=10)
     assert rescued.diagnostics["poisoned_classes"] == [2]
     (trigger,) = rescued.diagnostics["triggers"]
     assert trigger["top_set"] == "concentration" and trigger["mask_box"][2] <= 4 and trigger["mask_box"][3] <= 4
     metrics = detection_metrics(rescued.flags, poisoned.poison)
     assert metrics["tpr"] >= 0.95 and metrics["fpr"] <= 0.01, metrics
-    # Official and pure settings never run a second pass.
+    # The official top set never runs a second pass.
     assert {t["top_set"] for t in confident.diagnostics["class_tests"]} == {"confidence"}
 
 
@@ -289,8 +289,9 @@ def test_a_small_pattern_that_flips_one_source_class_passes_only_with_source_min
     a2a = dataclasses.replace(_trigger(1, 0, 0.15, 0.5, 4), source_asr=0.7, source_class=0)
     weak = dataclasses.replace(_trigger(2, 0, 0.15, 0.5, 4), source_asr=0.4, source_class=0)
     large = dataclasses.replace(_trigger(3, 0, 0.15, 0.5, 6), source_asr=0.9, source_class=0)  # over 5%
-    assert sorted(choose_triggers([a2a, weak, large], VbdParams())) == []  # the default: off
-    assert sorted(choose_triggers([a2a, weak, large], VbdParams(source_min_asr=0.5))) == [1]
+    assert sorted(choose_triggers([a2a, weak, large], VbdParams(source_min_asr=None))) == []  # official
+    assert VbdParams().source_min_asr == 0.5
+    assert sorted(choose_triggers([a2a, weak, large], VbdParams())) == [1]
     with pytest.raises(InputError, match="source_min_asr"):
         VbdParams(source_min_asr=0.0)
 

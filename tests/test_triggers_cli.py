@@ -40,14 +40,15 @@ def test_triggers_writes_the_report_and_one_png_pair_per_trigger(triggers_report
         label = trigger["label"]
         assert (triggers_report / f"trigger_class{label}.png").read_bytes()[:4] == b"\x89PNG"
         assert (triggers_report / f"mask_class{label}.png").exists()
-        assert {"mask", "pattern_pixels", "p_value", "asr", "arch"} <= set(trigger)
+        assert {"mask", "pattern_pixels", "p_value", "asr", "arch", "top_set", "source_asr",
+                "source_class"} <= set(trigger)
     page = (triggers_report / "report.html").read_text()
     assert "data:image/png;base64," in page
     if report["diagnostics"]["triggers"]:
         with np.load(triggers_report / "triggers.npz", allow_pickle=False) as arrays:
             label = report["diagnostics"]["triggers"][0]["label"]
             np.testing.assert_array_equal(arrays[f"mask_{label}"], report["diagnostics"]["triggers"][0]["mask"])
-            assert "Trigger of class" in page
+            assert "Trigger of class" in page and " top set, KS p=" in page and "% of class " in page
     else:
         assert "No class was found poisoned" in page
 
