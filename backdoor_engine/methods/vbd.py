@@ -572,7 +572,8 @@ class Vbd(Detector):
     """Estimator: ``Vbd(**params).fit(x, y, num_classes=K) -> Detection``; the registered `vbd` detector.
 
     Fitted attributes: ``models_`` (the simple poison models and their training accuracy), ``tests_``
-    (stage 2 per model and class), ``candidates_`` (every extracted pattern with its ASR), ``triggers_``
+    (stage 2 per model and class; with the fallback top set, the second pass's tests follow the first's),
+    ``candidates_`` (every extracted pattern with its ASR, source-class ASR and top set), ``triggers_``
     ({class: chosen Trigger}), ``detectors_`` ({class: detector}), ``flags_``, ``scores_``.
     """
 
