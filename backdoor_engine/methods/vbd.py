@@ -443,23 +443,9 @@ def class_candidates(models: list[PoisonModel], inputs: Inputs, y: np.ndarray, d
     return tests, candidates
 
 
-def pattern_asr(model: nn.Module, inputs: Inputs, check_index: np.ndarray, label: int, pattern: np.ndarray,
-                mask: np.ndarray) -> float:
-    """Stage 4: share of the check samples the model assigns to `label` once the pattern is pasted (alpha 1)."""
-    model.eval()
-    hits = 0
-    mask_t, pattern_t = torch.from_numpy(mask.astype(np.float32)), torch.from_numpy(pattern)
-    with torch.no_grad():
-        for start in range(0, len(check_index), 1024):
-            x = paste(inputs(check_index[start:start + 1024]), pattern_t, mask_t, 1.0)
-            hits += int((model(x).argmax(1) == label).sum())
-    return hits / max(len(check_index), 1)
-
-
-def class_asr(model: nn.Module, inputs: Inputs, index: np.ndarray, labels: np.ndarray, label: int,
-              pattern: np.ndarray, mask: np.ndarray) -> dict[int, float]:
-    """{class: share of its samples among `index` (labelled `labels`) the model assigns to `label` once the
-    pattern is pasted (alpha 1)}."""
+def pasted_hits(model: nn.Module, inputs: Inputs, index: np.ndarray, label: int, pattern: np.ndarray,
+                mask: np.ndarray) -> np.ndarray:
+    """Per sample of `index`: whether the model assigns it to `label` once the pattern is pasted (alpha 1)."""
     model.eval()
     hits = np.zeros(len(index), bool)
     mask_t, pattern_t = torch.from_numpy(mask.astype(np.float32)), torch.from_numpy(pattern)
@@ -467,6 +453,21 @@ def class_asr(model: nn.Module, inputs: Inputs, index: np.ndarray, labels: np.nd
         for start in range(0, len(index), 1024):
             x = paste(inputs(index[start:start + 1024]), pattern_t, mask_t, 1.0)
             hits[start:start + 1024] = (model(x).argmax(1) == label).numpy()
+    return hits
+
+
+def pattern_asr(model: nn.Module, inputs: Inputs, check_index: np.ndarray, label: int, pattern: np.ndarray,
+                mask: np.ndarray) -> float:
+    """Stage 4: share of the check samples the model assigns to `label` once the pattern is pasted (alpha 1)."""
+    hits = pasted_hits(model, inputs, check_index, label, pattern, mask)
+    return int(hits.sum()) / max(len(hits), 1)
+
+
+def class_asr(model: nn.Module, inputs: Inputs, index: np.ndarray, labels: np.ndarray, label: int,
+              pattern: np.ndarray, mask: np.ndarray) -> dict[int, float]:
+    """{class: share of its samples among `index` (labelled `labels`) the model assigns to `label` once the
+    pattern is pasted (alpha 1)}."""
+    hits = pasted_hits(model, inputs, index, label, pattern, mask)
     return {int(c): float(hits[labels == c].mean()) for c in np.unique(labels)}
 
 
