@@ -68,9 +68,12 @@ def dev_set(name: str, train):
 
 
 def main(names, full=False, params=None):
+    trains = {}  # one 10k subset per seed, loaded once
     for name in names:
         seed = set_seed(name)
-        data, poison = dev_set(name, dev_train(seed))
+        if seed not in trains:
+            trains[seed] = dev_train(seed)
+        data, poison = dev_set(name, trains[seed])
         started = time.time()
         if full:
             detection = Vbd(seed=seed, **(params or {})).fit(data.x, data.y, num_classes=10)

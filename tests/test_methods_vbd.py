@@ -29,6 +29,11 @@ def poisoned():
 
 
 @pytest.fixture(scope="module")
+def inputs(poisoned):
+    return Inputs(poisoned.x, fit_normalisation(poisoned.x))
+
+
+@pytest.fixture(scope="module")
 def fitted(poisoned):
     vbd = Vbd(**SMALL)
     return vbd, vbd.fit(poisoned.x, poisoned.y, num_classes=10)
@@ -130,14 +135,13 @@ def test_bad_labels_are_named(poisoned):
         Vbd(**SMALL).fit(poisoned.x, poisoned.y + 5, num_classes=10)
 
 
-def test_the_top_set_is_ranked_after_the_first_epoch_that_reaches_rank_accuracy(poisoned, fitted):
+def test_the_top_set_is_ranked_after_the_first_epoch_that_reaches_rank_accuracy(poisoned, fitted, inputs):
     vbd, detection = fitted  # rank_accuracy=0.8 by default (None, the official last epoch: the next test)
     (model,) = vbd.models_
     # The 10-epoch model reaches 80% on its detection split before its last epoch; the ranking is that epoch's.
     assert 1 <= model.rank_epoch < SMALL["poison_epochs"] and model.rank_split_accuracy >= 0.8
     assert detection.diagnostics["models"][0]["rank_epoch"] == model.rank_epoch
     # test_class orders the top set by the ranking it is given, among the samples the last epoch predicts as the class.
-    inputs = Inputs(poisoned.x, fit_normalisation(poisoned.x))
     detect = np.arange(0, len(poisoned.y), 5)
     final = np.full((len(detect), 10), 0.01)
     final[np.arange(len(detect)), poisoned.y[detect]] = 0.9
@@ -151,9 +155,8 @@ def test_the_top_set_is_ranked_after_the_first_epoch_that_reaches_rank_accuracy(
     assert ranked.top_index.tolist() == detect[members[::-1][:20]].tolist()
 
 
-def test_watching_the_epochs_leaves_the_trained_models_unchanged(poisoned):
+def test_watching_the_epochs_leaves_the_trained_models_unchanged(poisoned, inputs):
     y = poisoned.y
-    inputs = Inputs(poisoned.x, fit_normalisation(poisoned.x))
     train, detect = stratified_split(y, 0.8, np.random.default_rng(0))
     params = dict(poison_archs=("10-10P",), poison_epochs=3)
     watched = train_poison_models(("10-10P",), inputs, y, train, num_classes=10,
@@ -170,12 +173,11 @@ def test_watching_the_epochs_leaves_the_trained_models_unchanged(poisoned):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_a_half_clean_top_set_yields_the_trigger_at_full_strength_from_its_carriers(poisoned, fitted):
+def test_a_half_clean_top_set_yields_the_trigger_at_full_strength_from_its_carriers(poisoned, fitted, inputs):
     """The all-to-all failure in miniature: the top set is half poisoned. The KS statistic marks the carriers,
     and the pattern extracted from them is the white square itself, where the whole top set gives a grey one."""
     vbd, _ = fitted
     model = vbd.models_[0].model
-    inputs = Inputs(poisoned.x, fit_normalisation(poisoned.x))
     detect = np.arange(len(poisoned.y))
     in_class = np.flatnonzero(poisoned.y == 2)
     bad, good = in_class[poisoned.poison[in_class] == 1][:10], in_class[poisoned.poison[in_class] == 0][:200]
@@ -206,9 +208,8 @@ def test_a_half_clean_top_set_yields_the_trigger_at_full_strength_from_its_carri
     assert official.carriers is None and official.summary()["n_carriers"] is None
 
 
-def test_epoch_end_sees_every_epoch_and_leaves_the_models_unchanged(poisoned):
+def test_epoch_end_sees_every_epoch_and_leaves_the_models_unchanged(poisoned, inputs):
     y = poisoned.y
-    inputs = Inputs(poisoned.x, fit_normalisation(poisoned.x))
     train, detect = stratified_split(y, 0.8, np.random.default_rng(0))
     params = VbdParams(poison_archs=("10-10P",), poison_epochs=2, rank_accuracy=None)
     calls = []
@@ -224,13 +225,12 @@ def test_epoch_end_sees_every_epoch_and_leaves_the_models_unchanged(poisoned):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_a_concentration_top_set_holds_the_poison_that_confidence_ranks_below_clean_samples(poisoned, fitted):
+def test_a_concentration_top_set_holds_the_poison_that_confidence_ranks_below_clean_samples(poisoned, fitted, inputs):
     """The easy-class all-to-all failure in miniature: the class's confident clean samples outrank every poisoned
     one, so the official top set is all clean; ranked by how concentrated each sample's margin gradient
     is, the top set is the trigger's carriers."""
     vbd, _ = fitted
     model = vbd.models_[0].model
-    inputs = Inputs(poisoned.x, fit_normalisation(poisoned.x))
     detect = np.arange(len(poisoned.y))
     in_class = np.flatnonzero(poisoned.y == 2)
     bad = in_class[poisoned.poison[in_class] == 1][:60]
@@ -296,13 +296,12 @@ def test_a_small_pattern_that_flips_one_source_class_passes_only_with_source_min
         VbdParams(source_min_asr=0.0)
 
 
-def test_class_asr_is_the_share_of_each_class_the_pasted_pattern_flips(poisoned, fitted):
+def test_class_asr_is_the_share_of_each_class_the_pasted_pattern_flips(poisoned, fitted, inputs):
     from backdoor_engine.methods.vbd import class_asr
 
     vbd, _ = fitted
     trigger = vbd.triggers_[2]
     model = vbd.models_[0].model
-    inputs = Inputs(poisoned.x, fit_normalisation(poisoned.x))
     clean = np.flatnonzero((poisoned.poison == 0) & (poisoned.y != 2))[:900]
     rates = class_asr(model, inputs, clean, poisoned.y[clean], 2, trigger.pattern, trigger.mask)
     assert sorted(rates) == sorted(set(poisoned.y[clean].tolist())) and 2 not in rates
