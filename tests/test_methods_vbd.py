@@ -12,7 +12,7 @@ from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.errors import InputError
 from backdoor_engine.detection import detection_metrics
 from backdoor_engine.methods.vbd import (Inputs, Vbd, VbdParams, choose_triggers, extract_trigger, mask_box,
-                                        predict_probabilities, stratified_split,
+                                        passes_check, predict_probabilities, stratified_split,
                                         test_class as vbd_test_class, train_poison_models)
 from backdoor_engine.models.preprocess import fit_normalisation
 
@@ -278,6 +278,8 @@ def test_confidence_then_concentration_retests_only_the_missed_classes_and_finds
     assert rescued.diagnostics["poisoned_classes"] == [2]
     (trigger,) = rescued.diagnostics["triggers"]
     assert trigger["top_set"] == "concentration" and trigger["mask_box"][2] <= 4 and trigger["mask_box"][3] <= 4
+    # The second pass also runs the exceedance test; the confidence pass never does.
+    assert 0 < trigger["exceedance_p"] < 0.01 and both.diagnostics["triggers"][0]["exceedance_p"] is None
     metrics = detection_metrics(rescued.flags, poisoned.poison)
     assert metrics["tpr"] >= 0.95 and metrics["fpr"] <= 0.01, metrics
     # The official top set never runs a second pass.
@@ -296,6 +298,18 @@ def test_a_small_pattern_that_flips_one_source_class_passes_only_with_source_min
         VbdParams(source_min_asr=0.0)
 
 
+def test_the_source_check_counts_only_the_flips_beyond_those_of_the_class_s_own_mean_image():
+    # A clean class's silhouette (held-out: trousers on dresses) flips its look-alike, and so does the class's mean.
+    silhouette = dataclasses.replace(_trigger(1, 0, 0.15, 0.5, 4), source_asr=0.64, source_class=3,
+                                     source_control=0.30)
+    a2a = dataclasses.replace(_trigger(2, 0, 0.2, 0.5, 4), source_asr=0.58, source_class=1, source_control=0.05)
+    assert VbdParams().source_control is True
+    assert sorted(choose_triggers([silhouette, a2a], VbdParams())) == [2]
+    # Without the control (session 15's check) both pass.
+    unguarded = [dataclasses.replace(t, source_control=None) for t in (silhouette, a2a)]
+    assert sorted(choose_triggers(unguarded, VbdParams(source_control=False))) == [1, 2]
+
+
 def test_class_asr_is_the_share_of_each_class_the_pasted_pattern_flips(poisoned, fitted, inputs):
     from backdoor_engine.methods.vbd import class_asr
 
@@ -311,3 +325,57 @@ def test_class_asr_is_the_share_of_each_class_the_pasted_pattern_flips(poisoned,
     expected = (predict_probabilities(model, inputs, clean).argmax(1) == 2)
     for c, rate in blank.items():
         assert rate == pytest.approx(expected[poisoned.y[clean] == c].mean())
+    # The control, the class's mean image through the trigger's mask: here the target class is half poison, so
+    # its mean carries the square too and flips most classes. The control bounds only the source route; an
+    # all-to-one trigger passes by its ASR.
+    members = np.flatnonzero(poisoned.y == 2)
+    own = (inputs(members).mean(dim=0).numpy() * trigger.mask).astype(np.float32)
+    control = class_asr(model, inputs, clean, poisoned.y[clean], 2, own, trigger.mask)
+    assert max(control.values()) >= 0.5, control
+    assert trigger.source_control is not None and trigger.asr >= 0.9 and passes_check(trigger, vbd.params)
+
+
+def test_the_exceedance_p_value_is_the_share_of_orderings_that_put_that_many_top_samples_above_every_low_one():
+    import itertools
+    from math import comb
+
+    from backdoor_engine.methods.vbd import exceedance_p_value
+    n_top, n_low = 5, 4
+    for k in range(n_top + 1):
+        # Every way to place the top set among the pooled ranks (0 = lowest), equally likely when exchangeable.
+        hits = [sum(r > max(set(range(n_top + n_low)) - set(top)) for r in top) >= k
+                for top in itertools.combinations(range(n_top + n_low), n_top)]
+        assert exceedance_p_value(n_top, n_low, k) == pytest.approx(sum(hits) / comb(n_top + n_low, n_top))
+    # VBD's 20 vs 20 at alpha 0.01: 7 carriers pass, 6 do not.
+    assert exceedance_p_value(20, 20, 6) > 0.01 > exceedance_p_value(20, 20, 7)
+
+
+def test_a_concentration_top_set_with_a_third_carrying_the_trigger_passes_by_its_carriers_where_ks_does_not(
+        monkeypatch):
+    """The mixed top set of an all-to-all class, on planted margin gradients: 7 trigger carriers with a spike on
+    one pixel far above every other sample, 13 clean samples among them. KS sees a third of the distribution
+    shifted and does not pass at 0.01; the exceedance test (7 of 20 above all 20 low-set samples) does. The
+    confidence top set keeps the official KS test only."""
+    from backdoor_engine.methods import vbd as vbd_module
+
+    n, label = 120, 2
+    y = np.full(n, label)
+    carriers = np.arange(7)
+
+    def planted_gradients(model, inputs, index, label):
+        noise = np.stack([np.random.default_rng(int(i)).uniform(-1, 1, (1, 28, 28)) for i in index])
+        noise[:, 0, 0, 0] = np.where(np.isin(index, carriers), 5.0, 0.5)  # the clean samples all tie there
+        return torch.from_numpy(noise.astype(np.float32))
+
+    monkeypatch.setattr(vbd_module, "batched_gradients", planted_gradients)
+    probabilities = np.full((n, 10), 0.01)
+    probabilities[:, label] = np.linspace(0.99, 0.5, n)
+    run = lambda **kw: vbd_test_class(None, 0, None, y, np.arange(n), probabilities, label,  # noqa: E731
+                                      VbdParams(**SMALL, **kw))
+    test = run(top_set="concentration")
+    assert set(carriers) <= set(test.top_index.tolist()) and test.carriers.sum() == 7
+    assert test.p_value >= 0.01 and test.exceedance_p == pytest.approx(0.0042, abs=1e-4) and test.poisoned(0.01)
+    assert test.summary()["exceedance_p"] == test.exceedance_p
+    ks_only = run(top_set="concentration", exceedance_test=False)
+    assert ks_only.exceedance_p is None and not ks_only.poisoned(0.01)
+    assert run().exceedance_p is None  # the confidence top set

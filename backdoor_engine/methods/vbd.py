@@ -6,11 +6,13 @@ the official BackdoorBench `VarianceBasedDefense.py`; the paper where it says mo
   1 stratified_split + train_poison_models   the ensemble of simple models, all trained in one pass over the data
   2 test_class                               top/low sets, margin gradients, KS test on the most influential input
                                              (rank_accuracy, ours: the top set ranked at an earlier epoch; top_set,
-                                             ours: classes left unfound are retested with a concentration top set)
+                                             ours: classes left unfound are retested with a concentration top set,
+                                             which also passes by its carriers' exceedance count, ours)
   3 extract_trigger                          mask = Otsu(gradient mask x (1 - variance)), pattern = masked mean,
                                              over the top set's trigger carriers (trigger_carriers, ours)
   4 pattern_asr + choose_triggers            ASR check (>= 0.33; a mask over 5% of the image needs >= 0.9, ours;
-                                             a smaller one also passes by flipping half of one class, ours)
+                                             a smaller one also passes by flipping half of one class beyond what
+                                             the class's mean image flips, ours)
                                              and one pattern per class (0.6 (1 - train acc) + 0.4 ASR)
   5 train_detector                           a binary detector on gradient maps, random-alpha positives, pseudo-labels
   6 flags                                    OR over detectors, each on the samples labelled with its class
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from math import comb
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +82,15 @@ class VbdParams:
                          "Blend rows up to 4.3 points")
     concentration_pixels: int = param(9, "ours: a 3x3 patch, the paper's trigger of 'a few pixels' "
                                       "(the concentration top set only)")
+    # A concentration top set is a mixture: a third of it may carry the trigger, far above every low-set
+    # sample, and KS (a test of the whole distribution) has little power against that.
+    exceedance_test: bool = param(True, "ours: a concentration top set's class also passes stage 2 when the number "
+                                  "of its samples whose statistic exceeds every low-set sample's (its trigger "
+                                  "carriers) has probability below ks_alpha if the two sets were exchangeable "
+                                  "(Rosenbaum's exceedance test, 1954; for 20 vs 20, 7 or more). False: KS only. "
+                                  "The confidence top set keeps the official KS test. BadNets a2a square F1 "
+                                  "72.96 -> 78.94%, held-out square a2a 84.48 -> 89.66%, no a2o row changed "
+                                  "(RESULTS.md, session 16)")
     min_top_n: int = param(5, "official code: min_instances_for_variance")
     ks_alpha: float = param(0.01, "official code: pois_class_detect_alpha_thr (paper: 99% confidence)")
     pattern_min_asr: float = param(0.33, "official code: pattern_min_asr")
@@ -100,6 +112,15 @@ class VbdParams:
                                          "candidates under the ASR bar flipped 0.56-0.90 of their source class, "
                                          "130 of 131 false small-mask candidates <= 0.20, one 0.395 (RESULTS.md, "
                                          "session 15)")
+    # A clean class's silhouette (the gap between trouser legs) pasted on a look-alike class (dresses) flips it
+    # too, and the class's own mean content in that place flips it nearly as well; a trigger's place does not.
+    source_control: bool = param(True, "ours: the source check counts only the flips beyond those of a control, "
+                                 "the class's own mean image pasted through the same mask (False: the pattern's "
+                                 "share alone, session 15). Without it, three held-out sets had a clean trousers "
+                                 "pattern pass (it flipped 0.55-0.64 of dresses, the trousers' mean image "
+                                 "0.30-0.47), flagging 9.7% of a clean set; of 23 true all-to-all candidates "
+                                 "passing by this route, 20 keep the 0.5 excess, and no class was lost "
+                                 "(RESULTS.md, session 16)")
     check_fraction: float = param(0.1, "official code: stratified 10% of the detection split for the ASR check")
     min_patterns: int = param(1, "official code: ensemble_detect_min_thr (paper: 1, to keep false negatives low)")
     selection_weight: float = param(0.6, "paper and official code: 0.6 (1 - train acc) + 0.4 ASR")
@@ -175,13 +196,16 @@ class ClassTest:
     # With params.trigger_carriers: which top-set samples the test's statistic puts above every low-set sample.
     carriers: np.ndarray | None = field(default=None, repr=False)
     top_set: str = "confidence"  # how the top set was chosen
+    # With params.exceedance_test on a concentration top set: P(that many or more top-set samples above every
+    # low-set sample) under exchangeability; the class also passes when it is below alpha.
+    exceedance_p: float | None = None
 
     def poisoned(self, alpha: float) -> bool:
-        return self.p_value is not None and self.p_value < alpha
+        return any(p is not None and p < alpha for p in (self.p_value, self.exceedance_p))
 
     def summary(self) -> dict:
         return {"model": self.model_index, "label": self.label, "n_top": self.n_top, "n_low": self.n_low,
-                "p_value": self.p_value, "coordinates": self.coordinates,
+                "p_value": self.p_value, "exceedance_p": self.exceedance_p, "coordinates": self.coordinates,
                 "n_carriers": None if self.carriers is None else int(self.carriers.sum()), "top_set": self.top_set}
 
 
@@ -203,9 +227,12 @@ class Trigger:
     detector_kept: bool | None = None
     n_flagged: int = 0
     top_set: str = "confidence"  # stage 2's top set it was extracted from
-    # With params.source_min_asr: the highest share of one other class's detection-split samples it flips.
+    # With params.source_min_asr: the share of one other class's detection-split samples it flips (the class
+    # where that share is highest; with source_control, where it most exceeds the control's) and the control's.
     source_asr: float | None = None
     source_class: int | None = None
+    source_control: float | None = None
+    exceedance_p: float | None = None  # its test's, where stage 2 ran the exceedance test
 
     def summary(self, *, arrays: bool = False) -> dict:
         """JSON-ready; `arrays` adds the mask (H x W 0/1) and the pattern as pixels (H x W x C 0..255)."""
@@ -214,7 +241,8 @@ class Trigger:
                "mask_fraction": float(self.mask.mean()),
                "mask_box": mask_box(self.mask), "detector_accuracy": self.detector_accuracy,
                "detector_kept": self.detector_kept, "n_flagged": self.n_flagged, "top_set": self.top_set,
-               "source_asr": self.source_asr, "source_class": self.source_class}
+               "source_asr": self.source_asr, "source_class": self.source_class,
+               "source_control": self.source_control, "exceedance_p": self.exceedance_p}
         if arrays:
             out.update(mask=self.mask.astype(int).tolist(), pattern_pixels=self.pixels.tolist())
         return out
@@ -392,9 +420,20 @@ def test_class(model: nn.Module, model_index: int, inputs: Inputs, y: np.ndarray
     statistic = lambda g: np.abs(g[:, where[:, 0], where[:, 1], where[:, 2]]).max(axis=1)  # noqa: E731
     top_statistic, low_statistic = statistic(top_gradients), statistic(low_gradients)
     p_value = float(ks_2samp(top_statistic, low_statistic).pvalue) if len(low_local) else None
-    carriers = top_statistic > low_statistic.max() if params.trigger_carriers and len(low_local) else None
+    exceeding = top_statistic > low_statistic.max() if len(low_local) else None
+    carriers = exceeding if params.trigger_carriers else None
+    exceedance_p = None
+    if by_concentration and params.exceedance_test and exceeding is not None:
+        exceedance_p = exceedance_p_value(n_top, len(low_local), int(exceeding.sum()))
     return ClassTest(model_index, label, n_top, len(low_local), p_value, where.tolist(), members[top_local],
-                     top_gradients, carriers, top_set)
+                     top_gradients, carriers, top_set, exceedance_p)
+
+
+def exceedance_p_value(n_top: int, n_low: int, exceeding: int) -> float:
+    """Rosenbaum's exceedance test: P(at least `exceeding` of `n_top` samples lie above all `n_low` others) when
+    the two sets are exchangeable, i.e. the `exceeding` largest of the pooled samples all fall in the top set:
+    C(n_top, k) / C(n_top + n_low, k)."""
+    return comb(n_top, exceeding) / comb(n_top + n_low, exceeding)
 
 
 def extract_trigger(test: ClassTest, inputs: Inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -436,10 +475,15 @@ def class_candidates(models: list[PoisonModel], inputs: Inputs, y: np.ndarray, d
             source = {}
             if params.source_min_asr is not None:
                 rates = class_asr(poison.model, inputs, others, y[others], label, pattern, mask)
-                best = max(rates, key=rates.get)
-                source = dict(source_asr=rates[best], source_class=best)
+                control = dict.fromkeys(rates, 0.0)
+                if params.source_control:
+                    own = inputs(detect_index[y[detect_index] == label]).mean(dim=0).numpy() * mask
+                    control = class_asr(poison.model, inputs, others, y[others], label, own.astype(np.float32), mask)
+                best = max(rates, key=lambda c: rates[c] - control[c])
+                source = dict(source_asr=rates[best], source_class=best,
+                              source_control=control[best] if params.source_control else None)
             candidates.append(Trigger(label, m, poison.arch, mask, pattern, shown, test.p_value, asr, score,
-                                      top_set=test.top_set, **source))
+                                      top_set=test.top_set, exceedance_p=test.exceedance_p, **source))
     return tests, candidates
 
 
@@ -473,12 +517,13 @@ def class_asr(model: nn.Module, inputs: Inputs, index: np.ndarray, labels: np.nd
 
 def passes_check(candidate: Trigger, params: VbdParams) -> bool:
     """Stage 4's bar: ASR >= pattern_min_asr, and a large mask needs large_mask_min_asr; with source_min_asr, a
-    mask that is not large also passes by flipping that share of one other class."""
+    mask that is not large also passes by flipping that share of one other class (beyond its control's share,
+    with source_control)."""
     large = params.large_mask_fraction is not None and candidate.mask.mean() > params.large_mask_fraction
     if candidate.asr >= params.pattern_min_asr:
         return not large or candidate.asr >= params.large_mask_min_asr
     return (not large and params.source_min_asr is not None and candidate.source_asr is not None
-            and candidate.source_asr >= params.source_min_asr)
+            and candidate.source_asr - (candidate.source_control or 0.0) >= params.source_min_asr)
 
 
 def choose_triggers(candidates: list[Trigger], params: VbdParams) -> dict[int, Trigger]:
@@ -692,9 +737,13 @@ class Vbd(Detector):
             state = "detector kept" if trigger.detector_kept else "detector dropped (training accuracy below the bar)"
             # A trigger passed by the source-class check flips few classes overall: say which one it flips.
             source = ("" if trigger.source_asr is None else
-                      f" ({100 * trigger.source_asr:.0f}% of class {trigger.source_class})")
+                      f" ({100 * trigger.source_asr:.0f}% of class {trigger.source_class}"
+                      + ("" if trigger.source_control is None else
+                         f", {100 * trigger.source_control:.0f}% by class {label}'s mean image") + ")")
+            # A class passed by the exceedance test may have a KS p above alpha: show both.
+            exceedance = "" if trigger.exceedance_p is None else f", exceedance p={trigger.exceedance_p:.2g}"
             title = (f"Trigger of class {label}: model {trigger.arch}, {trigger.top_set} top set, "
-                     f"KS p={trigger.p_value:.2g}, ASR {100 * trigger.asr:.0f}%{source}, {state}, "
+                     f"KS p={trigger.p_value:.2g}{exceedance}, ASR {100 * trigger.asr:.0f}%{source}, {state}, "
                      f"{trigger.n_flagged} flagged")
             parts.figures.append((title, trigger_panel_png(trigger.pixels, trigger.mask, rows.images(shown), titles)))
         if arrays:
