@@ -95,10 +95,14 @@ def main(names, full=False, params=None):
         if full:
             detection = Vbd(seed=seed, **(params or {})).fit(data.x, data.y, num_classes=10)
             metrics = detection_metrics(detection.flags, poison) if poison.any() else {}
+            # Every candidate: [class, model, top set, ASR, mask pixels, source ASR, source control, passed].
+            candidates = [[c["label"], c["model"], c["top_set"], round(c["asr"], 3), c["mask_pixels"],
+                           c["source_asr"], c["source_control"], c["passed"]]
+                          for c in detection.diagnostics["candidates"]]
             print(json.dumps(dict(dev=name, params=params, f1=metrics.get("f1"), tpr=metrics.get("tpr"),
                                   fpr=metrics.get("fpr", float(detection.flags.mean())),
                                   found=detection.diagnostics["poisoned_classes"],
-                                  s=round(time.time() - started))), flush=True)
+                                  s=round(time.time() - started), candidates=candidates)), flush=True)
             continue
         detection = Vbd(seed=seed, detector_epochs=1, ks_alpha=0.05).fit(data.x, data.y, num_classes=10)
         poisoned_labels = set(data.y[poison].tolist())
