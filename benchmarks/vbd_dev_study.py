@@ -62,11 +62,14 @@ HELDOUT3 = {
     "h14-grid-t1-rate0.05": dict(mode="a2o", target=1, rate=0.05,
                                  params=dict(pattern="checkerboard", position="top-right")),
 }
+# Each group with its 10k subset and poisoning seed; a new group is one entry here.
+GROUPS = ((DEV, 1), (HELDOUT, 2), (HELDOUT2, 3), (HELDOUT3, 4))
+SETS = {name: spec for group, _ in GROUPS for name, spec in group.items()}
 
 
 def set_seed(name: str) -> int:
-    """The subset and poisoning seed of set `name`: 1 for development sets, 2, 3 and 4 for the held-out groups."""
-    return 4 if name in HELDOUT3 else 3 if name in HELDOUT2 else 2 if name in HELDOUT else 1
+    """The subset and poisoning seed of set `name`: its group's (GROUPS)."""
+    return next(seed for group, seed in GROUPS if name in group)
 
 
 def dev_train(seed: int = 1):
@@ -76,7 +79,7 @@ def dev_train(seed: int = 1):
 
 def dev_set(name: str, train):
     """(dataset, poison mask) of development or held-out set `name` on `train` (dev_train(set_seed(name)))."""
-    spec = {**DEV, **HELDOUT, **HELDOUT2, **HELDOUT3}[name]
+    spec = SETS[name]
     if spec is None:
         return train, np.zeros(len(train), bool)
     spec = {"rate": 0.1, **spec}
@@ -115,7 +118,7 @@ def main(names, full=False, params=None):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("cases", nargs="+", choices=list(DEV) + list(HELDOUT) + list(HELDOUT2) + list(HELDOUT3))
+    parser.add_argument("cases", nargs="+", choices=list(SETS))
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()

@@ -21,13 +21,13 @@ from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.methods.vbd import Inputs, VbdParams, predict_probabilities, stratified_split, train_poison_models
 from backdoor_engine.models.preprocess import fit_normalisation
 from bench_vbd_detection import CASES, case_spec, subset
-from vbd_dev_study import DEV, HELDOUT, HELDOUT2, HELDOUT3, dev_set, dev_train, set_seed
+from vbd_dev_study import SETS, dev_set, dev_train, set_seed
 
 
 def poisoned_set(name: str):
     """(x, y, poison, seed) as vbd_dev_study.py (development and held-out names) or bench_vbd_detection.py (10k,
     seed 0) build it."""
-    if name in DEV or name in HELDOUT or name in HELDOUT2 or name in HELDOUT3:
+    if name in SETS:
         seed = set_seed(name)
         data, poison = dev_set(name, dev_train(seed))
         return data.x, data.y, poison, seed
@@ -73,8 +73,7 @@ def study(name: str, rank_accuracy: float) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sets", nargs="+",
-                        choices=list(DEV) + list(HELDOUT) + list(HELDOUT2) + list(HELDOUT3) + list(CASES))
+    parser.add_argument("sets", nargs="+", choices=list(SETS) + list(CASES))
     parser.add_argument("--rank-accuracy", type=float, default=0.8)
     args = parser.parse_args()
     for name in args.sets:
