@@ -124,6 +124,7 @@ def test_a_large_mask_needs_a_high_asr_unless_official():
     ({"poison_train_fraction": 1.0}, "poison_train_fraction"),
     ({"large_mask_fraction": 1.5}, "large_mask_fraction"),
     ({"rank_accuracy": 0.0}, "rank_accuracy"),
+    ({"fill_check_min_source": 0.0}, "fill_check_min_source"),
 ])
 def test_bad_parameters_are_named(params, match):
     with pytest.raises(InputError, match=match):
@@ -379,3 +380,78 @@ def test_a_concentration_top_set_with_a_third_carrying_the_trigger_passes_by_its
     ks_only = run(top_set="concentration", exceedance_test=False)
     assert ks_only.exceedance_p is None and not ks_only.poisoned(0.01)
     assert run().exceedance_p is None  # the confidence top set
+
+
+def test_the_fill_check_applies_to_flags_from_one_source_class_and_keeps_the_ones_that_leave(
+        poisoned, fitted, inputs):
+    """With the square covered by the unflagged class-2 samples' mean image, a poisoned sample reads as the class
+    it was drawn from and a clean one stays in class 2. Flags drawn from one source class (all-to-all's shape)
+    plus clean over-flags: the check applies and keeps the poison. The run's own all-to-one flags: the samples
+    that leave spread over every class, and the check leaves the flags as they were."""
+    from backdoor_engine.methods.vbd import apply_fill_check, fill_check
+
+    vbd, detection = fitted
+    trigger = vbd.triggers_[2]
+    model = vbd.models_[trigger.model_index].model
+    drawn_from = load_fashion_mnist("train").subset(np.arange(4000)).y  # the harness keeps the order
+    # An all-to-all class in miniature: class 2's clean samples and its poison drawn from ankle boots (no look-alike
+    # of class 2) only. The unflagged members' mean must be trigger-free, so the other poison is left out.
+    members = np.flatnonzero(poisoned.y == 2)
+    members = members[(poisoned.poison[members] == 0) | (drawn_from[members] == 9)]
+    one_source = poisoned.poison[members] == 1
+    over = np.flatnonzero(~one_source)[:15]  # clean class-2 samples a detector over-flagged
+    flagged = one_source.copy()
+    flagged[over] = True
+    assert one_source.sum() >= 20
+    leaves, sources = fill_check(model, trigger, inputs, members, flagged, 10)
+    assert not leaves[~flagged].any() and sources.sum() == leaves.sum()
+    assert leaves[one_source].mean() >= 0.8 and leaves[over].sum() <= 2, (leaves[one_source].mean(), leaves[over])
+    planted = dataclasses.replace(trigger, fill_source=None, fill_source_share=None, fill_checked=False)
+    assert apply_fill_check(planted, leaves, sources, VbdParams())
+    assert planted.fill_source == 9 and planted.fill_source_share >= 0.8
+    # Fewer than min_top_n leaving: no evidence of a source, no check.
+    few = dataclasses.replace(trigger, fill_source=None, fill_source_share=None, fill_checked=False)
+    assert not apply_fill_check(few, leaves, np.eye(10, dtype=int)[0] * 4, VbdParams())
+    assert few.fill_source is None and not few.fill_checked
+    # The all-to-one run: its flagged poison leaves class 2 for every class, so the check did not apply.
+    assert VbdParams().fill_check_min_source == 0.5
+    assert trigger.fill_source_share is not None and trigger.fill_source_share < 0.5
+    assert not trigger.fill_checked and trigger.n_fill_unflagged == 0
+    assert trigger.n_flagged == int(detection.flags.sum())
+    summary = detection.diagnostics["triggers"][0]
+    assert summary["fill_checked"] is False and summary["fill_source_share"] == trigger.fill_source_share
+
+
+def test_flags_the_fill_check_removes_keep_half_their_score(poisoned, fitted, monkeypatch, tmp_path):
+    """Made to apply (every flagged sample forced to read as class 0 but one), the check removes one flag: its
+    score is halved, so the scores still threshold at 0.5 to the flags."""
+    from backdoor_engine.methods import vbd as vbd_module
+
+    _, detection = fitted
+    real = vbd_module.fill_check
+
+    def one_stays(model, trigger, inputs, members, flagged, num_classes, batch_size=1024):
+        leaves = flagged.copy()
+        stays = np.flatnonzero(flagged)[0]
+        leaves[stays] = False
+        return leaves, np.bincount(np.zeros(int(leaves.sum()), int), minlength=num_classes)
+
+    monkeypatch.setattr(vbd_module, "fill_check", one_stays)
+    vbd = Vbd(**SMALL)
+    checked = vbd.fit(poisoned.x, poisoned.y, num_classes=10)
+    monkeypatch.setattr(vbd_module, "fill_check", real)
+    removed = np.flatnonzero(detection.flags & ~checked.flags)
+    assert len(removed) == 1 and not (checked.flags & ~detection.flags).any()
+    assert checked.scores[removed[0]] == pytest.approx(detection.scores[removed[0]] / 2)
+    assert checked.scores[checked.flags].min() >= 0.5 > checked.scores[~checked.flags].max()
+    (trigger,) = checked.diagnostics["triggers"]
+    assert trigger["fill_checked"] and trigger["n_fill_unflagged"] == 1 and trigger["fill_source"] == 0
+    assert trigger["n_flagged"] == int(checked.flags.sum())
+    # The report's title says what the check removed and where the kept flags read.
+    (title, _), = vbd.report(checked, poisoned, tmp_path).figures
+    assert (f"{trigger['n_flagged']} flagged (1 more read as class 2 with the mask filled by its unflagged mean "
+            "image, unflagged; 100% of the rest read as class 0)") in title
+    # Off: the detector's flags.
+    off = Vbd(**SMALL, fill_check_min_source=None).fit(poisoned.x, poisoned.y, num_classes=10)
+    np.testing.assert_array_equal(off.flags, detection.flags)
+    assert off.diagnostics["triggers"][0]["fill_source"] is None
