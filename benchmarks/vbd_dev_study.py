@@ -9,10 +9,10 @@ classes reach stage 3, so more false candidates are seen; the detectors are irre
 `--full` runs the whole pipeline at its defaults instead (plus any `--param KEY=VALUE`) and prints F1 and the
 classes found: how a candidate rule was judged on these sets before the benchmark (the all-to-all study).
 
-HELDOUT (h1-h6), HELDOUT2 (h7-h10), HELDOUT3 (h11-h14) and HELDOUT4 (h15-h19) sets were each fixed before the rule
-they judge was run on them, each group on its own 10k subset and seed, to judge a rule designed on the d* sets and the
-benchmark: they are for measuring, never for tuning (a group whose result led to a rule is a development set for that
-rule).
+HELDOUT (h1-h6), HELDOUT2 (h7-h10), HELDOUT3 (h11-h14), HELDOUT4 (h15-h19) and HELDOUT5-7 (h20-h25) sets were each
+fixed before the rule they judge was run on them, each group on its own 10k subset and seed, to judge a rule designed
+on the d* sets and the benchmark: they are for measuring, never for tuning (a group whose result led to a rule is a
+development set for that rule).
 
     python benchmarks/vbd_dev_study.py --full h1-clean h2-random-a2a --param top_set='"concentration"'
 """
@@ -73,8 +73,22 @@ HELDOUT4 = {
     "h18-square-a0.2-t4": dict(mode="a2o", target=4, params=dict(pattern="square", position=[18, 20], alpha=0.2)),
     "h19-random-t9-rate0.02": dict(mode="a2o", target=9, rate=0.02, params=dict(pattern="random", position=[4, 12])),
 }
+# Three more held-out groups (session 17), seeds 6-8, fixed before a trigger whose flags stay in their class once
+# its mask is filled (h15's false shirts class: 1 of 30 leaves) is dropped: a clean set in each (a false class shows
+# on clean data), and all-to-all and all-to-one sets whose true triggers must stay.
+HELDOUT5 = {
+    "h20-clean": None,
+    "h21-square-a2a": dict(mode="a2a", target=0, params=dict(pattern="square", position="per-class")),
+    "h22-random-t2-rate0.05": dict(mode="a2o", target=2, rate=0.05, params=dict(pattern="random", position=[22, 22])),
+}
+HELDOUT6 = {
+    "h23-clean": None,
+    "h24-square-a0.5-t7": dict(mode="a2o", target=7, params=dict(pattern="square", position=[10, 2], alpha=0.5)),
+}
+HELDOUT7 = {"h25-clean": None}
 # Each group with its 10k subset and poisoning seed; a new group is one entry here.
-GROUPS = ((DEV, 1), (HELDOUT, 2), (HELDOUT2, 3), (HELDOUT3, 4), (HELDOUT4, 5))
+GROUPS = ((DEV, 1), (HELDOUT, 2), (HELDOUT2, 3), (HELDOUT3, 4), (HELDOUT4, 5), (HELDOUT5, 6), (HELDOUT6, 7),
+          (HELDOUT7, 8))
 SETS = {name: spec for group, _ in GROUPS for name, spec in group.items()}
 
 
