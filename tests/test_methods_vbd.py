@@ -125,6 +125,7 @@ def test_a_large_mask_needs_a_high_asr_unless_official():
     ({"large_mask_fraction": 1.5}, "large_mask_fraction"),
     ({"rank_accuracy": 0.0}, "rank_accuracy"),
     ({"fill_check_min_source": 0.0}, "fill_check_min_source"),
+    ({"fill_check_min_leave": 1.5}, "fill_check_min_leave"),
 ])
 def test_bad_parameters_are_named(params, match):
     with pytest.raises(InputError, match=match):
@@ -455,3 +456,39 @@ def test_flags_the_fill_check_removes_keep_half_their_score(poisoned, fitted, mo
     off = Vbd(**SMALL, fill_check_min_source=None).fit(poisoned.x, poisoned.y, num_classes=10)
     np.testing.assert_array_equal(off.flags, detection.flags)
     assert off.diagnostics["triggers"][0]["fill_source"] is None
+
+
+def test_a_pattern_whose_flags_stay_in_their_class_once_it_is_covered_loses_them(poisoned, fitted, inputs, monkeypatch,
+                                                                                  tmp_path):
+    """A false class's 'trigger' is the class's own content: its flagged samples, mask filled with the class's
+    other samples' mean, still read as the class. Clean class-2 samples flagged by the real trigger's mask stay; the
+    run's own all-to-one flags mostly leave, so it keeps them. Made to stay (every flag), the run drops the
+    trigger's flags and says why."""
+    from backdoor_engine.methods import vbd as vbd_module
+
+    vbd, detection = fitted
+    trigger = vbd.triggers_[2]
+    model = vbd.models_[trigger.model_index].model
+    members = np.flatnonzero((poisoned.y == 2) & (poisoned.poison == 0))
+    flagged = np.zeros(len(members), bool)
+    # A detector flags what the simple model assigns to the class: 30 such clean samples.
+    flagged[np.flatnonzero(predict_probabilities(model, inputs, members).argmax(1) == 2)[:30]] = True
+    leaves, _ = vbd_module.fill_check(model, trigger, inputs, members, flagged, 10)
+    assert leaves[flagged].mean() < VbdParams().fill_check_min_leave == 0.2, leaves[flagged].mean()
+    assert trigger.carries_label and trigger.fill_leave_share >= 0.7, trigger.fill_leave_share
+
+    def all_stay(model, trigger, inputs, members, flagged, num_classes, batch_size=1024):
+        return np.zeros(len(members), bool), np.zeros(num_classes, int)
+
+    monkeypatch.setattr(vbd_module, "fill_check", all_stay)
+    run = Vbd(**SMALL)
+    dropped = run.fit(poisoned.x, poisoned.y, num_classes=10)
+    assert not dropped.flags.any() and dropped.diagnostics["poisoned_classes"] == []
+    (summary,) = dropped.diagnostics["triggers"]
+    assert summary["carries_label"] is False and summary["fill_leave_share"] == 0.0
+    assert summary["n_flagged"] == 0 and summary["n_fill_unflagged"] == int(detection.flags.sum())
+    assert "classes [2] passed stages 2-4" in dropped.diagnostics["explanation"]
+    np.testing.assert_allclose(dropped.scores[detection.flags], detection.scores[detection.flags] / 2)
+    assert dropped.scores.max() < 0.5
+    (title, _), = run.report(dropped, poisoned, tmp_path).figures
+    assert f"flags dropped: 0% of its {summary['n_fill_unflagged']} flagged samples leave class 2" in title

@@ -42,7 +42,7 @@ def test_triggers_writes_the_report_and_one_png_pair_per_trigger(triggers_report
         assert (triggers_report / f"mask_class{label}.png").exists()
         assert {"mask", "pattern_pixels", "p_value", "asr", "arch", "top_set", "source_asr",
                 "source_class", "exceedance_p", "fill_source", "fill_source_share", "fill_checked",
-                "n_fill_unflagged"} <= set(trigger)
+                "n_fill_unflagged", "fill_leave_share", "carries_label"} <= set(trigger)
     page = (triggers_report / "report.html").read_text()
     assert "data:image/png;base64," in page
     if report["diagnostics"]["triggers"]:
