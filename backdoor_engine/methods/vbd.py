@@ -135,7 +135,8 @@ class VbdParams:
                                                 "samples leave the class and this share of them go to one class "
                                                 "(one source: all-to-all), only the flags that leave are kept "
                                                 "(None: off, official). Measured shares: 0.62-1.00 for every found "
-                                                "class of 13 a2a sets, 0.13-0.33 on 20 a2o sets. BadNets a2a square "
+                                                "class of 13 a2a sets (a 14th, held-out, had one class at 0.30: its "
+                                                "flags stay), 0.13-0.33 on 22 a2o sets. BadNets a2a square "
                                                 "/ grid F1 78.94 / 92.42% -> 82.53 / 99.35%, held-out a2a 88.89 -> "
                                                 "92.52% and 93.31 -> 98.84%, a2o rows unchanged (RESULTS.md, "
                                                 "session 17)")
@@ -146,8 +147,9 @@ class VbdParams:
                                                "leave the class once the mask is filled (see fill_check_min_source) "
                                                "does not carry the label: its flags are dropped and its class is not "
                                                "reported poisoned (None: off, official). Measured: 0.38-1.00 for the "
-                                               "true triggers of 13 a2a and 18 a2o sets, 0.00-0.05 for four false "
-                                               "classes (h15's shirts; session 15's trousers on h7, h10, h11). A "
+                                               "true triggers of 13 a2a and 18 a2o sets (0.79-1.00 on 3 held-out "
+                                               "sets, 0.47-1.00 on 4 more), 0.00-0.05 for four false classes (h15's "
+                                               "shirts; session 15's trousers on h7, h10, h11). A "
                                                "clean-label trigger (outside VBD's scope) would be dropped "
                                                "(RESULTS.md, session 17)")
     check_fraction: float = param(0.1, "official code: stratified 10% of the detection split for the ASR check")
