@@ -487,7 +487,7 @@ def test_a_pattern_whose_flags_stay_in_their_class_once_it_is_covered_loses_them
     (summary,) = dropped.diagnostics["triggers"]
     assert summary["carries_label"] is False and summary["fill_leave_share"] == 0.0
     assert summary["n_flagged"] == 0 and summary["n_fill_unflagged"] == int(detection.flags.sum())
-    assert "classes [2] passed stages 2-4" in dropped.diagnostics["explanation"]
+    assert "(class 2 passed stages 2-4, but the flagged samples stay" in dropped.diagnostics["explanation"]
     np.testing.assert_allclose(dropped.scores[detection.flags], detection.scores[detection.flags] / 2)
     assert dropped.scores.max() < 0.5
     (title, _), = run.report(dropped, poisoned, tmp_path).figures

@@ -818,9 +818,11 @@ class Vbd(Detector):
             dropped = [label for label, t in self.triggers_.items() if t.carries_label is False]
             diagnostics["explanation"] = ("No class was found poisoned: no static trigger that the simple models "
                                           "learned was found"
-                                          + (f" (the patterns of classes {dropped} passed stages 2-4, but their "
-                                             "flagged samples stay in their class with the pattern covered: they do "
-                                             "not carry the label)" if dropped else "") + ". " + SCOPE_NOTE)
+                                          + (f" (class{'es' if len(dropped) > 1 else ''} "
+                                             f"{', '.join(map(str, dropped))} passed stages 2-4, but the flagged "
+                                             "samples stay in their class with the pattern covered: "
+                                             f"{'they do' if len(dropped) > 1 else 'it does'} not carry the label)"
+                                             if dropped else "") + ". " + SCOPE_NOTE)
         params_out = asdict(params)
         return Detection(self.name, flags, params=params_out, scores=scores, diagnostics=diagnostics)
 
