@@ -6,8 +6,9 @@ classes reach stage 3, so more false candidates are seen; the detectors are irre
 
     python benchmarks/vbd_dev_study.py d4-clean d3-grid-a0.2-t9 d2-square-a0.1-t7 > dev.log
 
-`--full` runs the whole pipeline at its defaults instead (plus any `--param KEY=VALUE`) and prints F1 and the
-classes found: how a candidate rule was judged on these sets before the benchmark (the all-to-all study).
+`--full` runs the whole pipeline at its defaults instead (plus any `--param KEY=VALUE`) and prints F1, the classes
+found, every candidate and each chosen trigger's stage-6 fill-check evidence: how a candidate rule was judged on these
+sets before the benchmark (the all-to-all study).
 
 HELDOUT (h1-h6), HELDOUT2 (h7-h10), HELDOUT3 (h11-h14), HELDOUT4 (h15-h19) and HELDOUT5-7 (h20-h25) sets were each
 fixed before the rule they judge was run on them, each group on its own 10k subset and seed, to judge a rule designed
@@ -127,10 +128,16 @@ def main(names, full=False, params=None):
             candidates = [[c["label"], c["model"], c["top_set"], round(c["asr"], 3), c["mask_pixels"],
                            c["source_asr"], c["source_control"], c["passed"]]
                           for c in detection.diagnostics["candidates"]]
+            # Every chosen trigger's stage-6 evidence: [class, share of its flags that leave with the mask filled,
+            # share of those to one class, fill check applied, carries the label, flags removed, flags kept].
+            triggers = [[t["label"], t["fill_leave_share"], t["fill_source_share"], t["fill_checked"],
+                         t["carries_label"], t["n_fill_unflagged"], t["n_flagged"]]
+                        for t in detection.diagnostics["triggers"]]
             print(json.dumps(dict(dev=name, params=params, f1=metrics.get("f1"), tpr=metrics.get("tpr"),
                                   fpr=metrics.get("fpr", float(detection.flags.mean())),
                                   found=detection.diagnostics["poisoned_classes"],
-                                  s=round(time.time() - started), candidates=candidates)), flush=True)
+                                  s=round(time.time() - started), candidates=candidates, triggers=triggers)),
+                  flush=True)
             continue
         detection = Vbd(seed=seed, detector_epochs=1, ks_alpha=0.05).fit(data.x, data.y, num_classes=10)
         poisoned_labels = set(data.y[poison].tolist())
