@@ -548,17 +548,23 @@ def class_candidates(models: list[PoisonModel], inputs: Inputs, y: np.ndarray, d
     return tests, candidates
 
 
+def pasted_predictions(model: nn.Module, inputs: Inputs, index: np.ndarray, pattern: np.ndarray,
+                       mask: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Per sample of `index`: the class the model assigns it once the pattern is pasted through the mask (alpha 1)."""
+    model.eval()
+    predicted = np.zeros(len(index), np.int64)
+    mask_t, pattern_t = torch.from_numpy(mask.astype(np.float32)), torch.from_numpy(pattern)
+    with torch.no_grad():
+        for start in range(0, len(index), batch_size):
+            x = paste(inputs(index[start:start + batch_size]), pattern_t, mask_t, 1.0)
+            predicted[start:start + batch_size] = model(x).argmax(1).numpy()
+    return predicted
+
+
 def pasted_hits(model: nn.Module, inputs: Inputs, index: np.ndarray, label: int, pattern: np.ndarray,
                 mask: np.ndarray) -> np.ndarray:
     """Per sample of `index`: whether the model assigns it to `label` once the pattern is pasted (alpha 1)."""
-    model.eval()
-    hits = np.zeros(len(index), bool)
-    mask_t, pattern_t = torch.from_numpy(mask.astype(np.float32)), torch.from_numpy(pattern)
-    with torch.no_grad():
-        for start in range(0, len(index), 1024):
-            x = paste(inputs(index[start:start + 1024]), pattern_t, mask_t, 1.0)
-            hits[start:start + 1024] = (model(x).argmax(1) == label).numpy()
-    return hits
+    return pasted_predictions(model, inputs, index, pattern, mask) == label
 
 
 def pattern_asr(model: nn.Module, inputs: Inputs, check_index: np.ndarray, label: int, pattern: np.ndarray,
@@ -607,15 +613,8 @@ def fill_check(model: nn.Module, trigger: Trigger, inputs: Inputs, members: np.n
     flagged_index, clean_index = members[flagged], members[~flagged]
     if not len(flagged_index) or not len(clean_index):
         return leaves, np.zeros(num_classes, int)
-    fill = mean_input(inputs, clean_index)
-    mask = torch.from_numpy(trigger.mask.astype(np.float32))
-    predictions = []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(flagged_index), batch_size):
-            x = paste(inputs(flagged_index[start:start + batch_size]), fill, mask, 1.0)
-            predictions.append(model(x).argmax(1).numpy())
-    predicted = np.concatenate(predictions)
+    fill = mean_input(inputs, clean_index).numpy()
+    predicted = pasted_predictions(model, inputs, flagged_index, fill, trigger.mask, batch_size)
     leaves[flagged] = predicted != trigger.label
     return leaves, np.bincount(predicted[predicted != trigger.label], minlength=num_classes)
 
