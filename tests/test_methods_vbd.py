@@ -126,6 +126,7 @@ def test_a_large_mask_needs_a_high_asr_unless_official():
     ({"rank_accuracy": 0.0}, "rank_accuracy"),
     ({"fill_check_min_source": 0.0}, "fill_check_min_source"),
     ({"fill_check_min_leave": 1.5}, "fill_check_min_leave"),
+    ({"concentration_coordinate": "median"}, "concentration_coordinate must be one of official, magnitude"),
 ])
 def test_bad_parameters_are_named(params, match):
     with pytest.raises(InputError, match=match):
@@ -381,6 +382,37 @@ def test_a_concentration_top_set_with_a_third_carrying_the_trigger_passes_by_its
     ks_only = run(top_set="concentration", exceedance_test=False)
     assert ks_only.exceedance_p is None and not ks_only.poisoned(0.01)
     assert run().exceedance_p is None  # the confidence top set
+
+
+def test_a_concentration_top_set_is_tested_where_its_gradient_magnitudes_are_largest_not_where_signs_agree(
+        monkeypatch):
+    """Planted margin gradients: 7 trigger carriers spike on one pixel, pulling the margin either way (+5 on four,
+    -5 on three), and every sample, top or low, has the same +1.5 on a second pixel (a silhouette all share).
+    |mean gradient| over the top set is 0.25 on the spike and 1.5 on the shared pixel: the official choice tests the
+    shared pixel, where no sample stands out. The mean magnitude (1.75 against 1.5) tests the spike: 7 carriers."""
+    from backdoor_engine.methods import vbd as vbd_module
+
+    n, label = 120, 2
+    y = np.full(n, label)
+    carriers = np.arange(7)
+
+    def planted_gradients(model, inputs, index, label):
+        noise = np.stack([np.random.default_rng(int(i)).uniform(-0.1, 0.1, (1, 28, 28)) for i in index])
+        sign = np.where(index % 2 == 0, 1.0, -1.0)
+        noise[:, 0, 3, 3] = np.where(np.isin(index, carriers), 5.0 * sign, 0.0)
+        noise[:, 0, 20, 20] = 1.5
+        return torch.from_numpy(noise.astype(np.float32))
+
+    monkeypatch.setattr(vbd_module, "batched_gradients", planted_gradients)
+    probabilities = np.full((n, 10), 0.01)
+    probabilities[:, label] = np.linspace(0.99, 0.5, n)
+    run = lambda **kw: vbd_test_class(None, 0, None, y, np.arange(n), probabilities, label,  # noqa: E731
+                                      VbdParams(**SMALL, **kw), top_set="concentration")
+    test = run()
+    assert test.coordinates == [[0, 3, 3]] and test.carriers.sum() == 7 and test.poisoned(0.01)
+    assert set(test.top_index[test.carriers].tolist()) == set(carriers)
+    official = run(concentration_coordinate="official")
+    assert official.coordinates == [[0, 20, 20]] and official.carriers.sum() == 0 and not official.poisoned(0.01)
 
 
 def test_the_fill_check_applies_to_flags_from_one_source_class_and_keeps_the_ones_that_leave(
