@@ -60,9 +60,10 @@ def test_diagnostics_explain_every_stage(fitted):
     vbd, detection = fitted
     d = detection.diagnostics
     assert [m["arch"] for m in d["models"]] == ["10-10P"] and 0 < d["models"][0]["train_accuracy"] <= 1
-    # Ten confidence tests, then a concentration test of each class not found (all but 2).
-    assert [(t["label"], t["top_set"]) for t in d["class_tests"]] == (
-        [(c, "confidence") for c in range(10)] + [(c, "concentration") for c in range(10) if c != 2])
+    # Ten confidence tests, then a concentration test of each class not found (all but 2), on each input.
+    assert [(t["label"], t["top_set"], t["coordinate"]) for t in d["class_tests"]] == (
+        [(c, "confidence", "official") for c in range(10)]
+        + [(c, "concentration", i) for c in range(10) if c != 2 for i in ("official", "magnitude")])
     assert any(c["label"] == 2 and c["passed"] and c["top_set"] == "confidence" for c in d["candidates"])
     assert all(c["source_asr"] is not None and c["source_class"] != c["label"] for c in d["candidates"])
     (trigger,) = d["triggers"]
@@ -126,7 +127,9 @@ def test_a_large_mask_needs_a_high_asr_unless_official():
     ({"rank_accuracy": 0.0}, "rank_accuracy"),
     ({"fill_check_min_source": 0.0}, "fill_check_min_source"),
     ({"fill_check_min_leave": 1.5}, "fill_check_min_leave"),
-    ({"concentration_coordinate": "median"}, "concentration_coordinate must be one of official, magnitude"),
+    ({"concentration_coordinates": ("official", "median")}, "concentration_coordinates must be a non-empty list"),
+    ({"concentration_coordinates": ()}, "concentration_coordinates"),
+    ({"concentration_coordinates": "magnitude"}, "concentration_coordinates"),
 ])
 def test_bad_parameters_are_named(params, match):
     with pytest.raises(InputError, match=match):
@@ -406,13 +409,38 @@ def test_a_concentration_top_set_is_tested_where_its_gradient_magnitudes_are_lar
     monkeypatch.setattr(vbd_module, "batched_gradients", planted_gradients)
     probabilities = np.full((n, 10), 0.01)
     probabilities[:, label] = np.linspace(0.99, 0.5, n)
-    run = lambda **kw: vbd_test_class(None, 0, None, y, np.arange(n), probabilities, label,  # noqa: E731
-                                      VbdParams(**SMALL, **kw), top_set="concentration")
-    test = run()
+    run = lambda coordinate: vbd_test_class(None, 0, None, y, np.arange(n), probabilities, label,  # noqa: E731
+                                            VbdParams(**SMALL), top_set="concentration", coordinate=coordinate)
+    test = run("magnitude")
     assert test.coordinates == [[0, 3, 3]] and test.carriers.sum() == 7 and test.poisoned(0.01)
-    assert set(test.top_index[test.carriers].tolist()) == set(carriers)
-    official = run(concentration_coordinate="official")
+    assert set(test.top_index[test.carriers].tolist()) == set(carriers) and test.summary()["coordinate"] == "magnitude"
+    official = run("official")
     assert official.coordinates == [[0, 20, 20]] and official.carriers.sum() == 0 and not official.poisoned(0.01)
+
+
+def test_a_concentration_top_set_is_tested_on_each_input_and_the_confidence_top_set_on_the_official_one(
+        poisoned, fitted, inputs):
+    """Stages 2-4 on the fixture's models: the concentration pass gives one test per model, class and input
+    (official first), and a candidate carries the input its test read; the confidence pass keeps the official input
+    only."""
+    from backdoor_engine.methods.vbd import class_candidates
+    vbd, _ = fitted
+    assert VbdParams().concentration_coordinates == ("official", "magnitude")
+    _, detect = stratified_split(poisoned.y, 0.8, np.random.default_rng(0))  # the fit's detection split
+    probabilities = [predict_probabilities(m.model, inputs, detect) for m in vbd.models_]
+    run = lambda top_set, **kw: class_candidates(  # noqa: E731
+        vbd.models_, inputs, poisoned.y, detect, probabilities, [2, 5], VbdParams(**SMALL, **kw),
+        np.random.default_rng(0), top_set)
+    tests, candidates = run("concentration")
+    assert [(t.label, t.coordinate) for t in tests] == [(2, "official"), (2, "magnitude"), (5, "official"),
+                                                        (5, "magnitude")]
+    # The planted square is found on both inputs: two candidates for class 2, each naming its input.
+    assert sorted((c.label, c.coordinate) for c in candidates if c.label == 2) == [(2, "magnitude"), (2, "official")]
+    assert {c.summary()["coordinate"] for c in candidates} <= {"official", "magnitude"}
+    one, _ = run("concentration", concentration_coordinates=["official"])
+    assert [(t.label, t.coordinate) for t in one] == [(2, "official"), (5, "official")]
+    confidence, _ = run("confidence")
+    assert [t.coordinate for t in confidence] == ["official", "official"]
 
 
 def test_the_fill_check_applies_to_flags_from_one_source_class_and_keeps_the_ones_that_leave(
