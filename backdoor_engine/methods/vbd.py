@@ -8,7 +8,8 @@ the official BackdoorBench `VarianceBasedDefense.py`; the paper where it says mo
                                              (rank_accuracy, ours: the top set ranked at an earlier epoch; top_set,
                                              ours: classes left unfound are retested with a concentration top set,
                                              which also passes by its carriers' exceedance count and is tested
-                                             where its gradient magnitudes are largest, ours)
+                                             on two inputs, the official one and where its gradient magnitudes
+                                             are largest, ours)
   3 extract_trigger                          mask = Otsu(gradient mask x (1 - variance)), pattern = masked mean,
                                              over the top set's trigger carriers (trigger_carriers, ours)
   4 pattern_asr + choose_triggers            ASR check (>= 0.33; a mask over 5% of the image needs >= 0.9, ours;
