@@ -4,7 +4,7 @@ each trigger and its mask, and flag the samples that carry it.
 Stages, each a plain function composed by `Vbd` (provenance of every default: SEED_NOTES.md section 3,
 the official BackdoorBench `VarianceBasedDefense.py`; the paper where it says more):
   1 stratified_split + train_poison_models   the ensemble of simple models, all trained in one pass over the data
-  2 test_class                               top/low sets, margin gradients, KS test on the most influential input
+  2 class_tests                              top/low sets, margin gradients, KS test on the most influential input
                                              (rank_accuracy, ours: the top set ranked at an earlier epoch; top_set,
                                              ours: classes left unfound are retested with a concentration top set,
                                              which also passes by its carriers' exceedance count and is tested
@@ -468,13 +468,23 @@ def test_class(model: nn.Module, model_index: int, inputs: Inputs, y: np.ndarray
                probabilities: np.ndarray, label: int, params: VbdParams,
                rank_probabilities: np.ndarray | None = None, top_set: str | None = None,
                coordinate: str = "official") -> ClassTest:
+    """Stage 2 for one class on one input (`class_tests` with `coordinates=(coordinate,)`)."""
+    return class_tests(model, model_index, inputs, y, detect_index, probabilities, label, params, rank_probabilities,
+                       top_set, (coordinate,))[0]
+
+
+def class_tests(model: nn.Module, model_index: int, inputs: Inputs, y: np.ndarray, detect_index: np.ndarray,
+                probabilities: np.ndarray, label: int, params: VbdParams,
+                rank_probabilities: np.ndarray | None = None, top_set: str | None = None,
+                coordinates: tuple[str, ...] = ("official",)) -> list[ClassTest]:
     """Stage 2 for one class: the most confident `top_n` samples labelled and predicted `label` against
     the `top_n` least confident others of that label, compared on the input the top set relies on most.
     `rank_probabilities` (an earlier epoch's, same rows as `probabilities`) rank the top set when given;
     with `top_set` "concentration" (default: params.top_set's first kind) the top set is instead the samples
     predicted `label` whose margin gradient is most concentrated (share of its mass in its
-    `concentration_pixels` largest pixels). `coordinate` says which input is tested: "official", where |mean
-    gradient| over the top set is largest, or "magnitude", where the mean |gradient| is."""
+    `concentration_pixels` largest pixels). One test per entry of `coordinates`, in order, on the same top and
+    low sets and gradients: "official" reads the input where |mean gradient| over the top set is largest,
+    "magnitude" where the mean |gradient| is."""
     top_set = "concentration" if (top_set or params.top_set) == "concentration" else "confidence"
     in_class = y[detect_index] == label
     members, p = detect_index[in_class], probabilities[in_class]
@@ -483,7 +493,7 @@ def test_class(model: nn.Module, model_index: int, inputs: Inputs, y: np.ndarray
     confident = np.flatnonzero(predicted)
     n_top = min(params.top_n, len(confident))
     if n_top < params.min_top_n:
-        return ClassTest(model_index, label, n_top, 0, None, top_set=top_set, coordinate=coordinate)
+        return [ClassTest(model_index, label, n_top, 0, None, top_set=top_set, coordinate=c) for c in coordinates]
     by_concentration = top_set == "concentration"
     if by_concentration:
         # Each candidate's own margin gradient: a trigger of a few pixels puts most of its mass there.
@@ -503,23 +513,26 @@ def test_class(model: nn.Module, model_index: int, inputs: Inputs, y: np.ndarray
     else:
         gradients = batched_gradients(model, inputs, members[np.concatenate([top_local, low_local])], label).numpy()
         top_gradients, low_gradients = gradients[:n_top], gradients[n_top:]
-    # Official: every (channel, row, col) where |mean gradient| is maximal (usually one); the paper's Eq. 7
-    # averages over channels first. Statistic = max |gradient| over those inputs.
-    if coordinate == "magnitude":
-        importance = np.abs(top_gradients).mean(axis=0)
-    else:
-        importance = np.abs(top_gradients.mean(axis=0))
-    where = np.argwhere(importance == importance.max())
-    statistic = lambda g: np.abs(g[:, where[:, 0], where[:, 1], where[:, 2]]).max(axis=1)  # noqa: E731
-    top_statistic, low_statistic = statistic(top_gradients), statistic(low_gradients)
-    p_value = float(ks_2samp(top_statistic, low_statistic).pvalue) if len(low_local) else None
-    exceeding = top_statistic > low_statistic.max() if len(low_local) else None
-    carriers = exceeding if params.trigger_carriers else None
-    exceedance_p = None
-    if by_concentration and params.exceedance_test and exceeding is not None:
-        exceedance_p = exceedance_p_value(n_top, len(low_local), int(exceeding.sum()))
-    return ClassTest(model_index, label, n_top, len(low_local), p_value, where.tolist(), members[top_local],
-                     top_gradients, carriers, top_set, exceedance_p, coordinate)
+    tests = []
+    for coordinate in coordinates:
+        # Official: every (channel, row, col) where |mean gradient| is maximal (usually one); the paper's Eq. 7
+        # averages over channels first. Statistic = max |gradient| over those inputs.
+        if coordinate == "magnitude":
+            importance = np.abs(top_gradients).mean(axis=0)
+        else:
+            importance = np.abs(top_gradients.mean(axis=0))
+        where = np.argwhere(importance == importance.max())
+        statistic = lambda g: np.abs(g[:, where[:, 0], where[:, 1], where[:, 2]]).max(axis=1)  # noqa: E731
+        top_statistic, low_statistic = statistic(top_gradients), statistic(low_gradients)
+        p_value = float(ks_2samp(top_statistic, low_statistic).pvalue) if len(low_local) else None
+        exceeding = top_statistic > low_statistic.max() if len(low_local) else None
+        carriers = exceeding if params.trigger_carriers else None
+        exceedance_p = None
+        if by_concentration and params.exceedance_test and exceeding is not None:
+            exceedance_p = exceedance_p_value(n_top, len(low_local), int(exceeding.sum()))
+        tests.append(ClassTest(model_index, label, n_top, len(low_local), p_value, where.tolist(), members[top_local],
+                               top_gradients, carriers, top_set, exceedance_p, coordinate))
+    return tests
 
 
 def exceedance_p_value(n_top: int, n_low: int, exceeding: int) -> float:
@@ -552,34 +565,42 @@ def class_candidates(models: list[PoisonModel], inputs: Inputs, y: np.ndarray, d
     tests, candidates = [], []
     coordinates = params.concentration_coordinates if top_set == "concentration" else ("official",)
     for m, poison in enumerate(models):
-        for label, coordinate in [(label, coordinate) for label in labels for coordinate in coordinates]:
-            test = test_class(poison.model, m, inputs, y, detect_index, probabilities[m], label, params,
-                              poison.rank_probabilities, top_set, coordinate)
-            tests.append(test)
-            if not test.poisoned(params.ks_alpha):
-                continue
-            extracted = extract_trigger(test, inputs)
-            if extracted is None:
-                continue
-            mask, pattern, shown = extracted
-            others = detect_index[y[detect_index] != label]
-            check_index, _ = stratified_split(y[others], params.check_fraction, rng)
-            asr = pattern_asr(poison.model, inputs, others[check_index], label, pattern, mask)
-            score = params.selection_weight * (1 - poison.train_accuracy) + (1 - params.selection_weight) * asr
-            source = {}
-            if params.source_min_asr is not None:
-                rates = class_asr(poison.model, inputs, others, y[others], label, pattern, mask)
-                control = dict.fromkeys(rates, 0.0)
-                if params.source_control:
-                    own = mean_input(inputs, detect_index[y[detect_index] == label]).numpy() * mask
-                    control = class_asr(poison.model, inputs, others, y[others], label, own.astype(np.float32), mask)
-                best = max(rates, key=lambda c: rates[c] - control[c])
-                source = dict(source_asr=rates[best], source_class=best,
-                              source_control=control[best] if params.source_control else None)
-            candidates.append(Trigger(label, m, poison.arch, mask, pattern, shown, test.p_value, asr, score,
-                                      top_set=test.top_set, exceedance_p=test.exceedance_p,
-                                      coordinate=test.coordinate, **source))
+        for label in labels:
+            for test in class_tests(poison.model, m, inputs, y, detect_index, probabilities[m], label, params,
+                                    poison.rank_probabilities, top_set, coordinates):
+                tests.append(test)
+                if test.poisoned(params.ks_alpha):
+                    candidate = trigger_candidate(test, poison, inputs, y, detect_index, params, rng)
+                    if candidate is not None:
+                        candidates.append(candidate)
     return tests, candidates
+
+
+def trigger_candidate(test: ClassTest, poison: PoisonModel, inputs: Inputs, y: np.ndarray, detect_index: np.ndarray,
+                   params: VbdParams, rng: np.random.Generator) -> Trigger | None:
+    """Stages 3-4 for a test that passed: its trigger with ASR, score and source check; None when the mask is
+    empty. Each call draws its ASR check split from `rng`."""
+    extracted = extract_trigger(test, inputs)
+    if extracted is None:
+        return None
+    mask, pattern, shown = extracted
+    label = test.label
+    others = detect_index[y[detect_index] != label]
+    check_index, _ = stratified_split(y[others], params.check_fraction, rng)
+    asr = pattern_asr(poison.model, inputs, others[check_index], label, pattern, mask)
+    score = params.selection_weight * (1 - poison.train_accuracy) + (1 - params.selection_weight) * asr
+    source = {}
+    if params.source_min_asr is not None:
+        rates = class_asr(poison.model, inputs, others, y[others], label, pattern, mask)
+        control = dict.fromkeys(rates, 0.0)
+        if params.source_control:
+            own = mean_input(inputs, detect_index[y[detect_index] == label]).numpy() * mask
+            control = class_asr(poison.model, inputs, others, y[others], label, own.astype(np.float32), mask)
+        best = max(rates, key=lambda c: rates[c] - control[c])
+        source = dict(source_asr=rates[best], source_class=best,
+                      source_control=control[best] if params.source_control else None)
+    return Trigger(label, test.model_index, poison.arch, mask, pattern, shown, test.p_value, asr, score,
+                   top_set=test.top_set, exceedance_p=test.exceedance_p, coordinate=test.coordinate, **source)
 
 
 def pasted_predictions(model: nn.Module, inputs: Inputs, index: np.ndarray, pattern: np.ndarray,
