@@ -152,13 +152,16 @@ def run(args):
         extract_s = time.perf_counter() - t0
         for variant in todo:
             t0 = time.perf_counter()
-            detection = Flare(**variants[variant], reduce=args.reduce).fit(features.bn_minima, features.layout,
-                                                                           y=dataset.y)
+            flare = Flare(**variants[variant], reduce=args.reduce)
+            detection = flare.fit(features.bn_minima, features.layout, y=dataset.y)
             metrics = detection_metrics(detection.flags, truth)
             if args.keep_flags:
-                Path(args.keep_flags).mkdir(parents=True, exist_ok=True)
-                np.save(Path(args.keep_flags) / f"{Path(model_path).stem}--{variant}.npy",
-                        np.flatnonzero(detection.flags))
+                kept = Path(args.keep_flags)
+                kept.mkdir(parents=True, exist_ok=True)
+                np.save(kept / f"{Path(model_path).stem}--{variant}.npy", np.flatnonzero(detection.flags))
+                # Each seed's run too (one row of packed bits per run): the table's boundary count pools them.
+                np.save(kept / f"{Path(model_path).stem}--{variant}--runs.npy",
+                        np.packbits(np.stack([r.flags for r in flare.runs_]), axis=1))
             d = detection.diagnostics
             row = {"model": str(model_path), "variant": variant, "attack": case[0], "mode": case[1],
                    "n": len(dataset), "n_poison": int(truth.sum()), "reduce": args.reduce,
@@ -191,18 +194,34 @@ def differing(model: str, variants: list[str], kept: Path) -> str:
     return str(max(len(a ^ b) for i, a in enumerate(flagged) for b in flagged[i + 1:]))
 
 
+def boundary(model: str, variants: list[str], kept: Path, n: int, low: float = 0.2) -> str:
+    """How many samples the flagging runs of all `variants` together (each seed's run, from --keep-flags)
+    flag in between `low` and 1 - `low` of the runs: where a majority of five runs can go either way under
+    another base seed. '?' if not kept."""
+    paths = [kept / f"{Path(model).stem}--{v}--runs.npy" for v in variants]
+    if not all(path.exists() for path in paths):
+        return "?"
+    runs = np.vstack([np.unpackbits(np.load(path), axis=1, count=n).astype(bool) for path in paths])
+    runs = runs[runs.any(axis=1)]
+    if len(runs) < 2:
+        return "0"
+    share = runs.mean(axis=0)
+    return str(int(((share >= low) & (share <= 1 - low)).sum()))
+
+
 def print_table(rows, variants=None, same=None, kept=None):
     """One row per scanned set, TPR / FPR of each variant side by side, the paper's beside them; with
-    `same` (variant names), whether those variants flagged the same samples and on how many they differ."""
+    `same` (variant names), whether those variants flagged the same samples, on how many they differ, and
+    how many samples their runs pooled leave undecided (boundary)."""
     variants = variants or list(dict.fromkeys(r["variant"] for r in rows))
     rows = [r for r in rows if r["variant"] in variants]
     cases = {}
     for r in rows:
         cases.setdefault(r["model"], {})[r["variant"]] = r
-    same_head = f" same flags ({', '.join(same)}) | samples differing |" if same else ""
+    same_head = f" same flags ({', '.join(same)}) | samples differing | boundary samples |" if same else ""
     print("| attack | mode | n | poisoned | ASR | " + " | ".join(f"{v} TPR / FPR" for v in variants)
           + " | paper TPR / FPR (CIFAR-10) |" + same_head)
-    print("|---" * (6 + len(variants) + (2 if same else 0)) + "|")
+    print("|---" * (6 + len(variants) + (3 if same else 0)) + "|")
     for by_variant in cases.values():
         r = next(iter(by_variant.values()))
         paper = r["paper_tpr_fpr"]
@@ -214,7 +233,8 @@ def print_table(rows, variants=None, same=None, kept=None):
         if same:
             digests = {by_variant[v]["flags_digest"] for v in same if v in by_variant}
             agree = "-" if not all(v in by_variant for v in same) else ("yes" if len(digests) == 1 else "no")
-            tail = f" {agree} | {differing(r['model'], same, Path(kept)) if kept else '?'} |"
+            tail = (f" {agree} | {differing(r['model'], same, Path(kept)) if kept else '?'} |"
+                    f" {boundary(r['model'], same, Path(kept), r['n']) if kept else '?'} |")
         print(f"| {r['attack']} | {r['mode']} | {r['n']} | {r['n_poison']} | {asr} | " + " | ".join(cells)
               + f" | {paper} |" + tail)
 
