@@ -564,22 +564,25 @@ def class_candidates(models: list[PoisonModel], inputs: Inputs, y: np.ndarray, d
     and a candidate Trigger (with its ASR and score) for each test that passed KS and gave a mask."""
     tests, candidates = [], []
     coordinates = params.concentration_coordinates if top_set == "concentration" else ("official",)
+    class_means = {}  # the source control's class-mean images, read once per label for every model and input
     for m, poison in enumerate(models):
         for label in labels:
             for test in class_tests(poison.model, m, inputs, y, detect_index, probabilities[m], label, params,
                                     poison.rank_probabilities, top_set, coordinates):
                 tests.append(test)
                 if test.poisoned(params.ks_alpha):
-                    candidate = trigger_candidate(test, poison, inputs, y, detect_index, params, rng)
+                    candidate = trigger_candidate(test, poison, inputs, y, detect_index, params, rng, class_means)
                     if candidate is not None:
                         candidates.append(candidate)
     return tests, candidates
 
 
 def trigger_candidate(test: ClassTest, poison: PoisonModel, inputs: Inputs, y: np.ndarray, detect_index: np.ndarray,
-                   params: VbdParams, rng: np.random.Generator) -> Trigger | None:
+                      params: VbdParams, rng: np.random.Generator,
+                      class_means: dict | None = None) -> Trigger | None:
     """Stages 3-4 for a test that passed: its trigger with ASR, score and source check; None when the mask is
-    empty. Each call draws its ASR check split from `rng`."""
+    empty. Each call draws its ASR check split from `rng`. `class_means` (label -> mean image of the class's
+    detection samples) is filled as the source control needs it, so callers may share it across calls."""
     extracted = extract_trigger(test, inputs)
     if extracted is None:
         return None
@@ -594,7 +597,10 @@ def trigger_candidate(test: ClassTest, poison: PoisonModel, inputs: Inputs, y: n
         rates = class_asr(poison.model, inputs, others, y[others], label, pattern, mask)
         control = dict.fromkeys(rates, 0.0)
         if params.source_control:
-            own = mean_input(inputs, detect_index[y[detect_index] == label]).numpy() * mask
+            class_means = {} if class_means is None else class_means
+            if label not in class_means:
+                class_means[label] = mean_input(inputs, detect_index[y[detect_index] == label]).numpy()
+            own = class_means[label] * mask
             control = class_asr(poison.model, inputs, others, y[others], label, own.astype(np.float32), mask)
         best = max(rates, key=lambda c: rates[c] - control[c])
         source = dict(source_asr=rates[best], source_class=best,
