@@ -76,6 +76,9 @@ VARIANTS = {
     "session12": dict(island_labels=1, drop_off_label=False),
     "islands1": dict(island_labels=1),
     "keepoff": dict(drop_off_label=False),
+    # Session 20: the loop passes over a stable split of benign classes (class_split_layers); "session19" = it
+    # stops there and flags nothing (the default before).
+    "session19": dict(class_split_layers=0),
 }
 
 

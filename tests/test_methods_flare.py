@@ -8,11 +8,14 @@ from backdoor_engine.engine import FeatureLayout
 from backdoor_engine.errors import InputError
 from backdoor_engine.methods.flare import (
     Flare,
+    FlareParams,
+    StableSplit,
     assign_noise_to_nearest,
     class_makeup,
     flags_from_clusters,
     off_label_members,
     label_excess,
+    search_subspace,
     stability_split,
     subspace_matrix,
     walk_for_stable_split,
@@ -284,3 +287,57 @@ def test_off_label_members_of_an_all_to_one_flagged_cluster_are_unflagged_and_no
     island[np.r_[300:390, 400:405]] = True  # one label that is not inflated: nothing dropped
     assert not off_label_members(island, y).any()
     assert not off_label_members(np.zeros(len(y), bool), y).any()
+
+
+FIVE = FeatureLayout(tuple(f"bn{i}" for i in range(5)), (2, 2, 2, 2, 2))
+
+
+def searched(monkeypatch, flagged_at, *, class_split_layers=3, stable=(0, 1, 2, 3, 4), labelling=True):
+    """search_subspace over FIVE with the embedding stubbed: a stable split wherever `stable` says, and a
+    labelling that flags a node only with the dropped layers in `flagged_at`."""
+    from types import SimpleNamespace
+
+    import backdoor_engine.methods.flare as flare_module
+
+    def try_subspace(X, params, stage=None):
+        dropped = 5 - X.shape[1] // 2
+        split = StableSplit(7, 1.0, 0.5, 0) if dropped in stable else None
+        return np.zeros((len(X), 2)), SimpleNamespace(dropped=dropped), [1.0], 0.1, split
+
+    monkeypatch.setattr(flare_module, "_try_subspace", try_subspace)
+    label = (lambda fit: (11 if fit.dropped in flagged_at else None, [])) if labelling else None
+    features = np.zeros((10, 10), np.float32)
+    return search_subspace(features, FIVE, FlareParams(class_split_layers=class_split_layers), label=label)
+
+
+def test_a_stable_split_excused_as_benign_classes_is_passed_over_and_the_loop_drops_more_layers(monkeypatch):
+    steps, chosen, _ = searched(monkeypatch, flagged_at={2})
+    assert [(s.dropped_layers, s.excused) for s in steps] == [(0, True), (1, True), (2, False)]
+    step, _, fit, _, labelled = chosen
+    assert step.dropped_layers == 2 and labelled[0] == 11
+
+
+def test_subspaces_without_a_stable_split_are_skipped_on_the_way_and_do_not_count_as_excused(monkeypatch):
+    steps, chosen, _ = searched(monkeypatch, flagged_at={3}, stable=(0, 3))
+    assert [(s.dropped_layers, s.split is not None, s.excused) for s in steps] == [
+        (0, True, True), (1, False, False), (2, False, False), (3, True, False)]
+    assert chosen[0].dropped_layers == 3
+
+
+def test_the_loop_goes_at_most_class_split_layers_past_the_first_stable_split_then_keeps_that_one(monkeypatch):
+    steps, chosen, _ = searched(monkeypatch, flagged_at={4}, class_split_layers=2)
+    assert [s.dropped_layers for s in steps] == [0, 1, 2]  # layer 4 is past the bound: never fitted
+    assert chosen[0].dropped_layers == 0 and chosen[4][0] is None  # the first stable subspace, nothing flagged
+    steps, chosen, _ = searched(monkeypatch, flagged_at={1}, class_split_layers=0)
+    assert [s.dropped_layers for s in steps] == [0] and chosen[4][0] is None
+
+
+def test_without_a_labelling_the_loop_stops_at_the_first_stable_split_as_the_official_code(monkeypatch):
+    steps, chosen, _ = searched(monkeypatch, flagged_at=set(), stable=(1, 2), labelling=False)
+    assert [s.dropped_layers for s in steps] == [0, 1] and not any(s.excused for s in steps)
+    assert chosen[0].dropped_layers == 1 and chosen[4] is None
+
+
+def test_class_split_layers_must_be_a_count():
+    with pytest.raises(InputError, match="class_split_layers"):
+        Flare(class_split_layers=-1)

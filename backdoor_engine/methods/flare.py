@@ -3,7 +3,8 @@
 Stages, each a plain function composed by `Flare` (fit_once runs them under one UMAP seed; with n_seeds > 1
 seed_majority flags what most of the runs that flagged anything flag):
   subspace_matrix      columns of the first L - k BN layers (per channel or per layer), sliced, never re-extracted
-  search_subspace      the paper's loop: k = 0, 1, 2, ... until the condensed tree shows a large drop
+  search_subspace      the paper's loop: k = 0, 1, 2, ... until the condensed tree shows a large drop (past one
+                       whose splits the labelling excuses as benign classes, for class_split_layers more layers)
   stability_split      paper Sec. IV-C3: split at the root, the more stable cluster is poisoned, unless it is
                        a benign class split off (class_makeup): then look at the splits one level further down
   flat_labels          labelling="official": the official flat cut just before the stable cluster splits
@@ -53,6 +54,14 @@ class FlareParams:
     # official walk compares a single point's exit lambda there ("official"), a near-zero gap.
     leaf_rule: str = param("persistence", "paper: Def. IV.1 (persistence of a leaf until its last point leaves)",
                            choices=LEAF_RULES)
+    # Sec. IV-C2: the loop drops layers until benign samples of different classes stay together. A stable split
+    # whose every examined split divides benign classes (class_makeup) shows the classes still apart there.
+    class_split_layers: int = param(3, "ours: after a subspace whose stable split the labelling excuses whole "
+                                    "(every examined split divides benign classes), the loop drops up to this many "
+                                    "more layers (paper Sec. IV-C2: benign classes apart is what layers are dropped "
+                                    "for); LF's poison split off 1-3 layers further on the 10k development model; "
+                                    "a bound, each layer is one more UMAP fit (RESULTS.md, issue 17). 0 = flag "
+                                    "nothing there, as the official code's single subspace")
     # "stability": split at the root, flag the more stable cluster, with the class make-up guard below.
     # "official": the official code's flat cut, largest cluster clean, every other cluster flagged.
     labelling: str = param("stability", "paper: Sec. IV-C3 (flag the more stable cluster), with our class make-up "
@@ -115,6 +124,7 @@ class FlareParams:
         if not 0.5 < self.island_purity <= 1.0:
             raise InputError(f"island_purity must be in (0.5, 1], got {self.island_purity!r}")
         integer(self.island_labels, "island_labels", 1)
+        integer(self.class_split_layers, "class_split_layers", 0)
         if self.pca_components is not None and (not isinstance(self.pca_components, int) or self.pca_components < 2):
             raise InputError(f"pca_components must be None or an integer >= 2, got {self.pca_components!r}")
         for name, allowed in choices_of(FlareParams).items():
@@ -132,6 +142,7 @@ class SubspaceStep:
     threshold: float = 0.0
     split: dict | None = None
     seconds: float = 0.0
+    excused: bool = False  # a stable split the labelling excused whole (benign classes): the loop went on
 
 
 def subspace_matrix(features: np.ndarray, layout: FeatureLayout, dropped: int, reduce: str) -> np.ndarray:
@@ -202,32 +213,42 @@ def _try_subspace(X: np.ndarray, params: FlareParams, stage=None):
 
 
 def search_subspace(features: np.ndarray, layout: FeatureLayout, params: FlareParams, *, progress=None,
-                    stage=None):
+                    stage=None, label=None):
     """The paper's loop: drop 0, 1, 2, ... trailing BN layers until a stable split appears.
 
     progress(step) is called after each subspace is tried; stage(name, shape) before each UMAP ("umap") and
-    HDBSCAN ("hdbscan") fit, with the shape of the matrix it fits.
+    HDBSCAN ("hdbscan") fit, with the shape of the matrix it fits. label(fit) -> (node, verdicts) labels a
+    subspace with a stable split (stability_split); where it flags no node the subspace is passed over and the
+    loop goes on for at most params.class_split_layers more layers past the first stable split.
 
-    Returns (steps, chosen, first) where chosen = (step, embedding, hdbscan fit, split) or None when no
-    subspace shows a stable split (the official code stops after the first try and crashes then), and first
-    is the embedding of the first subspace tried (all layers).
+    Returns (steps, chosen, first) where chosen = (step, embedding, hdbscan fit, split, labelled) or None when no
+    subspace shows a stable split (the official code stops after the first try and crashes then); labelled is
+    label's result (None without label), and where every labelled subspace was passed over, chosen is the first
+    stable one. first is the embedding of the first subspace tried (all layers).
     """
     n_layers = layout.num_layers
-    max_dropped = n_layers - 1 if params.max_dropped_layers is None else min(params.max_dropped_layers, n_layers - 1)
-    steps, first = [], None
-    for dropped in range(max_dropped + 1):
+    last = n_layers - 1 if params.max_dropped_layers is None else min(params.max_dropped_layers, n_layers - 1)
+    steps, first, fallback = [], None, None
+    for dropped in range(last + 1):
+        if fallback is not None and dropped > fallback[0].dropped_layers + params.class_split_layers:
+            break
         t0 = time.perf_counter()
         X = subspace_matrix(features, layout, dropped, params.reduce)
         embedding, fit, gaps, threshold, split = _try_subspace(X, params, stage)
         first = embedding if first is None else first
-        step = SubspaceStep(dropped, X.shape[1], gaps, threshold,
-                            None if split is None else asdict(split), time.perf_counter() - t0)
+        labelled = None if split is None or label is None else label(fit)
+        step = SubspaceStep(dropped, X.shape[1], gaps, threshold, None if split is None else asdict(split),
+                            time.perf_counter() - t0, excused=labelled is not None and labelled[0] is None)
         steps.append(step)
         if progress is not None:
             progress(step)
-        if split is not None:
-            return steps, (step, embedding, fit, split), first
-    return steps, None, first
+        if split is None:
+            continue
+        chosen = (step, embedding, fit, split, labelled)
+        if not step.excused:
+            return steps, chosen, first
+        fallback = fallback or chosen
+    return steps, fallback, first
 
 
 def whole_class_share(y: np.ndarray, samples: np.ndarray, within: np.ndarray | None = None) -> float:
@@ -402,7 +423,12 @@ def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, 
     """The subspace search and the labelling (stability split or the official flat cut) under one seed."""
     if random_state != params.random_state:
         params = replace(params, random_state=random_state)
-    steps, chosen, first = search_subspace(features, layout, params, progress=progress, stage=stage)
+    label = None
+    if params.labelling == "stability":
+        def label(fit):
+            return stability_split(fit.condensed_tree, y, params.depth, params.class_coverage,
+                                   params.island_purity, params.island_labels)
+    steps, chosen, first = search_subspace(features, layout, params, progress=progress, stage=stage, label=label)
     n = len(features)
     diagnostics = {"n_layers": layout.num_layers, "layers": list(layout.layer_names),
                    "steps": [asdict(s) for s in steps]}
@@ -414,7 +440,7 @@ def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, 
             f"(largest gap {max((g for s in steps for g in s.gaps), default=0.0):.4g}); nothing flagged")
         return FlareRun(random_state, steps, np.zeros(n, bool), np.full(n, -1), None, None, None, diagnostics,
                         first)
-    step, embedding, fit, split = chosen
+    step, embedding, fit, split, labelled = chosen
     diagnostics.update(stable_subspace_found=True, dropped_layers=step.dropped_layers, n_columns=step.n_columns,
                        split=step.split)
     if params.labelling == "official":
@@ -427,9 +453,11 @@ def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, 
         diagnostics["hdbscan_stability_of_stable_node"] = stabilities.get(split.node, 0.0)
     else:
         tree = fit.condensed_tree
-        flagged, verdicts = stability_split(tree, y, params.depth, params.class_coverage, params.island_purity,
-                                            params.island_labels)
+        flagged, verdicts = labelled
         diagnostics["verdicts"] = verdicts
+        excused = [s.dropped_layers for s in steps if s.excused]
+        if excused:
+            diagnostics["excused_subspaces"] = excused
         # Per-sample cluster: which root child it belongs to (-1: left the root before it divided); the
         # flagged cluster, wherever the walk found it, gets the next number.
         labels = np.full(n, -1)
@@ -439,9 +467,12 @@ def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, 
         flags = np.zeros(n, bool)
         diagnostics["flagged_node"] = flagged
         if flagged is None:
+            where = (f"in each of the {len(excused)} subspaces with a stable split (dropped layers "
+                     f"{', '.join(map(str, excused))})" if len(excused) > 1 else "")
             diagnostics["explanation"] = (f"the walk down the condensed tree examined {len(verdicts)} split(s) "
-                                          f"in at most {params.depth} levels and each divided whole classes "
-                                          "(benign class splits) or did not divide; nothing flagged")
+                                          f"in at most {params.depth} levels{' ' + where if where else ''} and "
+                                          "each divided whole classes (benign class splits) or did not divide; "
+                                          "nothing flagged")
         else:
             flags[cluster.members(tree, flagged)] = True
             if params.drop_off_label and y is not None:
