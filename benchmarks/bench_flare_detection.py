@@ -79,6 +79,9 @@ VARIANTS = {
     # Session 20: the loop passes over a stable split of benign classes (class_split_layers); "session19" = it
     # stops there and flags nothing (the default before).
     "session19": dict(class_split_layers=0),
+    # Session 20's second rule: the footprint's unexplained excess completed by a linear probe (complete_footprint);
+    # "clusters" = without it.
+    "clusters": dict(complete_footprint=False),
 }
 
 

@@ -13,6 +13,7 @@ from backdoor_engine.methods.flare import (
     assign_noise_to_nearest,
     class_makeup,
     flags_from_clusters,
+    footprint_completion,
     off_label_members,
     label_excess,
     search_subspace,
@@ -341,3 +342,39 @@ def test_without_a_labelling_the_loop_stops_at_the_first_stable_split_as_the_off
 def test_class_split_layers_must_be_a_count():
     with pytest.raises(InputError, match="class_split_layers"):
         Flare(class_split_layers=-1)
+
+
+def relabelled_half_flagged(seed=0):
+    """2,000 clean samples over 4 labels (500 each) and 400 all-to-one poison relabelled 0 whose trigger
+    shows in the first two columns; flags: the first half of the poison, as a cluster that held only part of it."""
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.repeat(np.arange(4), 500), np.zeros(400, int)]
+    truth = np.r_[np.zeros(2000, bool), np.ones(400, bool)]
+    X = rng.normal(0, 1, (2400, 12))
+    X[:2000, 2:6] += np.eye(4)[y[:2000]] * 3  # the classes' look
+    X[truth, :2] += 4.0  # the trigger
+    flags = np.zeros(2400, bool)
+    flags[2000:2200] = True
+    return X.astype(np.float32), y, truth, flags
+
+
+def test_a_flagged_footprint_that_explains_half_the_excess_is_completed_from_the_label_by_a_linear_probe():
+    X, y, truth, flags = relabelled_half_flagged()
+    add, summary = footprint_completion(flags, X, y, min_unexplained=100)
+    assert summary["inflated"] and summary["label"] == 0 and summary["unexplained"] == 200
+    assert not (add & flags).any() and summary["added"] == add.sum() <= 200
+    assert (add & truth).sum() >= 180 and (add & ~truth).sum() <= 5  # the rest of the poison, not the clean zeros
+
+
+def test_the_footprint_is_left_as_it_is_when_it_explains_the_excess_or_is_not_one_inflated_label():
+    X, y, truth, flags = relabelled_half_flagged()
+    add, summary = footprint_completion(truth, X, y, min_unexplained=100)  # all of the poison flagged
+    assert not add.any() and summary["unexplained"] <= 0
+    mixed = np.zeros(len(y), bool)
+    mixed[np.r_[0:100, 600:700, 1100:1200]] = True  # clean samples of three labels: not a footprint
+    add, summary = footprint_completion(mixed, X, y, min_unexplained=100)
+    assert not add.any() and not summary["inflated"]
+    add, summary = footprint_completion(flags, X, y, min_unexplained=100, complete=False)
+    assert not add.any() and summary["unexplained"] == 200 and summary["added"] == 0
+    add, summary = footprint_completion(np.zeros(len(y), bool), X, y, min_unexplained=100)
+    assert not add.any() and summary is None

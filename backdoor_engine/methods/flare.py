@@ -10,6 +10,8 @@ seed_majority flags what most of the runs that flagged anything flag):
   flat_labels          labelling="official": the official flat cut just before the stable cluster splits
   flags_from_clusters  official: largest cluster clean, other clusters poisoned, noise by `noise_rule`
   recover_by_neighbours ours: also flag what sits among the flagged samples in the all-layers embeddings
+  footprint_completion ours: where the flags explain only part of an inflated label's excess, a linear probe
+                       flags the rest of that label's samples that sit on the flagged side
 Provenance of each default: SEED_NOTES.md section 1 (official code) and DESIGN.md section 4.
 """
 
@@ -107,6 +109,13 @@ class FlareParams:
                                           "RESULTS.md, issue 17 (low rates). None = off (the paper and official "
                                           "code flag the chosen cluster only)")
     recover_share: float = param(0.5, "ours: a majority of the neighbours (see recover_neighbors)")
+    # All-to-one relabelling inflates the target label by about the poison's size; where the flagged cluster is
+    # that footprint but explains less than the excess, the rest of the relabelled poison is still unflagged.
+    complete_footprint: bool = param(True, "ours: where the flags are the all-to-one footprint and the label's "
+                                     "excess exceeds the flagged samples of that label by at least min_cluster_size, "
+                                     "a logistic regression (flagged vs unflagged samples of other labels, all "
+                                     "columns) flags the label's unflagged samples on the flagged side, at most the "
+                                     "unexplained excess (RESULTS.md, issue 17: WaNet, LF). False = clusters only")
     # Speed options, measured against the default in benchmarks/bench_flare_clustering.py. None = as the
     # official code (raw columns, UMAP's own approximate neighbour search).
     pca_components: int | None = param(None, "official code: no projection before UMAP")
@@ -507,6 +516,45 @@ def seed_majority(runs: list[FlareRun], abstain: bool = True) -> tuple[np.ndarra
     return flags, votes, min(candidates, key=lambda i: int((runs[i].flags != flags).sum()))
 
 
+def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray, min_unexplained: int,
+                         island_purity: float = FlareParams.island_purity, max_train: int = 20_000,
+                         complete: bool = True):
+    """(samples to add, summary or None). Applies when `flags` are the all-to-one footprint (class_makeup's
+    "inflated") and the label's excess over the median label count exceeds its flagged samples by at least
+    `min_unexplained`: about that many relabelled samples are still unflagged. A logistic regression on the
+    standardised columns, flagged samples against unflagged samples of other labels (at most `max_train` of
+    them, drawn with a fixed seed: the result depends on the flags only), scores the label's unflagged samples;
+    those on the flagged side (decision > 0) are added, highest first, at most the unexplained count.
+    complete=False: the summary only."""
+    add = np.zeros(len(flags), bool)
+    if not flags.any():
+        return add, None
+    excess = label_excess(y)
+    makeup = class_makeup(y, np.flatnonzero(flags), np.arange(len(y)), excess, 1.0, island_purity)
+    target = makeup["top_label"]
+    unexplained = int(excess[target] - (flags & (y == target)).sum())
+    summary = {"label": int(target), "label_excess": int(excess[target]), "inflated": makeup["inflated"],
+               "unexplained": unexplained, "added": 0}
+    if not complete or not makeup["inflated"] or unexplained < min_unexplained:
+        return add, summary
+    from sklearn.linear_model import LogisticRegression
+
+    X = np.asarray(features, np.float32)
+    X = (X - X.mean(axis=0)) / (X.std(axis=0) + 1e-6)
+    positives, negatives = np.flatnonzero(flags), np.flatnonzero(~flags & (y != target))
+    if len(negatives) > max_train:
+        negatives = np.sort(np.random.default_rng(0).choice(negatives, max_train, replace=False))
+    rows = np.r_[positives, negatives]
+    probe = LogisticRegression(C=0.01, max_iter=2000, class_weight="balanced")
+    probe.fit(X[rows], np.r_[np.ones(len(positives)), np.zeros(len(negatives))])
+    candidates = np.flatnonzero(~flags & (y == target))
+    score = probe.decision_function(X[candidates])
+    chosen = candidates[np.argsort(-score, kind="stable")][: min(unexplained, int((score > 0).sum()))]
+    add[chosen] = True
+    summary["added"] = int(len(chosen))
+    return add, summary
+
+
 def recover_by_neighbours(flags: np.ndarray, embeddings: list, k: int, share: float) -> np.ndarray:
     """The unflagged samples of which, averaged over `embeddings`, at least `share` of the `k` nearest
     neighbours (the sample itself excluded) are flagged. Nothing when nothing is flagged."""
@@ -568,6 +616,14 @@ class Flare:
                 recovered &= ~off_label_members(flags | recovered, np.asarray(y), self.params.island_purity)
             flags = flags | recovered
             diagnostics["recovered_by_neighbours"] = int(recovered.sum())
+        if y is not None:
+            completed, footprint = footprint_completion(flags, features, np.asarray(y),
+                                                        self.params.min_cluster_size, self.params.island_purity,
+                                                        complete=self.params.complete_footprint)
+            if footprint is not None:
+                diagnostics["footprint"] = footprint
+            flags = flags | completed
+            recovered = recovered | completed
         if len(runs) > 1:
             diagnostics["seed_runs"] = [
                 {"random_state": r.random_state, "dropped_layers": r.subspace, "n_flagged": int(r.flags.sum()),
