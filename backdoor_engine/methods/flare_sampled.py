@@ -213,6 +213,16 @@ class SampledFlare(Detector):
             parts.notes.append(f"{recovered:,} more samples were flagged because most of their "
                                f"{detection.params.get('recover_neighbors')} nearest neighbours in the runs' "
                                "all-layers embeddings were flagged (recover_neighbors)")
+        footprint = detection.diagnostics.get("footprint")
+        if footprint and footprint["inflated"] and footprint["unexplained"] >= detection.params["min_cluster_size"]:
+            added = footprint["added"]
+            parts.notes.append(
+                f"the flags are one inflated label ({footprint['label']}, {footprint['label_excess']:,} samples above "
+                f"the median label count), and they left {footprint['unexplained']:,} of that excess unexplained: "
+                + (f"{added:,} more samples of the label, those a linear probe puts with the flagged ones, were "
+                   "flagged (complete_footprint)" if added else
+                   "relabelled poison may remain unflagged" + ("" if detection.params.get("complete_footprint")
+                                                                else " (complete_footprint is off)")))
         if "explanation" in detection.diagnostics:
             parts.notes.append(detection.diagnostics["explanation"])
         if out_dir is None:
