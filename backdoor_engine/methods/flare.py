@@ -115,7 +115,8 @@ class FlareParams:
                                      "excess exceeds the flagged samples of that label by at least min_cluster_size, "
                                      "a logistic regression (flagged vs unflagged samples of other labels, all "
                                      "columns) flags the label's unflagged samples on the flagged side, at most the "
-                                     "unexplained excess (RESULTS.md, issue 17: WaNet, LF). False = clusters only")
+                                     "unexplained excess, in rounds while that stays >= min_cluster_size (RESULTS.md, "
+                                     "issue 17: WaNet, LF, BadNets). False = clusters only")
     # Speed options, measured against the default in benchmarks/bench_flare_clustering.py. None = as the
     # official code (raw columns, UMAP's own approximate neighbour search).
     pca_components: int | None = param(None, "official code: no projection before UMAP")
@@ -518,14 +519,16 @@ def seed_majority(runs: list[FlareRun], abstain: bool = True) -> tuple[np.ndarra
 
 def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray, min_unexplained: int,
                          island_purity: float = FlareParams.island_purity, max_train: int = 20_000,
-                         complete: bool = True):
+                         complete: bool = True, max_rounds: int = 10):
     """(samples to add, summary or None). Applies when `flags` are the all-to-one footprint (class_makeup's
     "inflated") and the label's excess over the median label count exceeds its flagged samples by at least
     `min_unexplained`: about that many relabelled samples are still unflagged. A logistic regression on the
     standardised columns, flagged samples against unflagged samples of other labels (at most `max_train` of
     them, drawn with a fixed seed: the result depends on the flags only), scores the label's unflagged samples;
-    those on the flagged side (decision > 0) are added, highest first, at most the unexplained count.
-    complete=False: the summary only."""
+    those on the flagged side (decision > 0) are added, highest first, at most the unexplained count. The same
+    is repeated on the flags with what it added, while it adds samples and the excess left unexplained is at least
+    `min_unexplained` (at most `max_rounds` rounds): a probe fitted on part of the poison can see only the part of
+    the rest that looks like it. complete=False: the summary only."""
     add = np.zeros(len(flags), bool)
     if not flags.any():
         return add, None
@@ -534,24 +537,31 @@ def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray,
     target = makeup["top_label"]
     unexplained = int(excess[target] - (flags & (y == target)).sum())
     summary = {"label": int(target), "label_excess": int(excess[target]), "inflated": makeup["inflated"],
-               "unexplained": unexplained, "added": 0}
-    if not complete or not makeup["inflated"] or unexplained < min_unexplained:
+               "unexplained": unexplained, "added": 0, "rounds": 0}
+    if not complete or not makeup["inflated"]:
         return add, summary
     from sklearn.linear_model import LogisticRegression
 
     X = np.asarray(features, np.float32)
     X = (X - X.mean(axis=0)) / (X.std(axis=0) + 1e-6)
-    positives, negatives = np.flatnonzero(flags), np.flatnonzero(~flags & (y != target))
-    if len(negatives) > max_train:
-        negatives = np.sort(np.random.default_rng(0).choice(negatives, max_train, replace=False))
-    rows = np.r_[positives, negatives]
-    probe = LogisticRegression(C=0.01, max_iter=2000, class_weight="balanced")
-    probe.fit(X[rows], np.r_[np.ones(len(positives)), np.zeros(len(negatives))])
-    candidates = np.flatnonzero(~flags & (y == target))
-    score = probe.decision_function(X[candidates])
-    chosen = candidates[np.argsort(-score, kind="stable")][: min(unexplained, int((score > 0).sum()))]
-    add[chosen] = True
-    summary["added"] = int(len(chosen))
+    others = np.flatnonzero(y != target)
+    while unexplained >= min_unexplained and summary["rounds"] < max_rounds:
+        flagged = flags | add
+        positives, negatives = np.flatnonzero(flagged), others[~flagged[others]]
+        if len(negatives) > max_train:
+            negatives = np.sort(np.random.default_rng(0).choice(negatives, max_train, replace=False))
+        rows = np.r_[positives, negatives]
+        probe = LogisticRegression(C=0.01, max_iter=2000, class_weight="balanced")
+        probe.fit(X[rows], np.r_[np.ones(len(positives)), np.zeros(len(negatives))])
+        candidates = np.flatnonzero(~flagged & (y == target))
+        score = probe.decision_function(X[candidates])
+        chosen = candidates[np.argsort(-score, kind="stable")][: min(unexplained, int((score > 0).sum()))]
+        if not len(chosen):
+            break
+        add[chosen] = True
+        unexplained -= len(chosen)
+        summary["rounds"] += 1
+    summary["added"] = int(add.sum())
     return add, summary
 
 
