@@ -82,6 +82,7 @@ VARIANTS = {
     # Session 20's second rule: the footprint's unexplained excess completed by a linear probe (complete_footprint);
     # "clusters" = without it.
     "clusters": dict(complete_footprint=False),
+    "rounds10": dict(footprint_rounds=10),  # the rounds version, measured before the one-round default
 }
 
 

@@ -378,3 +378,13 @@ def test_the_footprint_is_left_as_it_is_when_it_explains_the_excess_or_is_not_on
     assert not add.any() and summary["unexplained"] == 200 and summary["added"] == 0
     add, summary = footprint_completion(np.zeros(len(y), bool), X, y, min_unexplained=100)
     assert not add.any() and summary is None
+
+
+def test_further_rounds_refit_the_probe_on_what_the_last_added_until_the_excess_is_explained():
+    X, y, truth, flags = relabelled_half_flagged()
+    few = flags & (np.arange(len(y)) < 2040)  # 40 of the 400 flagged: the rest is far from explained
+    one, summary = footprint_completion(few, X, y, min_unexplained=50)
+    assert summary["rounds"] == 1 and summary["unexplained"] == 360
+    more, summary = footprint_completion(few, X, y, min_unexplained=50, rounds=5)
+    assert summary["rounds"] >= 1 and (more & one).sum() == one.sum() and more.sum() >= one.sum()
+    assert more.sum() <= 360

@@ -115,8 +115,11 @@ class FlareParams:
                                      "excess exceeds the flagged samples of that label by at least min_cluster_size, "
                                      "a logistic regression (flagged vs unflagged samples of other labels, all "
                                      "columns) flags the label's unflagged samples on the flagged side, at most the "
-                                     "unexplained excess, in rounds while that stays >= min_cluster_size (RESULTS.md, "
-                                     "issue 17: WaNet, LF, BadNets). False = clusters only")
+                                     "unexplained excess (RESULTS.md, issue 17: WaNet, LF, BadNets). False = clusters "
+                                     "only")
+    footprint_rounds: int = param(1, "ours: one probe; further rounds (refitted on what the last added, while the "
+                                  "unexplained excess stays >= min_cluster_size) added most of the false positives: "
+                                  "1.19% FPR on a held-out WaNet set (RESULTS.md, issue 17)")
     # Speed options, measured against the default in benchmarks/bench_flare_clustering.py. None = as the
     # official code (raw columns, UMAP's own approximate neighbour search).
     pca_components: int | None = param(None, "official code: no projection before UMAP")
@@ -135,6 +138,7 @@ class FlareParams:
             raise InputError(f"island_purity must be in (0.5, 1], got {self.island_purity!r}")
         integer(self.island_labels, "island_labels", 1)
         integer(self.class_split_layers, "class_split_layers", 0)
+        integer(self.footprint_rounds, "footprint_rounds", 1)
         if self.pca_components is not None and (not isinstance(self.pca_components, int) or self.pca_components < 2):
             raise InputError(f"pca_components must be None or an integer >= 2, got {self.pca_components!r}")
         for name, allowed in choices_of(FlareParams).items():
@@ -519,16 +523,16 @@ def seed_majority(runs: list[FlareRun], abstain: bool = True) -> tuple[np.ndarra
 
 def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray, min_unexplained: int,
                          island_purity: float = FlareParams.island_purity, max_train: int = 20_000,
-                         complete: bool = True, max_rounds: int = 10):
+                         complete: bool = True, rounds: int = 1):
     """(samples to add, summary or None). Applies when `flags` are the all-to-one footprint (class_makeup's
     "inflated") and the label's excess over the median label count exceeds its flagged samples by at least
     `min_unexplained`: about that many relabelled samples are still unflagged. A logistic regression on the
     standardised columns, flagged samples against unflagged samples of other labels (at most `max_train` of
     them, drawn with a fixed seed: the result depends on the flags only), scores the label's unflagged samples;
     those on the flagged side (decision > 0) are added, highest first, at most the unexplained count. The same
-    is repeated on the flags with what it added, while it adds samples and the excess left unexplained is at least
-    `min_unexplained` (at most `max_rounds` rounds): a probe fitted on part of the poison can see only the part of
-    the rest that looks like it. complete=False: the summary only."""
+    can be repeated on the flags with what it added (`rounds`), while it adds samples and the excess left
+    unexplained is at least `min_unexplained`: a probe fitted on part of the poison sees only the part of the rest
+    that looks like it, but the later rounds took clean samples of the label too. complete=False: the summary only."""
     add = np.zeros(len(flags), bool)
     if not flags.any():
         return add, None
@@ -545,7 +549,7 @@ def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray,
     X = np.asarray(features, np.float32)
     X = (X - X.mean(axis=0)) / (X.std(axis=0) + 1e-6)
     others = np.flatnonzero(y != target)
-    while unexplained >= min_unexplained and summary["rounds"] < max_rounds:
+    while unexplained >= min_unexplained and summary["rounds"] < rounds:
         flagged = flags | add
         positives, negatives = np.flatnonzero(flagged), others[~flagged[others]]
         if len(negatives) > max_train:
@@ -629,7 +633,8 @@ class Flare:
         if y is not None:
             completed, footprint = footprint_completion(flags, features, np.asarray(y),
                                                         self.params.min_cluster_size, self.params.island_purity,
-                                                        complete=self.params.complete_footprint)
+                                                        complete=self.params.complete_footprint,
+                                                        rounds=self.params.footprint_rounds)
             if footprint is not None:
                 diagnostics["footprint"] = footprint
             flags = flags | completed
