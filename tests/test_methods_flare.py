@@ -388,3 +388,14 @@ def test_further_rounds_refit_the_probe_on_what_the_last_added_until_the_excess_
     more, summary = footprint_completion(few, X, y, min_unexplained=50, rounds=5)
     assert summary["rounds"] >= 1 and (more & one).sum() == one.sum() and more.sum() >= one.sum()
     assert more.sum() <= 360
+
+
+def test_with_no_unflagged_sample_of_another_label_the_probe_is_not_fitted_and_nothing_is_added():
+    X, y, truth, flags = relabelled_half_flagged()
+    keep = y == 0  # the label-0 samples only (clean and poisoned)...
+    X, y, truth, flags = X[keep], y[keep], truth[keep], flags[keep]
+    y = np.where(np.arange(len(y)) < 10, 1, y)  # ...and ten relabelled 1, all of them flagged below
+    flags[:10] = True
+    add, summary = footprint_completion(flags, X, y, min_unexplained=1)
+    assert summary["inflated"] and summary["unexplained"] > 0  # the probe would be due
+    assert not add.any() and summary["added"] == 0

@@ -552,6 +552,8 @@ def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray,
     while unexplained >= min_unexplained and summary["rounds"] < rounds:
         flagged = flags | add
         positives, negatives = np.flatnonzero(flagged), others[~flagged[others]]
+        if not len(negatives):  # every sample of the other labels is flagged: nothing to tell the poison from
+            break
         if len(negatives) > max_train:
             negatives = np.sort(np.random.default_rng(0).choice(negatives, max_train, replace=False))
         rows = np.r_[positives, negatives]
