@@ -70,11 +70,11 @@ def subspace_search_png(steps: list[dict]) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 3.2))
     dropped = [s["dropped_layers"] for s in steps]
     gaps = [max(s["gaps"], default=0.0) for s in steps]
-    # Red: the subspace the labelling used; amber: a stable split whose splits were all benign classes, passed over.
+    # Red: the subspace the labelling used; amber: a stable split whose splits were all benign classes (excused).
     colours = ["#9aa5b1" if not s["split"] else "#e0a43a" if s.get("excused") else "#d64545" for s in steps]
     ax.bar(dropped, gaps, color=colours)
     if any(s.get("excused") for s in steps):
-        ax.bar([0], [0], color="#e0a43a", label="stable split of benign classes, passed over")
+        ax.bar([0], [0], color="#e0a43a", label="stable split of benign classes only (excused)")
     # One dashed segment per bar: a line plot would not show with a single step.
     ax.hlines([s["threshold"] for s in steps], np.subtract(dropped, 0.4), np.add(dropped, 0.4), colors="k",
               linestyles="--", label="threshold (xi)")
