@@ -22,16 +22,14 @@ import time
 import numpy as np
 import torch
 
+from backdoor_engine.cli import _parse_param
 from backdoor_engine.engine.feature_store import FeatureStore
 from backdoor_engine.methods.flare import Flare
 
 
 def parse_params(text: str) -> dict:
-    params = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        params[key] = json.loads(value)
-    return params
+    """KEY=VALUE,KEY=VALUE, each item read as the CLI's --param reads one."""
+    return dict(_parse_param(item) for item in filter(None, text.split(",")))
 
 
 def main():

@@ -134,13 +134,14 @@ def test_the_report_says_how_much_of_an_inflated_labels_excess_the_flags_left_un
     flags = np.zeros(10, bool)
     base = {"sampled": {"n_sample": 10, "n_rows": 10}}
     params = {"min_cluster_size": 100, "complete_footprint": True}
-    footprint = {"label": 0, "label_excess": 1021, "inflated": True, "unexplained": 394, "added": 293}
+    footprint = {"label": 0, "label_excess": 1021, "inflated": True, "unexplained": 394, "incomplete": True,
+                 "added": 293}
     notes = sampled.report(Detection("flare", flags, params=params, diagnostics={**base, "footprint": footprint}),
                            None, None).notes
     assert any("left 394 of that excess unexplained: 293 more samples of the label" in note for note in notes)
     notes = sampled.report(Detection("flare", flags, params={**params, "complete_footprint": False},
                                      diagnostics={**base, "footprint": {**footprint, "added": 0}}), None, None).notes
     assert any("relabelled poison may remain unflagged (complete_footprint is off)" in note for note in notes)
-    small = {**base, "footprint": {**footprint, "unexplained": 12}}
+    small = {**base, "footprint": {**footprint, "unexplained": 12, "incomplete": False, "added": 0}}
     notes = sampled.report(Detection("flare", flags, params=params, diagnostics=small), None, None).notes
     assert not any("unexplained" in note for note in notes)  # within min_cluster_size: the count's own noise

@@ -355,6 +355,12 @@ def stability_split(tree, y: np.ndarray | None, levels: int, class_coverage: flo
     return None, verdicts
 
 
+def flagged_makeup(flags: np.ndarray, y: np.ndarray, island_purity: float = FlareParams.island_purity) -> dict:
+    """class_makeup of the flagged samples among all the samples: is what is flagged the all-to-one footprint
+    ("inflated"), of which label ("top_label"), and that label's excess over the median label count."""
+    return class_makeup(y, np.flatnonzero(flags), np.arange(len(y)), label_excess(y), 1.0, island_purity)
+
+
 def off_label_members(flags: np.ndarray, y: np.ndarray, island_purity: float = FlareParams.island_purity
                       ) -> np.ndarray:
     """The flagged samples to unflag: when what is flagged is the all-to-one footprint (class_makeup's
@@ -362,7 +368,7 @@ def off_label_members(flags: np.ndarray, y: np.ndarray, island_purity: float = F
     its members with any other label; none otherwise (all-to-all, untargeted and clean-label flags)."""
     if not flags.any():
         return np.zeros(len(flags), bool)
-    makeup = class_makeup(y, np.flatnonzero(flags), np.arange(len(y)), label_excess(y), 1.0, island_purity)
+    makeup = flagged_makeup(flags, y, island_purity)
     return flags & (y != makeup["top_label"]) if makeup["inflated"] else np.zeros(len(flags), bool)
 
 
@@ -536,13 +542,14 @@ def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray,
     add = np.zeros(len(flags), bool)
     if not flags.any():
         return add, None
-    excess = label_excess(y)
-    makeup = class_makeup(y, np.flatnonzero(flags), np.arange(len(y)), excess, 1.0, island_purity)
+    makeup = flagged_makeup(flags, y, island_purity)
     target = makeup["top_label"]
-    unexplained = int(excess[target] - (flags & (y == target)).sum())
-    summary = {"label": int(target), "label_excess": int(excess[target]), "inflated": makeup["inflated"],
-               "unexplained": unexplained, "added": 0, "rounds": 0}
-    if not complete or not makeup["inflated"]:
+    unexplained = int(makeup["label_excess"] - (flags & (y == target)).sum())
+    # "incomplete": the gate below, kept for the report (what it says depends on whether the rule was due)
+    summary = {"label": int(target), "label_excess": int(makeup["label_excess"]), "inflated": makeup["inflated"],
+               "unexplained": unexplained, "incomplete": bool(makeup["inflated"] and unexplained >= min_unexplained),
+               "added": 0, "rounds": 0}
+    if not complete or not summary["incomplete"]:
         return add, summary
     from sklearn.linear_model import LogisticRegression
 

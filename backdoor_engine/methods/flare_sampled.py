@@ -214,7 +214,7 @@ class SampledFlare(Detector):
                                f"{detection.params.get('recover_neighbors')} nearest neighbours in the runs' "
                                "all-layers embeddings were flagged (recover_neighbors)")
         footprint = detection.diagnostics.get("footprint")
-        if footprint and footprint["inflated"] and footprint["unexplained"] >= detection.params["min_cluster_size"]:
+        if footprint and footprint["incomplete"]:
             added = footprint["added"]
             parts.notes.append(
                 f"the flags are one inflated label ({footprint['label']}, {footprint['label_excess']:,} samples above "
