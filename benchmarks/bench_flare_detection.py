@@ -83,6 +83,9 @@ VARIANTS = {
     # "clusters" = without it.
     "clusters": dict(complete_footprint=False),
     "rounds10": dict(footprint_rounds=10),  # the rounds version, measured before the one-round default
+    # Session 21: the probe's cut at a two-component mixture of the label's scores (footprint_cut); "sign" = at
+    # decision > 0 (session 20).
+    "sign": dict(footprint_cut="sign"),
 }
 
 

@@ -14,6 +14,7 @@ from backdoor_engine.methods.flare import (
     class_makeup,
     flags_from_clusters,
     footprint_completion,
+    score_mixture,
     off_label_members,
     label_excess,
     search_subspace,
@@ -388,6 +389,28 @@ def test_further_rounds_refit_the_probe_on_what_the_last_added_until_the_excess_
     more, summary = footprint_completion(few, X, y, min_unexplained=50, rounds=5)
     assert summary["rounds"] >= 1 and (more & one).sum() == one.sum() and more.sum() >= one.sum()
     assert more.sum() <= 360
+
+
+def test_the_mixture_cut_takes_the_faint_rest_of_the_poison_that_stops_short_of_the_probes_zero():
+    X, y, truth, flags = relabelled_half_flagged()
+    X[2200:2400, :2] -= 2.0  # the unflagged half shows the trigger at half the strength of the flagged half
+    sign, summary = footprint_completion(flags, X, y, min_unexplained=100, cut="sign")
+    assert summary["cut"] == "sign" and (sign & truth).sum() <= 130  # most of the rest scores below zero
+    mixture, summary = footprint_completion(flags, X, y, min_unexplained=100)
+    assert summary["cut"] == "mixture" and summary["separation"] >= 2 and mixture.sum() <= 200
+    assert (mixture & truth).sum() >= 165 and (mixture & ~truth).sum() <= 30  # of 200 poison, 500 clean zeros
+
+
+def test_the_score_mixture_takes_the_upper_population_only_when_the_two_are_apart():
+    rng = np.random.default_rng(0)
+    upper, separation = score_mixture(np.r_[rng.normal(0, 1, 700), rng.normal(5, 1, 300)])
+    assert separation > 4 and upper.sum() == pytest.approx(300, abs=5) and upper[700:].mean() > 0.98
+    wide = np.r_[rng.normal(0, 1, 900), rng.normal(6, 4, 300)]  # a wide upper component: its far-low tail is not taken
+    upper, _ = score_mixture(wide)
+    assert not upper[wide < 0].any()
+    upper, separation = score_mixture(rng.normal(0, 1, 1000))  # one population: no cut of its own
+    assert upper is None and separation < 2
+    assert score_mixture(np.ones(50)) == (None, 0.0)
 
 
 def test_with_no_unflagged_sample_of_another_label_the_probe_is_not_fitted_and_nothing_is_added():

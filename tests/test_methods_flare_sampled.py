@@ -139,6 +139,11 @@ def test_the_report_says_how_much_of_an_inflated_labels_excess_the_flags_left_un
     notes = sampled.report(Detection("flare", flags, params=params, diagnostics={**base, "footprint": footprint}),
                            None, None).notes
     assert any("left 394 of that excess unexplained: 293 more samples of the label" in note for note in notes)
+    mixture = {**footprint, "cut": "mixture", "separation": 2.03}
+    notes = sampled.report(Detection("flare", flags, params=params, diagnostics={**base, "footprint": mixture}),
+                           None, None).notes
+    assert any("ones (the upper of the two populations of its scores, Ashman's D 2.0), were flagged" in note
+               for note in notes)
     notes = sampled.report(Detection("flare", flags, params={**params, "complete_footprint": False},
                                      diagnostics={**base, "footprint": {**footprint, "added": 0}}), None, None).notes
     assert any("relabelled poison may remain unflagged (complete_footprint is off)" in note for note in notes)

@@ -11,7 +11,7 @@ seed_majority flags what most of the runs that flagged anything flag):
   flags_from_clusters  official: largest cluster clean, other clusters poisoned, noise by `noise_rule`
   recover_by_neighbours ours: also flag what sits among the flagged samples in the all-layers embeddings
   footprint_completion ours: where the flags explain only part of an inflated label's excess, a linear probe
-                       flags the rest of that label's samples that sit on the flagged side
+                       flags the rest of that label's samples that sit on the flagged side (score_mixture)
 Provenance of each default: SEED_NOTES.md section 1 (official code) and DESIGN.md section 4.
 """
 
@@ -120,6 +120,12 @@ class FlareParams:
     footprint_rounds: int = param(1, "ours: one probe; further rounds (refitted on what the last added, while the "
                                   "unexplained excess stays >= min_cluster_size) added most of the false positives: "
                                   "1.19% FPR on a held-out WaNet set (RESULTS.md, issue 17)")
+    # The probe is fitted against the other labels, so its zero is not where the label's clean samples end; its
+    # scores on the label's unflagged samples are two populations, the clean and the rest of the poison.
+    footprint_cut: str = param("mixture", "ours: the label's unflagged samples taken are those a two-component "
+                               "Gaussian mixture of their probe scores puts in the upper component (posterior > 0.5), "
+                               "where the components are apart (Ashman's D >= 2), else those with decision > 0; "
+                               "'sign': decision > 0 only (RESULTS.md, issue 17: WaNet)", choices=("mixture", "sign"))
     # Speed options, measured against the default in benchmarks/bench_flare_clustering.py. None = as the
     # official code (raw columns, UMAP's own approximate neighbour search).
     pca_components: int | None = param(None, "official code: no projection before UMAP")
@@ -527,15 +533,37 @@ def seed_majority(runs: list[FlareRun], abstain: bool = True) -> tuple[np.ndarra
     return flags, votes, min(candidates, key=lambda i: int((runs[i].flags != flags).sum()))
 
 
+def score_mixture(scores: np.ndarray, min_separation: float = 2.0):
+    """(upper, separation): the samples a two-component 1-D Gaussian mixture of `scores` puts in its upper
+    component (posterior > 0.5, above the lower component's mean: a wide upper component also claims the far
+    low tail), and Ashman's D of the two components, |mu1 - mu2| / sqrt((s1^2 + s2^2) / 2);
+    upper is None when D < min_separation (2: the usual bound for two clearly apart populations) or fewer than
+    two distinct scores."""
+    from sklearn.mixture import GaussianMixture
+
+    scores = np.asarray(scores, np.float64).reshape(-1, 1)
+    if len(np.unique(scores)) < 2:
+        return None, 0.0
+    mixture = GaussianMixture(2, random_state=0).fit(scores)
+    means, sds = mixture.means_.ravel(), np.sqrt(mixture.covariances_.ravel())
+    separation = float(abs(means[0] - means[1]) / np.sqrt((sds[0] ** 2 + sds[1] ** 2) / 2))
+    if separation < min_separation:
+        return None, separation
+    upper = (mixture.predict_proba(scores)[:, int(np.argmax(means))] > 0.5) & (scores[:, 0] > means.min())
+    return upper, separation
+
+
 def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray, min_unexplained: int,
                          island_purity: float = FlareParams.island_purity, max_train: int = 20_000,
-                         complete: bool = True, rounds: int = 1):
+                         complete: bool = True, rounds: int = 1, cut: str = "mixture"):
     """(samples to add, summary or None). Applies when `flags` are the all-to-one footprint (class_makeup's
     "inflated") and the label's excess over the median label count exceeds its flagged samples by at least
     `min_unexplained`: about that many relabelled samples are still unflagged. A logistic regression on the
     standardised columns, flagged samples against unflagged samples of other labels (at most `max_train` of
     them, drawn with a fixed seed: the result depends on the flags only), scores the label's unflagged samples;
-    those on the flagged side (decision > 0) are added, highest first, at most the unexplained count. The same
+    those in the upper population of a two-component mixture of their scores (cut="mixture", score_mixture;
+    decision > 0 where the two are not apart, or with cut="sign") are added, highest first, at most the
+    unexplained count. The same
     can be repeated on the flags with what it added (`rounds`), while it adds samples and the excess left
     unexplained is at least `min_unexplained`: a probe fitted on part of the poison sees only the part of the rest
     that looks like it, but the later rounds took clean samples of the label too. complete=False: the summary only."""
@@ -568,7 +596,11 @@ def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray,
         probe.fit(X[rows], np.r_[np.ones(len(positives)), np.zeros(len(negatives))])
         candidates = np.flatnonzero(~flagged & (y == target))
         score = probe.decision_function(X[candidates])
-        chosen = candidates[np.argsort(-score, kind="stable")][: min(unexplained, int((score > 0).sum()))]
+        taken, separation = score_mixture(score) if cut == "mixture" else (None, None)
+        summary.setdefault("separation", separation if separation is None else round(separation, 3))
+        summary.setdefault("cut", "sign" if taken is None else "mixture")
+        taken = score > 0 if taken is None else taken
+        chosen = candidates[np.argsort(-score, kind="stable")][: min(unexplained, int(taken.sum()))]
         if not len(chosen):
             break
         add[chosen] = True
@@ -643,7 +675,8 @@ class Flare:
             completed, footprint = footprint_completion(flags, features, np.asarray(y),
                                                         self.params.min_cluster_size, self.params.island_purity,
                                                         complete=self.params.complete_footprint,
-                                                        rounds=self.params.footprint_rounds)
+                                                        rounds=self.params.footprint_rounds,
+                                                        cut=self.params.footprint_cut)
             if footprint is not None:
                 diagnostics["footprint"] = footprint
             flags = flags | completed

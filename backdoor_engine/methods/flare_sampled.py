@@ -215,11 +215,15 @@ class SampledFlare(Detector):
                                "all-layers embeddings were flagged (recover_neighbors)")
         footprint = detection.diagnostics.get("footprint")
         if footprint and footprint["incomplete"]:
-            added = footprint["added"]
+            added, separation = footprint["added"], footprint.get("separation")
+            cut = ("" if separation is None else
+                   f" (the upper of the two populations of its scores, Ashman's D {separation:.1f})"
+                   if footprint.get("cut") == "mixture" else
+                   f" (its scores were not two populations apart, D {separation:.1f}: those past its zero)")
             parts.notes.append(
                 f"the flags are one inflated label ({footprint['label']}, {footprint['label_excess']:,} samples above "
                 f"the median label count), and they left {footprint['unexplained']:,} of that excess unexplained: "
-                + (f"{added:,} more samples of the label, those a linear probe puts with the flagged ones, were "
+                + (f"{added:,} more samples of the label, those a linear probe puts with the flagged ones{cut}, were "
                    "flagged (complete_footprint)" if added else
                    "relabelled poison may remain unflagged" + ("" if detection.params.get("complete_footprint")
                                                                 else " (complete_footprint is off)")))
