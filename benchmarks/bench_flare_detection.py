@@ -86,6 +86,9 @@ VARIANTS = {
     # Session 21: the probe's cut at a two-component mixture of the label's scores (footprint_cut); "sign" = at
     # decision > 0 (session 20).
     "sign": dict(footprint_cut="sign"),
+    # Session 21's second rule: each seed's run completed before the vote (footprint_per_run); "voted" = the voted
+    # flags completed (session 20's order).
+    "voted": dict(footprint_per_run=False),
 }
 
 

@@ -144,6 +144,11 @@ def test_the_report_says_how_much_of_an_inflated_labels_excess_the_flags_left_un
                            None, None).notes
     assert any("ones (the upper of the two populations of its scores, Ashman's D 2.0), were flagged" in note
                for note in notes)
+    per_run = {**mixture, "per_run": True, "runs_added": [293, 0, 1200]}
+    notes = sampled.report(Detection("flare", flags, params=params, diagnostics={**base, "footprint": per_run}),
+                           None, None).notes
+    assert any(note.startswith("each seed's run was completed before the vote (added 293, 0, 1,200); the "
+                               "representative run's flags are one inflated label (0, 1,021") for note in notes)
     notes = sampled.report(Detection("flare", flags, params={**params, "complete_footprint": False},
                                      diagnostics={**base, "footprint": {**footprint, "added": 0}}), None, None).notes
     assert any("relabelled poison may remain unflagged (complete_footprint is off)" in note for note in notes)

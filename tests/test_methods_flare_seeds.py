@@ -157,3 +157,28 @@ def test_recovered_samples_are_flagged_counted_and_ranked_with_the_flagged(monke
 def test_recovery_parameters_are_checked(params):
     with pytest.raises(InputError, match=next(iter(params))):
         Flare(**params)
+
+
+def test_runs_that_found_different_halves_of_the_poison_agree_once_each_is_completed(monkeypatch):
+    rng = np.random.default_rng(0)
+    y = np.r_[np.repeat(np.arange(4), 500), np.zeros(400, int)]  # 400 all-to-one poison relabelled 0
+    truth = np.r_[np.zeros(2000, bool), np.ones(400, bool)]
+    features = rng.normal(0, 1, (2400, 12))
+    features[:2000, 2:6] += np.eye(4)[y[:2000]] * 3  # the classes' look
+    features[truth, :2] += 4.0  # the trigger
+    features = features.astype(np.float32)
+    halves = [np.isin(np.arange(2400), np.arange(2000, 2200)), np.isin(np.arange(2400), np.arange(2200, 2400))]
+
+    def fit(n_seeds=2, **params):
+        outcomes = iter(halves)
+        monkeypatch.setattr(flare_module, "fit_once", lambda *a, **k: run_of(next(outcomes)))
+        return Flare(n_seeds=n_seeds, **params).fit(features, SLICES, y=y)
+
+    voted_first = fit(footprint_per_run=False)  # no sample in both halves: the vote flags nothing to complete
+    assert voted_first.n_flagged == 0
+    detection = fit()
+    assert (detection.flags & truth).sum() >= 380 and (detection.flags & ~truth).sum() <= 10
+    footprint = detection.diagnostics["footprint"]
+    assert footprint["per_run"] and len(footprint["runs_added"]) == 2 and min(footprint["runs_added"]) >= 180
+    assert [r["n_flagged"] for r in detection.diagnostics["seed_runs"]] == [200, 200]  # the runs' own clusters
+    assert all(r["n_voted"] >= 380 for r in detection.diagnostics["seed_runs"])

@@ -11,7 +11,8 @@ seed_majority flags what most of the runs that flagged anything flag):
   flags_from_clusters  official: largest cluster clean, other clusters poisoned, noise by `noise_rule`
   recover_by_neighbours ours: also flag what sits among the flagged samples in the all-layers embeddings
   footprint_completion ours: where the flags explain only part of an inflated label's excess, a linear probe
-                       flags the rest of that label's samples that sit on the flagged side (score_mixture)
+                       flags the rest of that label's samples that sit on the flagged side (score_mixture);
+                       complete_runs does it to each seed's run before the vote
 Provenance of each default: SEED_NOTES.md section 1 (official code) and DESIGN.md section 4.
 """
 
@@ -126,6 +127,11 @@ class FlareParams:
                                "Gaussian mixture of their probe scores puts in the upper component (posterior > 0.5), "
                                "where the components are apart (Ashman's D >= 2), else those with decision > 0; "
                                "'sign': decision > 0 only (RESULTS.md, issue 17: WaNet)", choices=("mixture", "sign"))
+    # Runs that each found a different part of the poison out-vote each other (WaNet: runs of 465, 206 and 480
+    # samples, two of them in a majority of none); completed, each run's flags are its estimate of the whole.
+    footprint_per_run: bool = param(True, "ours: each seed's run's flags are completed (complete_footprint) before "
+                                    "the seeds' vote, and the voted flags are not completed again (RESULTS.md, issue "
+                                    "17: WaNet). False: the voted flags are completed (session 20)")
     # Speed options, measured against the default in benchmarks/bench_flare_clustering.py. None = as the
     # official code (raw columns, UMAP's own approximate neighbour search).
     pca_components: int | None = param(None, "official code: no projection before UMAP")
@@ -610,6 +616,19 @@ def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray,
     return add, summary
 
 
+def complete_runs(runs: list, features: np.ndarray, y: np.ndarray, params: FlareParams) -> tuple[list, list]:
+    """(each run with its flags completed by footprint_completion, each run's completion summary or None): the
+    runs' cluster flags stay in their labels and the other fitted attributes, only the flags that vote change."""
+    completed, summaries = [], []
+    for run in runs:
+        add, summary = footprint_completion(run.flags, features, y, params.min_cluster_size, params.island_purity,
+                                            complete=params.complete_footprint, rounds=params.footprint_rounds,
+                                            cut=params.footprint_cut)
+        completed.append(replace(run, flags=run.flags | add))
+        summaries.append(summary)
+    return completed, summaries
+
+
 def recover_by_neighbours(flags: np.ndarray, embeddings: list, k: int, share: float) -> np.ndarray:
     """The unflagged samples of which, averaged over `embeddings`, at least `share` of the `k` nearest
     neighbours (the sample itself excluded) are flagged. Nothing when nothing is flagged."""
@@ -660,7 +679,9 @@ class Flare:
             if stage is not None and len(seeds) > 1:
                 stage("run", (k + 1, len(seeds), seed))
             runs.append(fit_once(features, layout, y, self.params, seed, progress=progress, stage=stage))
-        flags, votes, chosen = seed_majority(runs, self.params.abstain)
+        per_run = y is not None and self.params.footprint_per_run
+        voting, run_footprints = complete_runs(runs, features, np.asarray(y), self.params) if per_run else (runs, [])
+        flags, votes, chosen = seed_majority(voting, self.params.abstain)
         run = runs[chosen]
         diagnostics = dict(run.diagnostics)
         recovered = np.zeros(len(flags), bool)
@@ -672,11 +693,16 @@ class Flare:
             flags = flags | recovered
             diagnostics["recovered_by_neighbours"] = int(recovered.sum())
         if y is not None:
+            # With per-run completion the voted flags are not completed again: that would be a second round.
             completed, footprint = footprint_completion(flags, features, np.asarray(y),
                                                         self.params.min_cluster_size, self.params.island_purity,
-                                                        complete=self.params.complete_footprint,
+                                                        complete=self.params.complete_footprint and not per_run,
                                                         rounds=self.params.footprint_rounds,
                                                         cut=self.params.footprint_cut)
+            if per_run and run_footprints[chosen] is not None:
+                # what the representative run's completion found and did, and what each run's added
+                footprint = {**run_footprints[chosen], "per_run": True,
+                             "runs_added": [0 if f is None else f["added"] for f in run_footprints]}
             if footprint is not None:
                 diagnostics["footprint"] = footprint
             flags = flags | completed
@@ -684,8 +710,8 @@ class Flare:
         if len(runs) > 1:
             diagnostics["seed_runs"] = [
                 {"random_state": r.random_state, "dropped_layers": r.subspace, "n_flagged": int(r.flags.sum()),
-                 "flagged_node": r.diagnostics.get("flagged_node"),
-                 "differs_from_majority": int((r.flags != flags).sum())} for r in runs]
+                 "flagged_node": r.diagnostics.get("flagged_node"), "n_voted": int(v.flags.sum()),
+                 "differs_from_majority": int((v.flags != flags).sum())} for r, v in zip(runs, voting)]
             diagnostics["representative_run"] = chosen
             diagnostics["votes_histogram"] = np.bincount(votes, minlength=len(runs) + 1).tolist()
             if not flags.any() and votes.any():

@@ -220,8 +220,12 @@ class SampledFlare(Detector):
                    f" (the upper of the two populations of its scores, Ashman's D {separation:.1f})"
                    if footprint.get("cut") == "mixture" else
                    f" (its scores were not two populations apart, D {separation:.1f}: those past its zero)")
+            runs_added = footprint.get("runs_added")
+            whose = ("the flags" if not footprint.get("per_run") else
+                     "each seed's run was completed before the vote (added " + ", ".join(f"{a:,}" for a in runs_added)
+                     + "); the representative run's flags")
             parts.notes.append(
-                f"the flags are one inflated label ({footprint['label']}, {footprint['label_excess']:,} samples above "
+                f"{whose} are one inflated label ({footprint['label']}, {footprint['label_excess']:,} samples above "
                 f"the median label count), and they left {footprint['unexplained']:,} of that excess unexplained: "
                 + (f"{added:,} more samples of the label, those a linear probe puts with the flagged ones{cut}, were "
                    "flagged (complete_footprint)" if added else
