@@ -6,6 +6,8 @@ import pytest
 from backdoor_engine.cluster import CondensedTree
 from backdoor_engine.engine import FeatureLayout
 from backdoor_engine.errors import InputError
+from planted_footprint import relabelled_half_flagged
+
 from backdoor_engine.methods.flare import (
     Flare,
     FlareParams,
@@ -343,20 +345,6 @@ def test_without_a_labelling_the_loop_stops_at_the_first_stable_split_as_the_off
 def test_class_split_layers_must_be_a_count():
     with pytest.raises(InputError, match="class_split_layers"):
         Flare(class_split_layers=-1)
-
-
-def relabelled_half_flagged(seed=0):
-    """2,000 clean samples over 4 labels (500 each) and 400 all-to-one poison relabelled 0 whose trigger
-    shows in the first two columns; flags: the first half of the poison, as a cluster that held only part of it."""
-    rng = np.random.default_rng(seed)
-    y = np.r_[np.repeat(np.arange(4), 500), np.zeros(400, int)]
-    truth = np.r_[np.zeros(2000, bool), np.ones(400, bool)]
-    X = rng.normal(0, 1, (2400, 12))
-    X[:2000, 2:6] += np.eye(4)[y[:2000]] * 3  # the classes' look
-    X[truth, :2] += 4.0  # the trigger
-    flags = np.zeros(2400, bool)
-    flags[2000:2200] = True
-    return X.astype(np.float32), y, truth, flags
 
 
 def test_a_flagged_footprint_that_explains_half_the_excess_is_completed_from_the_label_by_a_linear_probe():

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from planted_footprint import relabelled_half_flagged
+
 from backdoor_engine.engine import FeatureLayout
 from backdoor_engine.errors import InputError
 from backdoor_engine.methods import flare as flare_module
@@ -160,14 +162,8 @@ def test_recovery_parameters_are_checked(params):
 
 
 def test_runs_that_found_different_halves_of_the_poison_agree_once_each_is_completed(monkeypatch):
-    rng = np.random.default_rng(0)
-    y = np.r_[np.repeat(np.arange(4), 500), np.zeros(400, int)]  # 400 all-to-one poison relabelled 0
-    truth = np.r_[np.zeros(2000, bool), np.ones(400, bool)]
-    features = rng.normal(0, 1, (2400, 12))
-    features[:2000, 2:6] += np.eye(4)[y[:2000]] * 3  # the classes' look
-    features[truth, :2] += 4.0  # the trigger
-    features = features.astype(np.float32)
-    halves = [np.isin(np.arange(2400), np.arange(2000, 2200)), np.isin(np.arange(2400), np.arange(2200, 2400))]
+    features, y, truth, first_half = relabelled_half_flagged()
+    halves = [first_half, truth & ~first_half]
 
     def fit(n_seeds=2, **params):
         outcomes = iter(halves)

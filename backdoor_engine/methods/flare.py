@@ -569,10 +569,10 @@ def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray,
     them, drawn with a fixed seed: the result depends on the flags only), scores the label's unflagged samples;
     those in the upper population of a two-component mixture of their scores (cut="mixture", score_mixture;
     decision > 0 where the two are not apart, or with cut="sign") are added, highest first, at most the
-    unexplained count. The same
-    can be repeated on the flags with what it added (`rounds`), while it adds samples and the excess left
-    unexplained is at least `min_unexplained`: a probe fitted on part of the poison sees only the part of the rest
-    that looks like it, but the later rounds took clean samples of the label too. complete=False: the summary only."""
+    unexplained count. The same can be repeated on the flags with what it added (`rounds`), while it adds samples
+    and the excess left unexplained is at least `min_unexplained`: a probe fitted on part of the poison sees only
+    the part of the rest that looks like it, but the later rounds took clean samples of the label too.
+    complete=False: the summary only."""
     add = np.zeros(len(flags), bool)
     if not flags.any():
         return add, None
