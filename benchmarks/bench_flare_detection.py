@@ -89,6 +89,9 @@ VARIANTS = {
     # Session 21's second rule: each seed's run completed before the vote (footprint_per_run); "voted" = the voted
     # flags completed (session 20's order).
     "voted": dict(footprint_per_run=False),
+    # Session 22: past depth, the walk follows the branches that can hold the footprint (footprint_levels);
+    # "depth3" = the official depth only (session 21).
+    "depth3": dict(footprint_levels=0),
 }
 
 

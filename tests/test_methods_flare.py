@@ -14,6 +14,7 @@ from backdoor_engine.methods.flare import (
     StableSplit,
     assign_noise_to_nearest,
     class_makeup,
+    holds_footprint,
     flags_from_clusters,
     footprint_completion,
     score_mixture,
@@ -175,6 +176,43 @@ def test_splits_inside_one_benign_class_are_not_examined():
     assert node is None and [v["node"] for v in verdicts] == [10, 12]
 
 
+def footprint_below_depth_tree():
+    """Samples 0-19. Root 20 -> 21 (0-3) and 22; 22 -> 23 (4-7) and 24; 24 -> 25 (8-11) and 26 (12-19): the
+    cluster 25 sits three levels down, inside 24, a branch of two labels."""
+    rows = [(20, 21, 1.0, 4), (20, 22, 1.0, 16), (22, 23, 2.0, 4), (22, 24, 2.0, 12), (24, 25, 3.0, 4),
+            (24, 26, 3.0, 8)]
+    rows += [(21, i, 9.0, 1) for i in range(4)] + [(23, i, 9.0, 1) for i in range(4, 8)]
+    rows += [(25, i, 9.0, 1) for i in range(8, 12)] + [(26, i, 5.0, 1) for i in range(12, 20)]
+    return CondensedTree(*map(np.array, zip(*rows)))
+
+
+def test_past_depth_the_walk_follows_only_a_branch_that_can_hold_the_all_to_one_footprint():
+    # 21, 23: all of labels 1 and 2; 24: all of label 0 (8, 4 beyond the median count) and label 3; 25 is the
+    # relabelled part of label 0, one level past depth 2.
+    y = np.repeat([1, 2, 0, 0, 3], 4)
+    node, verdicts = stability_split(footprint_below_depth_tree(), y, levels=2, class_coverage=0.5,
+                                     footprint_levels=1, min_excess=4)
+    assert node == 25 and [v["node"] for v in verdicts] == [20, 22, 24]
+    rows = {row["node"]: row for row in verdicts[1]["children"]}
+    assert holds_footprint(rows[24], min_excess=4) and not holds_footprint(rows[23], min_excess=4)
+    assert stability_split(footprint_below_depth_tree(), y, levels=2, class_coverage=0.5)[0] is None  # depth only
+    node, _ = stability_split(footprint_below_depth_tree(), y, levels=2, class_coverage=0.5, footprint_levels=1,
+                              min_excess=5)  # an excess below min_excess is no footprint
+    assert node is None
+    # Past depth only the footprint itself is flagged: 25 half label 0, half label 3 is not.
+    mixed = np.repeat([1, 2, 0, 0, 3], 4)
+    mixed[[10, 11, 18, 19]] = [3, 3, 0, 0]
+    node, verdicts = stability_split(footprint_below_depth_tree(), mixed, levels=2, class_coverage=0.5,
+                                     footprint_levels=1, min_excess=4)
+    rows = {row["node"]: row for row in verdicts[-1]["children"]}
+    assert node is None and verdicts[-1]["node"] == 24 and not rows[25]["benign_class_split"]
+    # The same tree without the inflated label: 24 holds three labels of four samples each, no footprint.
+    balanced = np.repeat([1, 2, 4, 0, 3], 4)
+    node, verdicts = stability_split(footprint_below_depth_tree(), balanced, levels=2, class_coverage=0.5,
+                                     footprint_levels=3)
+    assert node is None and [v["node"] for v in verdicts] == [20, 22]
+
+
 def test_a_pure_cluster_that_the_excess_of_an_inflated_label_explains_is_not_benign():
     # Labels 1-3 have 2 samples each, label 0 has 4 = 2 beyond the median: cluster 11 (samples 0-3) is all
     # of label 0 but its excess covers half of it, the footprint of all-to-one relabelling.
@@ -296,7 +334,8 @@ def test_off_label_members_of_an_all_to_one_flagged_cluster_are_unflagged_and_no
 FIVE = FeatureLayout(tuple(f"bn{i}" for i in range(5)), (2, 2, 2, 2, 2))
 
 
-def searched(monkeypatch, flagged_at, *, class_split_layers=3, stable=(0, 1, 2, 3, 4), labelling=True):
+def searched(monkeypatch, flagged_at, *, class_split_layers=3, stable=(0, 1, 2, 3, 4), labelling=True,
+             deeper_at=None):
     """search_subspace over FIVE with the embedding stubbed: a stable split wherever `stable` says, and a
     labelling that flags a node only with the dropped layers in `flagged_at`."""
     from types import SimpleNamespace
@@ -310,8 +349,10 @@ def searched(monkeypatch, flagged_at, *, class_split_layers=3, stable=(0, 1, 2, 
 
     monkeypatch.setattr(flare_module, "_try_subspace", try_subspace)
     label = (lambda fit: (11 if fit.dropped in flagged_at else None, [])) if labelling else None
+    deeper = None if deeper_at is None else (lambda fit: (12 if fit.dropped in deeper_at else None, ["deeper"]))
     features = np.zeros((10, 10), np.float32)
-    return search_subspace(features, FIVE, FlareParams(class_split_layers=class_split_layers), label=label)
+    return search_subspace(features, FIVE, FlareParams(class_split_layers=class_split_layers), label=label,
+                           deeper=deeper)
 
 
 def test_a_stable_split_excused_as_benign_classes_is_passed_over_and_the_loop_drops_more_layers(monkeypatch):
@@ -334,6 +375,21 @@ def test_the_loop_goes_at_most_class_split_layers_past_the_first_stable_split_th
     assert chosen[0].dropped_layers == 0 and chosen[4][0] is None  # the first stable subspace, nothing flagged
     steps, chosen, _ = searched(monkeypatch, flagged_at={1}, class_split_layers=0)
     assert [s.dropped_layers for s in steps] == [0] and chosen[4][0] is None
+
+
+def test_the_walk_past_depth_runs_only_where_every_stable_subspace_was_passed_over_and_in_the_loops_order(
+        monkeypatch):
+    # A subspace flagged at depth wins over an earlier one the deeper walk would flag in.
+    steps, chosen, _ = searched(monkeypatch, flagged_at={2}, deeper_at={0, 1})
+    assert chosen[0].dropped_layers == 2 and chosen[4][0] == 11 and not any(s.footprint_walk for s in steps)
+    # Every stable subspace passed over: the first (in the loop's order) the deeper walk flags in is chosen.
+    steps, chosen, _ = searched(monkeypatch, flagged_at=set(), deeper_at={1, 3})
+    assert [s.dropped_layers for s in steps] == [0, 1, 2, 3]
+    assert chosen[0].dropped_layers == 1 and chosen[4] == (12, ["deeper"])
+    assert [(s.excused, s.footprint_walk) for s in steps] == [(True, False), (False, True), (True, False),
+                                                              (True, False)]
+    steps, chosen, _ = searched(monkeypatch, flagged_at=set(), deeper_at=set())
+    assert chosen[0].dropped_layers == 0 and chosen[4][0] is None  # nothing there either: the first, unflagged
 
 
 def test_without_a_labelling_the_loop_stops_at_the_first_stable_split_as_the_official_code(monkeypatch):

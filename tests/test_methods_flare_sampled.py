@@ -155,3 +155,20 @@ def test_the_report_says_how_much_of_an_inflated_labels_excess_the_flags_left_un
     small = {**base, "footprint": {**footprint, "unexplained": 12, "incomplete": False, "added": 0}}
     notes = sampled.report(Detection("flare", flags, params=params, diagnostics=small), None, None).notes
     assert not any("unexplained" in note for note in notes)  # within min_cluster_size: the count's own noise
+
+
+def test_the_report_says_which_runs_flagged_the_footprint_past_the_walks_depth():
+    from backdoor_engine.detection import Detection
+
+    sampled = SampledFlare(n_seeds=1)
+    base = {"sampled": {"n_sample": 10, "n_rows": 10}}
+    runs = [{"random_state": s, "n_flagged": 450, "footprint_walk": s != 1} for s in range(3)]
+    detection = Detection("flare", np.zeros(10, bool), params={"depth": 3}, diagnostics={**base, "seed_runs": runs})
+    notes = sampled.report(detection, None, None).notes
+    assert any(note.startswith("2 of the 3 runs found no stable split to flag within depth 3") for note in notes)
+    single = Detection("flare", np.zeros(10, bool), params={"depth": 3},
+                       diagnostics={**base, "footprint_walk": True})
+    assert any(note.startswith("the run found no stable split") for note in sampled.report(single, None, None).notes)
+    plain = Detection("flare", np.zeros(10, bool), params={"depth": 3},
+                      diagnostics={**base, "seed_runs": [{**r, "footprint_walk": False} for r in runs]})
+    assert not any("footprint_levels" in note for note in sampled.report(plain, None, None).notes)

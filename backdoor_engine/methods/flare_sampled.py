@@ -203,6 +203,12 @@ class SampledFlare(Detector):
                 + ", ".join(f"{r['n_flagged']:,}" for r in runs) + " samples (random_state "
                 + ", ".join(str(r["random_state"]) for r in runs) + "); the figures show the run closest to "
                 "the majority")
+        walked = [r for r in runs or () if r.get("footprint_walk")]
+        if walked or detection.diagnostics.get("footprint_walk"):
+            parts.notes.append(
+                (f"{len(walked)} of the {len(runs)} runs" if runs else "the run") + " found no stable split to flag "
+                f"within depth {detection.params.get('depth')} of any subspace and flagged a cluster of the inflated "
+                "label's footprint further down its branch (footprint_levels)")
         off_label = detection.diagnostics.get("off_label_unflagged", 0)
         if off_label:
             parts.notes.append(f"in the run the figures show, the flagged cluster was essentially one inflated label "
