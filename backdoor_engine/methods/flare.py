@@ -653,14 +653,20 @@ def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray,
     return add, summary
 
 
+def complete_as_params(flags: np.ndarray, features: np.ndarray, y: np.ndarray, params: FlareParams,
+                       complete: bool | None = None):
+    """footprint_completion with FlareParams' settings (complete: params.complete_footprint unless given)."""
+    return footprint_completion(flags, features, y, params.min_cluster_size, params.island_purity,
+                                complete=params.complete_footprint if complete is None else complete,
+                                rounds=params.footprint_rounds, cut=params.footprint_cut)
+
+
 def complete_runs(runs: list, features: np.ndarray, y: np.ndarray, params: FlareParams) -> tuple[list, list]:
     """(each run with its flags completed by footprint_completion, each run's completion summary or None): the
     runs' cluster flags stay in their labels and the other fitted attributes, only the flags that vote change."""
     completed, summaries = [], []
     for run in runs:
-        add, summary = footprint_completion(run.flags, features, y, params.min_cluster_size, params.island_purity,
-                                            complete=params.complete_footprint, rounds=params.footprint_rounds,
-                                            cut=params.footprint_cut)
+        add, summary = complete_as_params(run.flags, features, y, params)
         completed.append(replace(run, flags=run.flags | add))
         summaries.append(summary)
     return completed, summaries
@@ -731,11 +737,8 @@ class Flare:
             diagnostics["recovered_by_neighbours"] = int(recovered.sum())
         if y is not None:
             # With per-run completion the voted flags are not completed again: that would be a second round.
-            completed, footprint = footprint_completion(flags, features, np.asarray(y),
-                                                        self.params.min_cluster_size, self.params.island_purity,
-                                                        complete=self.params.complete_footprint and not per_run,
-                                                        rounds=self.params.footprint_rounds,
-                                                        cut=self.params.footprint_cut)
+            completed, footprint = complete_as_params(flags, features, np.asarray(y), self.params,
+                                                      complete=self.params.complete_footprint and not per_run)
             if per_run and run_footprints[chosen] is not None:
                 # what the representative run's completion found and did, and what each run's added
                 footprint = {**run_footprints[chosen], "per_run": True,
