@@ -335,7 +335,7 @@ FIVE = FeatureLayout(tuple(f"bn{i}" for i in range(5)), (2, 2, 2, 2, 2))
 
 
 def searched(monkeypatch, flagged_at, *, class_split_layers=3, stable=(0, 1, 2, 3, 4), labelling=True,
-             deeper_at=None):
+             deeper_at=None, progress=None):
     """search_subspace over FIVE with the embedding stubbed: a stable split wherever `stable` says, and a
     labelling that flags a node only with the dropped layers in `flagged_at`."""
     from types import SimpleNamespace
@@ -352,7 +352,7 @@ def searched(monkeypatch, flagged_at, *, class_split_layers=3, stable=(0, 1, 2, 
     deeper = None if deeper_at is None else (lambda fit: (12 if fit.dropped in deeper_at else None, ["deeper"]))
     features = np.zeros((10, 10), np.float32)
     return search_subspace(features, FIVE, FlareParams(class_split_layers=class_split_layers), label=label,
-                           deeper=deeper)
+                           deeper=deeper, progress=progress)
 
 
 def test_a_stable_split_excused_as_benign_classes_is_passed_over_and_the_loop_drops_more_layers(monkeypatch):
@@ -383,8 +383,11 @@ def test_the_walk_past_depth_runs_only_where_every_stable_subspace_was_passed_ov
     steps, chosen, _ = searched(monkeypatch, flagged_at={2}, deeper_at={0, 1})
     assert chosen[0].dropped_layers == 2 and chosen[4][0] == 11 and not any(s.footprint_walk for s in steps)
     # Every stable subspace passed over: the first (in the loop's order) the deeper walk flags in is chosen.
-    steps, chosen, _ = searched(monkeypatch, flagged_at=set(), deeper_at={1, 3})
+    reported = []
+    steps, chosen, _ = searched(monkeypatch, flagged_at=set(), deeper_at={1, 3},
+                                progress=lambda step: reported.append((step.dropped_layers, step.footprint_walk)))
     assert [s.dropped_layers for s in steps] == [0, 1, 2, 3]
+    assert reported[-1] == (1, True) and len(reported) == 5  # each step as tried, then the one chosen again
     assert chosen[0].dropped_layers == 1 and chosen[4] == (12, ["deeper"])
     assert [(s.excused, s.footprint_walk) for s in steps] == [(True, False), (False, True), (True, False),
                                                               (True, False)]

@@ -252,12 +252,13 @@ def search_subspace(features: np.ndarray, layout: FeatureLayout, params: FlarePa
                     stage=None, label=None, deeper=None):
     """The paper's loop: drop 0, 1, 2, ... trailing BN layers until a stable split appears.
 
-    progress(step) is called after each subspace is tried; stage(name, shape) before each UMAP ("umap") and
-    HDBSCAN ("hdbscan") fit, with the shape of the matrix it fits. label(fit) -> (node, verdicts) labels a
-    subspace with a stable split (stability_split); where it flags no node the subspace is passed over and the
-    loop goes on for at most params.class_split_layers more layers past the first stable split. Where every
-    labelled subspace was passed over, deeper(fit) (the walk past depth, into the footprint's branches) labels
-    them again in the loop's order and the first it flags in is chosen (its step's footprint_walk).
+    progress(step) is called after each subspace is tried (and once more for the step the deeper walk flags in);
+    stage(name, shape) before each UMAP ("umap") and HDBSCAN ("hdbscan") fit, with the shape of the matrix it
+    fits. label(fit) -> (node, verdicts) labels a subspace with a stable split (stability_split); where it flags
+    no node the subspace is passed over and the loop goes on for at most params.class_split_layers more layers
+    past the first stable split. Where every labelled subspace was passed over, deeper(fit) (the walk past depth,
+    into the footprint's branches) labels them again in the loop's order and the first it flags in is chosen (its
+    step's footprint_walk).
 
     Returns (steps, chosen, first) where chosen = (step, embedding, hdbscan fit, split, labelled) or None when no
     subspace shows a stable split (the official code stops after the first try and crashes then); labelled is
@@ -291,6 +292,8 @@ def search_subspace(features: np.ndarray, layout: FeatureLayout, params: FlarePa
         labelled = deeper(fit)
         if labelled[0] is not None:
             step.excused, step.footprint_walk = False, True
+            if progress is not None:  # the step again, now chosen: a long scan says what it settled on
+                progress(step)
             return steps, (step, embedding, fit, split, labelled), first
     return steps, fallback, first
 

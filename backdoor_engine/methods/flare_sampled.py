@@ -168,7 +168,9 @@ class SampledFlare(Detector):
     def fit_scan(self, data: ScanData) -> Detection:
         def report_step(step):
             found = ("no stable split" if not step.split else
-                     "stable split of benign classes only (excused)" if step.excused else "stable split")
+                     "stable split of benign classes only (excused)" if step.excused else
+                     "the all-to-one footprint flagged past the walk's depth" if step.footprint_walk else
+                     "stable split")
             print(f"flare: {step.dropped_layers} trailing layer(s) dropped, {step.n_columns} columns: {found} "
                   f"(largest gap {max(step.gaps, default=0.0):.4g}, threshold {step.threshold:.4g}, "
                   f"{step.seconds:.1f} s)", flush=True)
