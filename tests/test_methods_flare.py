@@ -206,6 +206,7 @@ def test_past_depth_the_walk_follows_only_a_branch_that_can_hold_the_all_to_one_
                                      footprint_levels=1, min_excess=4)
     rows = {row["node"]: row for row in verdicts[-1]["children"]}
     assert node is None and verdicts[-1]["node"] == 24 and not rows[25]["benign_class_split"]
+    assert verdicts[-1]["decision"] == "no child is the footprint (past depth)"
     # The same tree without the inflated label: 24 holds three labels of four samples each, no footprint.
     balanced = np.repeat([1, 2, 4, 0, 3], 4)
     node, verdicts = stability_split(footprint_below_depth_tree(), balanced, levels=2, class_coverage=0.5,

@@ -393,7 +393,8 @@ def stability_split(tree, y: np.ndarray | None, levels: int, class_coverage: flo
                 if row.get("inflated", False) if level >= levels else not row.get("benign_class_split", False):
                     verdict["decision"] = f"flag {row['node']}"
                     return row["node"], verdicts
-            verdict["decision"] = "every child is a benign class split"
+            verdict["decision"] = ("no child is the footprint (past depth)" if level >= levels else
+                                   "every child is a benign class split")
             next_frontier += [row["node"] for row in rows if not row["one_benign_class"]
                               and (level + 1 < levels or holds_footprint(row, min_excess))]
         frontier = next_frontier
