@@ -267,9 +267,9 @@ def search_subspace(features: np.ndarray, layout: FeatureLayout, params: FlarePa
     """
     n_layers = layout.num_layers
     last = n_layers - 1 if params.max_dropped_layers is None else min(params.max_dropped_layers, n_layers - 1)
-    steps, first, fallback, passed_over = [], None, None, []
+    steps, first, passed_over = [], None, []  # passed_over[0]: the first stable subspace, the fallback
     for dropped in range(last + 1):
-        if fallback is not None and dropped > fallback[0].dropped_layers + params.class_split_layers:
+        if passed_over and dropped > passed_over[0][0].dropped_layers + params.class_split_layers:
             break
         t0 = time.perf_counter()
         X = subspace_matrix(features, layout, dropped, params.reduce)
@@ -286,7 +286,6 @@ def search_subspace(features: np.ndarray, layout: FeatureLayout, params: FlarePa
         chosen = (step, embedding, fit, split, labelled)
         if not step.excused:
             return steps, chosen, first
-        fallback = fallback or chosen
         passed_over.append(chosen)
     for step, embedding, fit, split, _ in passed_over if deeper is not None else ():
         labelled = deeper(fit)
@@ -295,7 +294,7 @@ def search_subspace(features: np.ndarray, layout: FeatureLayout, params: FlarePa
             if progress is not None:  # the step again, now chosen: a long scan says what it settled on
                 progress(step)
             return steps, (step, embedding, fit, split, labelled), first
-    return steps, fallback, first
+    return steps, passed_over[0] if passed_over else None, first
 
 
 def whole_class_share(y: np.ndarray, samples: np.ndarray, within: np.ndarray | None = None) -> float:
