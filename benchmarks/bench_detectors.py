@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -164,15 +165,17 @@ def table(args):
     own = own_file_rows(args)
     extra = [m for m in EXTRA if m not in methods and any(key[-1] == m for key in own)]
     fmt = lambda c: "-" if c is None or "tpr" not in c else f"{100 * c['tpr']:.1f} / {100 * c['fpr']:.2f}"  # noqa: E731
-    print("| attack | mode | ASR | " + " | ".join(methods + [f"{m} (own run)" for m in extra])
+    print("| attack | mode | epochs | ASR | " + " | ".join(methods + [f"{m} (own run)" for m in extra])
           + " | vote (>= half) | Dawid-Skene | presence | best single F1 | vote F1 | presence F1 |")
-    print("|---" * (9 + len(methods) + len(extra)) + "|")
+    print("|---" * (10 + len(methods) + len(extra)) + "|")
     for r in rows:
         asr = "-" if r["asr"] is None else f"{100 * r['asr']:.1f}%"
         default = r["consensus"].get(str(r["default_min_votes"]))
         presence = r.get("rules", {}).get("presence")
         singles = [v["f1"] for name, v in r["methods"].items() if "f1" in v and name in r.get("members", METHODS)]
-        print(f"| {r['attack']} | {r['mode']} | {asr} | " + " | ".join(fmt(r["methods"].get(m)) for m in methods)
+        epochs = re.search(r"-e(\d+)$", Path(r["model"]).stem)  # train_attacks.py's checkpoint names end so
+        print(f"| {r['attack']} | {r['mode']} | {epochs[1] if epochs else '-'} | {asr} | "
+              + " | ".join(fmt(r["methods"].get(m)) for m in methods)
               + "".join(f" | {fmt(own.get((r['attack'], r['mode'], r['n'], m)))}" for m in extra)
               + f" | {fmt(default)} | {fmt(r.get('rules', {}).get('dawid-skene'))} | {fmt(presence)}"
               + f" | {100 * max(singles, default=0):.1f} | {100 * default['f1']:.1f} | "

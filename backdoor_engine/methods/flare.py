@@ -286,7 +286,8 @@ def search_subspace(features: np.ndarray, layout: FeatureLayout, params: FlarePa
         chosen = (step, embedding, fit, split, labelled)
         if not step.excused:
             return steps, chosen, first
-        passed_over.append(chosen)
+        if deeper is not None or not passed_over:  # without the deeper walk only the fallback is read again
+            passed_over.append(chosen)
     for step, embedding, fit, split, _ in passed_over if deeper is not None else ():
         labelled = deeper(fit)
         if labelled[0] is not None:
