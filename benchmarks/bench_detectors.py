@@ -51,6 +51,45 @@ def f1(m: dict) -> float:
     return 0.0 if not m["tp"] else 2 * m["tp"] / (2 * m["tp"] + m["fp"] + m["fn"])
 
 
+def scan_model(model_path, args, pool, params: dict):
+    """One `api.scan` of --methods over the set the checkpoint saw: (meta, (attack, mode), dataset, reference,
+    truth, result, per-method metrics, seconds). One method alone runs as itself (a consensus needs two)."""
+    model, meta = load_checkpoint(model_path)
+    dataset, (attack, mode) = scanned_set(meta, args.seed)
+    reference = make_aux("reserved", dataset, pool, ratio=args.reference_ratio, seed=args.seed)
+    truth = dataset.poison.astype(bool) if dataset.poison is not None else np.zeros(len(dataset), bool)
+    t0 = time.perf_counter()
+    single = len(args.methods) == 1
+    result = api.scan(dataset, model, meta["normalisation"], method=args.methods[0] if single else list(args.methods),
+                      clean=reference, progress=False, **params)
+    total_s = time.perf_counter() - t0
+    d = result.detection
+    if single:  # the consensus' per-member columns and timings, for the one member
+        d.columns.update({f"flagged_{args.methods[0]}": d.flags,
+                          **({} if d.scores is None else {f"score_{args.methods[0]}": d.scores})})
+    methods = {}
+    for name in args.methods:
+        if not single and name in d.diagnostics["failed"]:
+            methods[name] = {"failed": d.diagnostics["failed"][name]}
+            continue
+        flags = np.asarray(d.columns[f"flagged_{name}"]).astype(bool)
+        m = detection_metrics(flags, truth)
+        seconds = result.report["timings_s"].get("detect") if single else d.diagnostics["per_method"][name]["time_s"]
+        methods[name] = {"tpr": m["tpr"], "fpr": m["fpr"], "f1": f1(m), "n_flagged": int(flags.sum()),
+                         "seconds": None if seconds is None else round(seconds, 2)}
+    return meta, (attack, mode), dataset, reference, truth, result, methods, total_s
+
+
+def versions() -> dict:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def write_rows(out: Path, rows: list) -> None:
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(out)
+
+
 def run(args):
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
@@ -60,24 +99,9 @@ def run(args):
     for model_path in args.models:
         if str(model_path) in done:
             continue
-        model, meta = load_checkpoint(model_path)
-        dataset, (attack, mode) = scanned_set(meta, args.seed)
-        reference = make_aux("reserved", dataset, pool, ratio=args.reference_ratio, seed=args.seed)
-        truth = dataset.poison.astype(bool) if dataset.poison is not None else np.zeros(len(dataset), bool)
-        t0 = time.perf_counter()
-        result = api.scan(dataset, model, meta["normalisation"], method=list(args.methods), clean=reference,
-                          progress=False, **params)
-        total_s = time.perf_counter() - t0
+        meta, (attack, mode), dataset, reference, truth, result, methods, total_s = scan_model(
+            model_path, args, pool, params)
         d = result.detection
-        methods = {}
-        for name in args.methods:
-            if name in d.diagnostics["failed"]:
-                methods[name] = {"failed": d.diagnostics["failed"][name]}
-                continue
-            flags = d.columns[f"flagged_{name}"].astype(bool)
-            m = detection_metrics(flags, truth)
-            methods[name] = {"tpr": m["tpr"], "fpr": m["fpr"], "f1": f1(m), "n_flagged": int(flags.sum()),
-                             "seconds": round(d.diagnostics["per_method"][name]["time_s"], 2)}
         # Per-sample flags and scores of every method, to judge other combination rules without rescanning.
         cache = Path(args.cache)
         cache.mkdir(parents=True, exist_ok=True)
@@ -89,9 +113,7 @@ def run(args):
                "n_reference": len(reference), "methods": methods,
                **combined(d.columns, d.diagnostics["methods"], truth), "jaccard": d.diagnostics["jaccard"],
                "timings_s": {k: round(float(v), 2) for k, v in result.report["timings_s"].items()},
-               "total_s": round(total_s, 1), "params": params,
-               "versions": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                            "python": platform.python_version()}}
+               "total_s": round(total_s, 1), "params": params, "versions": versions()}
         print(json.dumps({"attack": attack, "mode": mode, **{k: (v["tpr"], v["fpr"]) for k, v in methods.items()}}),
               flush=True)
         with out.open("a") as f:
@@ -131,9 +153,45 @@ def rescore(args):
         cached = np.load(Path(args.cache) / f"{Path(row['model']).stem}.npz")
         ran = [key[len("flagged_"):] for key in cached.files if key.startswith("flagged_")]
         row.update(combined(cached, ran, cached["truth"].astype(bool)))
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(out)
+    write_rows(out, rows)
+
+
+def update(args):
+    """Re-run --methods on --models already in --out and put their columns in place of the old ones, in the row
+    and in the cache, then recompute the combined columns (after a method's default changed: the other methods'
+    columns stay those of the original scan). The row's "updated" records what was re-run, when and how."""
+    out = Path(args.out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    by_model = {row["model"]: row for row in rows}
+    missing = [str(m) for m in args.models if str(m) not in by_model]
+    if missing:
+        raise SystemExit(f"not in {out}, scan them first: {', '.join(missing)}")
+    pool = load_fashion_mnist("train")
+    params = json.loads(args.params) if args.params else {}
+    for model_path in args.models:
+        row = by_model[str(model_path)]
+        *_, truth, result, methods, _ = scan_model(model_path, args, pool, params)
+        path = Path(args.cache) / f"{Path(model_path).stem}.npz"
+        cached = dict(np.load(path))
+        if not np.array_equal(cached["truth"].astype(bool), truth):
+            raise SystemExit(f"{path}: the cached ground truth is not this set's (another --seed?)")
+        for name in args.methods:
+            for key in (f"flagged_{name}", f"score_{name}"):
+                if key in result.detection.columns:
+                    cached[key] = np.asarray(result.detection.columns[key])
+        ran = [key[len("flagged_"):] for key in cached if key.startswith("flagged_")]
+        cached["votes"] = np.sum([cached[f"flagged_{name}"].astype(bool) for name in ran
+                                  if name in row.get("members", ran)], axis=0)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez_compressed(tmp, **cached)
+        tmp.replace(path)
+        row["methods"].update(methods)
+        row.update(combined(cached, ran, truth))
+        row.setdefault("updated", []).append({"methods": list(args.methods), "params": params,
+                                              "date": time.strftime("%Y-%m-%d"), "versions": versions()})
+        print(json.dumps({"updated": row["model"], **{k: (v.get("tpr"), v.get("fpr")) for k, v in methods.items()}}),
+              flush=True)
+        write_rows(out, rows)
 
 
 def own_file_rows(args) -> dict:
@@ -198,10 +256,12 @@ def main():
     p.add_argument("--cache", default="runs/detectors", help="per-sample flags and scores, one .npz per model")
     p.add_argument("--table", action="store_true")
     p.add_argument("--rescore", action="store_true", help="recompute the combined columns of --out from --cache")
+    p.add_argument("--update", action="store_true",
+                   help="re-run --methods on --models already in --out, replacing their columns (row and cache)")
     p.add_argument("--fct", default="benchmarks/results/fct_dbr.jsonl", help="FCT rows (bench_fct_dbr.py), for --table")
     p.add_argument("--trap", default="benchmarks/results/trap.jsonl", help="TRAP's rows (bench_trap.py), for --table")
     args = p.parse_args()
-    table(args) if args.table else rescore(args) if args.rescore else run(args)
+    table(args) if args.table else rescore(args) if args.rescore else update(args) if args.update else run(args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from backdoor_engine.detection import detection_metrics
 from backdoor_engine.engine.feature_set import FeatureSet
 from backdoor_engine.errors import InputError
 from backdoor_engine.methods import ScanData, available_detectors, get_detector, make_detector
-from backdoor_engine.methods.scan_untangling import FIGURE_TITLE, Scan, anomaly_scores, candidate_subgroup, global_model
+from backdoor_engine.methods.scan_untangling import (FIGURE_TITLE, Scan, anomaly_scores, candidate_subgroup,
+                                                     global_model, reference_share_p)
 
 
 def planted(seed=0, per_class=300, classes=10, dims=32, rate=0.1, shift=4.0, reference_per_class=40):
@@ -57,6 +58,7 @@ def test_scan_flags_the_poisoned_class_and_its_poison_on_planted_data(seed):
     # The flagged subgroup holds (almost) no reference sample: the clean reference samples sit with the clean rows.
     sizes = d["classes"]["0"]["subgroups"]
     assert sizes["candidate_reference"] <= 2 and sizes["other_reference"] >= 38
+    assert d["classes"]["0"]["reference_p"] < 0.05 and not d["classes"]["0"]["cleared_by_reference"]
     # Scores: the class's score on its candidate subgroup, 0 elsewhere, so flags are exactly score > threshold.
     assert np.array_equal(detection.flags, detection.scores > d["threshold"])
     assert set(np.unique(detection.clusters[detection.flags])) == {1}  # 2 x class 0 + the candidate subgroup
@@ -160,6 +162,48 @@ def test_the_anomaly_score_is_the_median_mad_outlier_index():
     assert anomaly_scores(np.array([2.0, 2.0, 2.0, 5.0]), "upper")[0] is None  # MAD 0
 
 
+def benign_split(seed, label=3, share=0.4, shift=6.0):
+    """A clean planted set whose class `label` is two sub-populations (share of it shifted on features 8-15),
+    in the suspect and the reference set alike: a split within clean data, as bags with and without handles."""
+    X, y, _, R, ry = planted(seed, rate=0.0)
+    rng = np.random.default_rng(seed + 100)
+    for features, labels in ((X, y), (R, ry)):
+        rows = np.flatnonzero(labels == label)
+        features[rng.choice(rows, int(round(share * len(rows))), replace=False), 8:16] += shift
+    return X, y, R, ry
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_benign_split_that_scores_above_the_threshold_is_cleared_by_its_share_of_the_reference(seed):
+    X, y, R, ry = benign_split(seed)
+    official = Scan(reference_alpha=None).fit(X, y, R, ry)
+    assert official.diagnostics["flagged_classes"] == [3]  # the reference codes' rule flags the clean class
+    assert official.n_flagged > 100
+    detection = Scan().fit(X, y, R, ry)
+    d = detection.diagnostics
+    c = d["classes"]["3"]
+    assert c["score"] > d["threshold"] and c["score"] == official.diagnostics["classes"]["3"]["score"]
+    assert d["flagged_classes"] == [] and detection.n_flagged == 0
+    assert c["cleared_by_reference"] and c["reference_p"] >= 0.05 and c["reference_floor"] < 1e-6
+    assert c["subgroups"]["candidate_reference"] >= 8  # the shifted part holds its share of the 40 clean samples
+    assert "Class 3 scored" in d["explanation"] and "not an injected subgroup" in d["explanation"]
+    assert "nothing was flagged" in d["explanation"]
+
+
+def test_the_reference_share_p_is_the_doubled_binomial_tail_of_the_candidate():
+    sizes = {"candidate": 404, "other": 592, "candidate_reference": 16, "other_reference": 34}
+    from scipy.stats import binom
+    p, floor = reference_share_p(sizes)
+    assert p == pytest.approx(2 * binom.cdf(16, 50, 404 / 996))
+    assert floor == pytest.approx(2 * (1 - 404 / 996) ** 50)
+    assert reference_share_p({**sizes, "candidate_reference": 40, "other_reference": 10})[0] == 1.0  # capped
+    # no reference sample: nothing to tell, the floor says so
+    assert reference_share_p({**sizes, "candidate_reference": 0, "other_reference": 0}) == (1.0, 1.0)
+    # a poisoned candidate: half the class and none of 50 reference samples
+    assert reference_share_p({"candidate": 1000, "other": 1000, "candidate_reference": 0,
+                              "other_reference": 50})[0] == pytest.approx(2 * 0.5 ** 50)
+
+
 def test_the_candidate_subgroup_is_the_one_with_fewer_reference_samples():
     # 6 suspect rows, then 4 reference rows; True = subgroup 1
     groups = np.array([1, 1, 1, 1, 0, 0] + [0, 0, 0, 1], bool)
@@ -180,6 +224,9 @@ def test_a_class_missing_from_the_reference_is_scanned_and_its_smaller_subgroup_
     metrics = detection_metrics(detection.flags, truth)
     assert metrics["tpr"] >= 0.9 and metrics["fpr"] <= 0.05
     assert detection.diagnostics["reference"]["missing_classes"] == [0]
+    # the reference-share check cannot tell without reference samples: flagged on its score, and it says so
+    assert detection.diagnostics["classes"]["0"]["reference_floor"] == 1.0
+    assert "too few reference samples for the reference-share check" in detection.diagnostics["explanation"]
     notes = detector.report(detection, None, tmp_path).notes
     assert any("no sample of class(es) 0" in note for note in notes)
 
@@ -256,6 +303,10 @@ def test_parameters_are_checked_by_name_and_value():
         make_detector("scan", {"tol": 2.0})
     with pytest.raises(InputError, match="seed must be in"):
         make_detector("scan", {"seed": -1})
+    for alpha in (0, 1, 1.5):
+        with pytest.raises(InputError, match="reference_alpha must be in"):
+            make_detector("scan", {"reference_alpha": alpha})
+    assert make_detector("scan", {"reference_alpha": None}).params.reference_alpha is None
     assert make_detector("scan", {"tail": "BOTH", "threshold": np.e}).params.tail == "both"
 
 

@@ -16,6 +16,8 @@ Stages, each a plain function composed by `Scan`:
   split_statistic     J = mean over the class of |x - identity|^2 - |x - own subgroup mean|^2 (metric S_e^-1)
   anomaly_scores      |J - median| / (1.4826 MAD) over the scanned classes (upper tail by default)
   candidate_subgroup  the subgroup holding fewer of the class's reference samples
+  reference_share_p   (ours) whether that subgroup holds fewer reference samples than its share of the class's
+                      suspect samples predicts: a benign split holds its share, an injected subgroup none
 
 What the reference code does (checked):
   Authors' code, TDteach/Demon-in-the-Variant pysrc/SCAn.py (a translation of msrc/global_model.m,
@@ -61,14 +63,23 @@ Where we differ, and why:
     side empty (no subgroup) is scored but none of its samples flagged.
   - ties in the reference count (e.g. a class with no reference sample) flag the smaller suspect subgroup, not
     subgroup 1; the first reference sample is not counted as a suspect one.
+  - the reference-share check (reference_alpha, ours): the reference codes flag every class scoring above the
+    threshold. A class whose suspect samples fall into two benign sub-populations (bags with and without handles)
+    can score there too, and then the reference samples split in the same proportion: measured on a clean 10k
+    Fashion-MNIST model, class 8 scored 10.2 > e^2 and its candidate subgroup held 404 of 996 suspect samples and
+    16 of 50 reference samples (20 expected), while the poisoned classes' candidates held 0 of 50. A flagged class
+    stays flagged only if P(Bin(n_reference, suspect share) <= candidate's reference count), doubled because the
+    candidate is whichever side holds fewer, is below reference_alpha. Where even a candidate without any
+    reference sample could not reach that (too few reference samples in the class, none included), the check
+    cannot tell and the class is flagged on its score alone, as in the reference codes.
   - only the classes of the suspect set are scored; a median/MAD over fewer than 3 classes (or MAD = 0) does not
     normalise anything, so then no class is flagged and the diagnostics say why.
 Randomness: the untangling starts from numpy's legacy RandomState(seed).rand(n) drawn class by class in label
 order, exactly as the reference's np.random.rand after np.random.seed(seed), so a run is repeatable and, with
-null_identity="official" and tail="both", gives the reference's splits and scores.
-Per-sample output: `scores` = the class's score for the suspect samples of its candidate subgroup, 0 elsewhere
-(flags = scores > threshold); `clusters` = 2 x label + 1 for the candidate subgroup, 2 x label for the other
-subgroup, -1 for a skipped class.
+null_identity="official" and tail="both", gives the reference's splits and scores (and with reference_alpha=None
+its flags). Per-sample output: `scores` = the class's score for the suspect samples of its candidate subgroup, 0
+elsewhere (flags = scores > threshold, except in the classes the reference-share check cleared); `clusters` =
+2 x label + 1 for the candidate subgroup, 2 x label for the other subgroup, -1 for a skipped class.
 """
 
 from __future__ import annotations
@@ -114,6 +125,14 @@ class ScanParams:
     tol: float = param(1e-6, "ours: the global EM stops when |dS_u|_F + |dS_e|_F <= tol x (|S_u|_F + |S_e|_F), "
                        "scale-free; the reference codes use an absolute 1e-5 (BackdoorBench, backdoor-toolbox) or "
                        "1e-2 (pysrc/SCAn.py, msrc/global_model.m)")
+    reference_alpha: float | None = param(
+        0.05, "ours: a class scoring above the threshold is flagged only if its candidate subgroup holds "
+        "significantly fewer reference samples than its share of the class's suspect samples predicts (one-sided "
+        "binomial, doubled for picking the side with fewer; p < reference_alpha), where the class has enough "
+        "reference samples to tell; measured: a clean model's benign class scored 10.2 > e^2 with its candidate "
+        "holding 16 of 50 reference samples (p 0.28), poisoned classes' candidates 0 of 50. 0.05 keeps a 2% "
+        "all-to-one poison whose subgroup took in 2 of 50 clean reference samples flagged (p 0.013); None = the "
+        "reference codes' rule, the score alone")
     seed: int = param(0, "ours: the untangling starts from a random split (the reference's unseeded np.random.rand; "
                       "BackdoorBench fixes random_seed 0); seed s gives the reference's start after np.random.seed(s)")
 
@@ -124,6 +143,8 @@ class ScanParams:
             raise InputError(f"max_iter must be >= 1, got {self.max_iter}")
         if not 0 < self.tol < 1:
             raise InputError(f"tol must be in (0, 1), got {self.tol}")
+        if self.reference_alpha is not None and not 0 < self.reference_alpha < 1:
+            raise InputError(f"reference_alpha must be in (0, 1) or None, got {self.reference_alpha}")
         if not 0 <= self.seed < 2 ** 32:
             raise InputError(f"seed must be in [0, 2^32), got {self.seed}")
 
@@ -158,6 +179,9 @@ class ClassSplit:
     converged: bool = False
     flagged: bool = False
     skipped: str | None = None
+    reference_p: float | None = None  # reference_share_p of the candidate; None where there is no candidate
+    reference_floor: float | None = None  # the p a candidate without reference samples would get
+    cleared: bool = False  # scored above the threshold, but its candidate held its share of the reference
 
     def sizes(self) -> dict:
         """Suspect and reference samples in the candidate and the other subgroup."""
@@ -307,6 +331,21 @@ def candidate_subgroup(groups: np.ndarray, n_suspect: int) -> int | None:
     return 0 if sizes[0] < sizes[1] else 1
 
 
+def reference_share_p(sizes: dict) -> tuple[float, float]:
+    """(p, floor) for a class's subgroups (ClassSplit.sizes): p = the chance that a benign candidate subgroup, as
+    common among clean samples as among the suspect ones, holds this few of the class's reference samples or fewer
+    (one-sided binomial at the candidate's suspect share, doubled since the candidate is whichever side holds fewer
+    reference samples, at most 1); floor = the p of a candidate holding none, the lowest the class's reference can
+    give: the check can tell only where floor < alpha."""
+    from scipy.stats import binom
+
+    n_reference = sizes["candidate_reference"] + sizes["other_reference"]
+    n_suspect = sizes["candidate"] + sizes["other"]
+    share = sizes["candidate"] / n_suspect if n_suspect else 0.0
+    p = min(1.0, 2 * float(binom.cdf(sizes["candidate_reference"], n_reference, share)))
+    return p, min(1.0, 2 * (1 - share) ** n_reference)
+
+
 def _finite(X: np.ndarray, rows: np.ndarray, what: str) -> None:
     if not np.isfinite(X).all():
         row, column = np.argwhere(~np.isfinite(X))[0]
@@ -409,7 +448,11 @@ class Scan(Detector):
                 continue
             members = result.rows[side == pick]
             scores[members] = result.score
+            result.reference_p, result.reference_floor = reference_share_p(result.sizes())
             result.flagged = result.score > p.threshold
+            if result.flagged and p.reference_alpha is not None and result.reference_floor < p.reference_alpha:
+                result.cleared = result.reference_p >= p.reference_alpha
+                result.flagged = not result.cleared
             if result.flagged:
                 flags[members] = True
         self.flags_, self.scores_ = flags, scores
@@ -429,6 +472,8 @@ class Scan(Detector):
                 entry.update({"J": result.J, "score": result.score, "flagged": result.flagged,
                               "n_flagged": result.sizes()["candidate"] if result.flagged else 0,
                               "subgroups": result.sizes() if result.candidate is not None else None,
+                              "reference_p": result.reference_p, "reference_floor": result.reference_floor,
+                              "cleared_by_reference": result.cleared,
                               "untangling_steps": result.steps, "untangling_converged": result.converged})
             per_class[str(label)] = entry
             if result.flagged:
@@ -441,9 +486,12 @@ class Scan(Detector):
                            f"{mad:.3g}): no class can be called an outlier, nothing was flagged")
         else:
             statistic = "J - median" if p.tail == "upper" else "|J - median|"
+            cleared = [c for c in self.classes_.values() if c.cleared]
             outcome = (f"{len(flagged)} class(es) scored above {p.threshold:.4g} ({', '.join(map(str, flagged))}): the "
                        f"{n_flagged} samples of their subgroup holding fewer reference samples were flagged"
-                       if flagged else f"no class scored above {p.threshold:.4g}: nothing was flagged")
+                       if flagged else f"no class {'was flagged' if cleared else f'scored above {p.threshold:.4g}'}: "
+                       "nothing was flagged")
+            outcome += self._reference_check_note(flagged, cleared)
             explanation = (f"SCAn fitted S_u and S_e on the clean reference set ({n_ref} samples of "
                            f"{len(model.reference_classes)} classes), split every class in two and scored its "
                            f"statistic J by ({statistic}) / (1.4826 MAD), median {median:.4g}, MAD {mad:.4g}; "
@@ -463,7 +511,29 @@ class Scan(Detector):
                 "global_model": {"iterations": model.iterations, "converged": model.converged,
                                  "dims": dims, "subspace_dims": rank},
                 "score": "the class's anomaly score for the suspect samples of its candidate subgroup (the one "
-                         "holding fewer reference samples), 0 elsewhere; flagged = score > threshold"}
+                         "holding fewer reference samples), 0 elsewhere; flagged = score > threshold, except in "
+                         "classes the reference-share check cleared (cleared_by_reference)"}
+
+    def _reference_check_note(self, flagged: list, cleared: list) -> str:
+        """What the reference-share check decided, for the explanation ("" when it changed nothing to say)."""
+        alpha, note = self.params.reference_alpha, ""
+        if alpha is None:
+            return note
+        for c in cleared:
+            sizes = c.sizes()
+            n_reference = sizes["candidate_reference"] + sizes["other_reference"]
+            share = sizes["candidate"] / (sizes["candidate"] + sizes["other"])
+            note += (f". Class {c.label} scored {c.score:.3g} but is not flagged: its candidate subgroup holds "
+                     f"{sizes['candidate']} of its {sizes['candidate'] + sizes['other']} suspect samples and "
+                     f"{sizes['candidate_reference']} of its {n_reference} reference samples ({share * n_reference:.1f}"
+                     f" expected; p {c.reference_p:.2g} >= reference_alpha {alpha:g}): a split within clean data, "
+                     "not an injected subgroup")
+        unchecked = [self.classes_[label] for label in flagged if self.classes_[label].reference_floor >= alpha]
+        if unchecked:
+            note += (f". Class(es) {', '.join(str(c.label) for c in unchecked)} hold too few reference samples for "
+                     f"the reference-share check (even none in the candidate would give p >= {alpha:g}): flagged on "
+                     "the score alone")
+        return note
 
     def fit_scan(self, data: ScanData) -> Detection:
         if data.reference is None:
