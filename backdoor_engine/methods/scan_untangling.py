@@ -489,8 +489,8 @@ class Scan(Detector):
             cleared = [c for c in self.classes_.values() if c.cleared]
             outcome = (f"{len(flagged)} class(es) scored above {p.threshold:.4g} ({', '.join(map(str, flagged))}): the "
                        f"{n_flagged} samples of their subgroup holding fewer reference samples were flagged"
-                       if flagged else f"no class {'was flagged' if cleared else f'scored above {p.threshold:.4g}'}: "
-                       "nothing was flagged")
+                       if flagged else "nothing was flagged" if cleared else
+                       f"no class scored above {p.threshold:.4g}: nothing was flagged")
             outcome += self._reference_check_note(flagged, cleared)
             explanation = (f"SCAn fitted S_u and S_e on the clean reference set ({n_ref} samples of "
                            f"{len(model.reference_classes)} classes), split every class in two and scored its "
@@ -523,7 +523,8 @@ class Scan(Detector):
             sizes = c.sizes()
             n_reference = sizes["candidate_reference"] + sizes["other_reference"]
             share = sizes["candidate"] / (sizes["candidate"] + sizes["other"])
-            note += (f". Class {c.label} scored {c.score:.3g} but is not flagged: its candidate subgroup holds "
+            note += (f". Class {c.label} scored {c.score:.3g}, above the threshold, but is not flagged: its "
+                     "candidate subgroup holds "
                      f"{sizes['candidate']} of its {sizes['candidate'] + sizes['other']} suspect samples and "
                      f"{sizes['candidate_reference']} of its {n_reference} reference samples ({share * n_reference:.1f}"
                      f" expected; p {c.reference_p:.2g} >= reference_alpha {alpha:g}): a split within clean data, "
