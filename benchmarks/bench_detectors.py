@@ -80,6 +80,11 @@ def scan_model(model_path, args, pool, params: dict):
     return meta, (attack, mode), dataset, reference, truth, result, methods, total_s
 
 
+def ran_methods(cached) -> list:
+    """The methods whose per-sample flags a cache file (or dict) holds."""
+    return [key[len("flagged_"):] for key in cached if key.startswith("flagged_")]
+
+
 def versions() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
 
@@ -91,6 +96,8 @@ def write_rows(out: Path, rows: list) -> None:
 
 
 def run(args):
+    if len(args.methods) < 2:  # a row holds the consensus of its members; one method alone has none
+        raise SystemExit("a new row needs two --methods or more; --update re-runs one method on rows already scanned")
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     done = {r["model"] for r in rows}
@@ -151,7 +158,7 @@ def rescore(args):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     for row in rows:
         cached = np.load(Path(args.cache) / f"{Path(row['model']).stem}.npz")
-        ran = [key[len("flagged_"):] for key in cached.files if key.startswith("flagged_")]
+        ran = ran_methods(cached.files)
         row.update(combined(cached, ran, cached["truth"].astype(bool)))
     write_rows(out, rows)
 
@@ -179,7 +186,7 @@ def update(args):
             for key in (f"flagged_{name}", f"score_{name}"):
                 if key in result.detection.columns:
                     cached[key] = np.asarray(result.detection.columns[key])
-        ran = [key[len("flagged_"):] for key in cached if key.startswith("flagged_")]
+        ran = ran_methods(cached)
         cached["votes"] = np.sum([cached[f"flagged_{name}"].astype(bool) for name in ran
                                   if name in row.get("members", ran)], axis=0)
         tmp = path.with_name(path.stem + ".tmp.npz")

@@ -331,6 +331,12 @@ def candidate_subgroup(groups: np.ndarray, n_suspect: int) -> int | None:
     return 0 if sizes[0] < sizes[1] else 1
 
 
+def reference_counts(sizes: dict) -> tuple[int, float]:
+    """(the class's reference samples, the candidate's share of its suspect samples) for ClassSplit.sizes."""
+    n_suspect = sizes["candidate"] + sizes["other"]
+    return sizes["candidate_reference"] + sizes["other_reference"], sizes["candidate"] / n_suspect if n_suspect else 0.0
+
+
 def reference_share_p(sizes: dict) -> tuple[float, float]:
     """(p, floor) for a class's subgroups (ClassSplit.sizes): p = the chance that a benign candidate subgroup, as
     common among clean samples as among the suspect ones, holds this few of the class's reference samples or fewer
@@ -339,9 +345,7 @@ def reference_share_p(sizes: dict) -> tuple[float, float]:
     give: the check can tell only where floor < alpha."""
     from scipy.stats import binom
 
-    n_reference = sizes["candidate_reference"] + sizes["other_reference"]
-    n_suspect = sizes["candidate"] + sizes["other"]
-    share = sizes["candidate"] / n_suspect if n_suspect else 0.0
+    n_reference, share = reference_counts(sizes)
     p = min(1.0, 2 * float(binom.cdf(sizes["candidate_reference"], n_reference, share)))
     return p, min(1.0, 2 * (1 - share) ** n_reference)
 
@@ -521,8 +525,7 @@ class Scan(Detector):
             return note
         for c in cleared:
             sizes = c.sizes()
-            n_reference = sizes["candidate_reference"] + sizes["other_reference"]
-            share = sizes["candidate"] / (sizes["candidate"] + sizes["other"])
+            n_reference, share = reference_counts(sizes)
             note += (f". Class {c.label} scored {c.score:.3g}, above the threshold, but is not flagged: its "
                      "candidate subgroup holds "
                      f"{sizes['candidate']} of its {sizes['candidate'] + sizes['other']} suspect samples and "
