@@ -92,6 +92,12 @@ VARIANTS = {
     # Session 22: past depth, the walk follows the branches that can hold the footprint (footprint_levels);
     # "depth3" = the official depth only (session 21).
     "depth3": dict(footprint_levels=0),
+    # Session 24: a class-sized cluster of the inflated label that is not label-pure reads as its clean class
+    # (footprint_purity), the off-label drop reaches a footprint beside a benign class (off_label_purity), and the
+    # completion's cut needs two modes (footprint_cut); "session23" = none of the three (the defaults before),
+    # "mixture-cut" = the first two with session 21's cut.
+    "session23": dict(footprint_purity=None, off_label_purity=0.8, footprint_cut="mixture"),
+    "mixture-cut": dict(footprint_cut="mixture"),
 }
 
 

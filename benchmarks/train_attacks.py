@@ -54,8 +54,9 @@ def run_case(attack, mode, train, test, args, clean_model):
         # results (or the models), recorded in the spec of the row and of the checkpoint.
         where = Path(args.models_dir) if args.models_dir else Path(args.out).parent
         spec = harness.prepare_spec(
-            train, spec, clean_model=clean_model, budget=args.build_budget,
-            trigger_path=where / f"{attack}-{mode}-trigger-{len(train)}-{args.build_budget}-s{args.seed}.npz")
+            train, spec, clean_model=clean_model, budget=args.build_budget, settings=build_settings(args),
+            trigger_path=where / (f"{attack}-{mode}{_tag(args)}-trigger-{len(train)}-{args.build_budget}"
+                                  f"-s{args.seed}.npz"))
     poisoned, result = harness.poison(train, spec, clean_model=clean_model)
     poison_s = time.perf_counter() - t0
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -75,9 +76,14 @@ def run_case(attack, mode, train, test, args, clean_model):
             "poison_s": round(poison_s, 1), "train_s": round(train_s, 1),
             "train_cpu_min": round(train_cpu_s / 60, 2),
             **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
-            "params": spec.params, "seed": args.seed, "threads": torch.get_num_threads(),
+            "params": spec.params, "build_settings": build_settings(args), "seed": args.seed,
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def build_settings(args) -> dict:
+    return dict(_parse_param(text) for text in args.build_setting or [])
 
 
 def _tag(args) -> str:
@@ -108,12 +114,15 @@ def main():
     p.add_argument("--lc-steps", type=int, default=100, help="PGD steps of label_consistent")
     p.add_argument("--build-budget", choices=("paper", "cpu"), default="cpu",
                    help="training budget of the iad / siba / issba trigger builders [cpu; paper: days on a CPU]")
+    p.add_argument("--build-setting", action="append",
+                   help="trigger builder setting KEY=VALUE over --build-budget (JSON values), e.g. epochs=20 for iad")
     p.add_argument("--param", action="append", help="attack parameter KEY=VALUE (JSON values), e.g. pattern_path=P")
     p.add_argument("--tag", help="a name for this variant, in the checkpoint's file name and the row (needed with "
                    "--param, so that rows and models of different parameters stay apart)")
     args = p.parse_args()
-    if args.param and not args.tag:
-        p.error("--param needs --tag, so the variant's rows and checkpoints do not overwrite the default's")
+    if (args.param or args.build_setting) and not args.tag:
+        p.error("--param and --build-setting need --tag, so the variant's rows, checkpoints and trigger files do not "
+                "overwrite the default's")
 
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []

@@ -315,6 +315,25 @@ def test_a_few_label_island_is_benign_but_poison_spread_over_every_label_or_rela
         Flare(island_labels=0)
 
 
+def test_the_target_labels_clean_class_with_its_neighbours_is_benign_and_the_pure_footprint_of_its_size_is_not():
+    # 10 classes of 100 and 100 relabelled into class 0 (10% of ten classes: the poison is the clean class's size)
+    y = np.r_[np.repeat(np.arange(10), 100), np.zeros(100, int)]
+    within, excess = np.arange(len(y)), label_excess(y)
+    clean_class = np.r_[np.arange(0, 90), np.arange(600, 620)]  # 90 T-shirts and 20 shirts: share 0.82
+    makeup = class_makeup(y, clean_class, within, excess, 0.5, island_labels=3, footprint_purity=0.9)
+    assert makeup["target_class"] and makeup["benign_class_split"] and not makeup["inflated"]
+    old = class_makeup(y, clean_class, within, excess, 0.5, island_labels=3)  # without the test: the footprint
+    assert old["inflated"] and not old["benign_class_split"]
+    footprint = np.r_[np.arange(1000, 1095), np.arange(600, 602)]  # 95 relabelled and 2 neighbours: share 0.98
+    makeup = class_makeup(y, footprint, within, excess, 0.5, island_labels=3, footprint_purity=0.9)
+    assert makeup["inflated"] and not makeup["target_class"] and not makeup["benign_class_split"]
+    part = np.r_[np.arange(1000, 1045), np.arange(600, 610)]  # 45 relabelled: under half the clean class, not it
+    makeup = class_makeup(y, part, within, excess, 0.5, island_labels=3, footprint_purity=0.9)
+    assert makeup["inflated"] and not makeup["target_class"]
+    with pytest.raises(InputError, match="footprint_purity"):
+        Flare(footprint_purity=0.5)
+
+
 def test_off_label_members_of_an_all_to_one_flagged_cluster_are_unflagged_and_nothing_else_is():
     y = np.r_[np.repeat(np.arange(10), 100), np.zeros(90, int)]  # 90 relabelled into class 0
     flags = np.zeros(len(y), bool)
@@ -330,6 +349,19 @@ def test_off_label_members_of_an_all_to_one_flagged_cluster_are_unflagged_and_no
     island[np.r_[300:390, 400:405]] = True  # one label that is not inflated: nothing dropped
     assert not off_label_members(island, y).any()
     assert not off_label_members(np.zeros(len(y), bool), y).any()
+
+
+def test_the_footprint_beside_a_benign_class_loses_that_class_and_a_cluster_the_benign_class_dominates_keeps_it():
+    y = np.r_[np.repeat(np.arange(10), 100), np.zeros(90, int)]  # 90 relabelled into class 0
+    flags = np.zeros(len(y), bool)
+    flags[1000:] = True
+    flags[100:170] = True  # 70 clean of class 1 beside them (Adaptive-Blend's cluster of trousers)
+    assert np.flatnonzero(off_label_members(flags, y)).tolist() == list(range(100, 170))
+    assert not off_label_members(flags, y, purity=0.8).any()  # the session-13 rule: one label only
+    flags[170:200] = True  # 100 of class 1 and 90 relabelled: class 1 is the largest label, nothing dropped
+    assert not off_label_members(flags, y).any()
+    with pytest.raises(InputError, match="off_label_purity"):
+        Flare(off_label_purity=0.4)
 
 
 FIVE = FeatureLayout(tuple(f"bn{i}" for i in range(5)), (2, 2, 2, 2, 2))
@@ -444,21 +476,44 @@ def test_the_mixture_cut_takes_the_faint_rest_of_the_poison_that_stops_short_of_
     X[2200:2400, :2] -= 2.0  # the unflagged half shows the trigger at half the strength of the flagged half
     sign, summary = footprint_completion(flags, X, y, min_unexplained=100, cut="sign")
     assert summary["cut"] == "sign" and (sign & truth).sum() <= 130  # most of the rest scores below zero
-    mixture, summary = footprint_completion(flags, X, y, min_unexplained=100)
+    mixture, summary = footprint_completion(flags, X, y, min_unexplained=100, cut="mixture")
     assert summary["cut"] == "mixture" and summary["separation"] >= 2 and mixture.sum() <= 200
     assert (mixture & truth).sum() >= 165 and (mixture & ~truth).sum() <= 30  # of 200 poison, 500 clean zeros
 
 
+def test_with_two_modes_the_probe_adds_nothing_where_the_rest_of_the_poison_scores_as_the_labels_clean_samples():
+    X, y, truth, flags = relabelled_half_flagged()
+    X[2200:2400, :2] -= 4.0  # the unflagged half carries no trigger: to the probe it is the label's clean zeros
+    add, summary = footprint_completion(flags, X, y, min_unexplained=100, cut="two-modes")
+    assert not add.any() and summary["cut"] == "none" and summary["added"] == 0 and summary["modes"] == 1
+    X, y, truth, flags = relabelled_half_flagged()  # the rest shows the trigger: two modes, the poison taken
+    add, summary = footprint_completion(flags, X, y, min_unexplained=100, cut="two-modes")
+    assert summary["cut"] == "mixture" and summary["modes"] == 2 and (add & truth).sum() >= 180
+    assert (add & ~truth).sum() <= 10
+
+
 def test_the_score_mixture_takes_the_upper_population_only_when_the_two_are_apart():
     rng = np.random.default_rng(0)
-    upper, separation = score_mixture(np.r_[rng.normal(0, 1, 700), rng.normal(5, 1, 300)])
-    assert separation > 4 and upper.sum() == pytest.approx(300, abs=5) and upper[700:].mean() > 0.98
+    upper, separation, modes = score_mixture(np.r_[rng.normal(0, 1, 700), rng.normal(5, 1, 300)])
+    assert separation > 4 and modes == 2 and upper.sum() == pytest.approx(300, abs=5) and upper[700:].mean() > 0.98
     wide = np.r_[rng.normal(0, 1, 900), rng.normal(6, 4, 300)]  # a wide upper component: its far-low tail is not taken
-    upper, _ = score_mixture(wide)
+    upper, _, _ = score_mixture(wide)
     assert not upper[wide < 0].any()
-    upper, separation = score_mixture(rng.normal(0, 1, 1000))  # one population: no cut of its own
+    upper, separation, _ = score_mixture(rng.normal(0, 1, 1000))  # one population: no cut of its own
     assert upper is None and separation < 2
-    assert score_mixture(np.ones(50)) == (None, 0.0)
+    assert score_mixture(np.ones(50)) == (None, 0.0, 1)
+
+
+def test_a_one_mode_score_density_passes_the_separation_bound_but_not_the_two_modes():
+    rng = np.random.default_rng(0)
+    # A wide minority shoulder on one side (as IAD's probe scores, session 24): D above 2, one mode.
+    skewed = np.r_[rng.normal(-4.6, 1.9, 1300), rng.normal(0.0, 2.4, 700)]
+    upper, separation, modes = score_mixture(skewed)
+    assert separation >= 2 and modes == 1 and upper is not None  # "mixture" would cut it
+    upper, separation, modes = score_mixture(skewed, need_two_modes=True)
+    assert upper is None and separation >= 2 and modes == 1
+    upper, _, modes = score_mixture(np.r_[rng.normal(0, 1, 700), rng.normal(5, 1, 300)], need_two_modes=True)
+    assert modes == 2 and upper.sum() == pytest.approx(300, abs=5)
 
 
 def test_with_no_unflagged_sample_of_another_label_the_probe_is_not_fitted_and_nothing_is_added():

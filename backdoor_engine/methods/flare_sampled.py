@@ -213,7 +213,7 @@ class SampledFlare(Detector):
                 "label's footprint further down its branch (footprint_levels)")
         off_label = detection.diagnostics.get("off_label_unflagged", 0)
         if off_label:
-            parts.notes.append(f"in the run the figures show, the flagged cluster was essentially one inflated label "
+            parts.notes.append(f"in the run the figures show, the flagged cluster was mostly one inflated label "
                                f"(all-to-one relabelling) and its {off_label:,} members with another label were left "
                                "unflagged (drop_off_label)")
         recovered = detection.diagnostics.get("recovered_by_neighbours", 0)
@@ -228,6 +228,11 @@ class SampledFlare(Detector):
                    f" (the upper of the two populations of its scores, Ashman's D {separation:.1f})"
                    if footprint.get("cut") == "mixture" else
                    f" (its scores were not two populations apart, D {separation:.1f}: those past its zero)")
+            unflagged = "relabelled poison may remain unflagged" + (
+                "" if detection.params.get("complete_footprint") else " (complete_footprint is off)")
+            if footprint.get("cut") == "none":
+                unflagged += (f"; a linear probe's scores on the label's other samples were not two populations "
+                              f"(Ashman's D {separation:.1f}, {footprint.get('modes')} mode(s)), so it added none")
             runs_added = footprint.get("runs_added")
             whose = ("the flags" if not footprint.get("per_run") else
                      "each seed's run was completed before the vote (added " + ", ".join(f"{a:,}" for a in runs_added)
@@ -236,9 +241,7 @@ class SampledFlare(Detector):
                 f"{whose} are one inflated label ({footprint['label']}, {footprint['label_excess']:,} samples above "
                 f"the median label count), and they left {footprint['unexplained']:,} of that excess unexplained: "
                 + (f"{added:,} more samples of the label, those a linear probe puts with the flagged ones{cut}, were "
-                   "flagged (complete_footprint)" if added else
-                   "relabelled poison may remain unflagged" + ("" if detection.params.get("complete_footprint")
-                                                                else " (complete_footprint is off)")))
+                   "flagged (complete_footprint)" if added else unflagged))
         if "explanation" in detection.diagnostics:
             parts.notes.append(detection.diagnostics["explanation"])
         if out_dir is None:
