@@ -481,11 +481,11 @@ def test_the_mixture_cut_takes_the_faint_rest_of_the_poison_that_stops_short_of_
     assert (mixture & truth).sum() >= 165 and (mixture & ~truth).sum() <= 30  # of 200 poison, 500 clean zeros
 
 
-def test_with_two_modes_the_probe_adds_nothing_where_the_rest_of_the_poison_scores_as_the_labels_clean_samples():
+def test_with_two_modes_a_one_mode_score_density_is_cut_at_the_probes_zero_and_two_modes_at_the_mixture():
     X, y, truth, flags = relabelled_half_flagged()
     X[2200:2400, :2] -= 4.0  # the unflagged half carries no trigger: to the probe it is the label's clean zeros
     add, summary = footprint_completion(flags, X, y, min_unexplained=100, cut="two-modes")
-    assert not add.any() and summary["cut"] == "none" and summary["added"] == 0 and summary["modes"] == 1
+    assert summary["cut"] == "sign" and summary["modes"] == 1 and (add & ~truth).sum() <= 5
     X, y, truth, flags = relabelled_half_flagged()  # the rest shows the trigger: two modes, the poison taken
     add, summary = footprint_completion(flags, X, y, min_unexplained=100, cut="two-modes")
     assert summary["cut"] == "mixture" and summary["modes"] == 2 and (add & truth).sum() >= 180

@@ -152,11 +152,11 @@ def test_the_report_says_how_much_of_an_inflated_labels_excess_the_flags_left_un
     notes = sampled.report(Detection("flare", flags, params={**params, "complete_footprint": False},
                                      diagnostics={**base, "footprint": {**footprint, "added": 0}}), None, None).notes
     assert any("relabelled poison may remain unflagged (complete_footprint is off)" in note for note in notes)
-    none = {**footprint, "added": 0, "cut": "none", "separation": 2.13, "modes": 1}
-    notes = sampled.report(Detection("flare", flags, params=params, diagnostics={**base, "footprint": none}),
+    one_mode = {**footprint, "cut": "sign", "separation": 2.13, "modes": 1}
+    notes = sampled.report(Detection("flare", flags, params=params, diagnostics={**base, "footprint": one_mode}),
                            None, None).notes
-    assert any("relabelled poison may remain unflagged; a linear probe's scores on the label's other samples were "
-               "not two populations (Ashman's D 2.1, 1 mode(s)), so it added none" in note for note in notes)
+    assert any("(its scores were not two populations apart, D 2.1, one mode: those past its zero), were flagged"
+               in note for note in notes)
     small = {**base, "footprint": {**footprint, "unexplained": 12, "incomplete": False, "added": 0}}
     notes = sampled.report(Detection("flare", flags, params=params, diagnostics=small), None, None).notes
     assert not any("unexplained" in note for note in notes)  # within min_cluster_size: the count's own noise

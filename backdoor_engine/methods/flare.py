@@ -148,13 +148,12 @@ class FlareParams:
     # scores on the label's unflagged samples are two populations, the clean and the rest of the poison - where
     # the probe tells them apart. Where it does not, a two-component fit still splits one skewed population.
     footprint_cut: str = param("two-modes", "ours: the label's unflagged samples taken are those a two-component "
-                               "Gaussian mixture of their probe scores puts in the upper component (posterior > 0.5), "
-                               "only where the components are apart (Ashman's D >= 2) and the mixture's density has "
-                               "two modes; else none. On IAD (ASR 82.5%) and Adaptive-Blend the probe's scores had "
-                               "one mode at D 2.1-2.2 and the cut took as many clean samples as poison (3.53% and "
-                               "2.97% FPR; RESULTS.md, issue 17, session 24). 'mixture': the upper component where "
-                               "D >= 2 whatever the modes, else decision > 0 (session 21); 'sign': decision > 0 "
-                               "only (session 20)", choices=("mixture", "sign", "two-modes"))
+                               "Gaussian mixture of their probe scores puts in the upper component (posterior > 0.5) "
+                               "where the components are apart (Ashman's D >= 2) and the mixture's density has two "
+                               "modes, else those with decision > 0. On IAD (ASR 82.5%) the probe's scores had one "
+                               "mode at D 2.1-2.2 and the mixture took as many clean samples as poison (RESULTS.md, "
+                               "issue 17, session 24). 'mixture': two modes not needed (session 21); 'sign': "
+                               "decision > 0 only (session 20)", choices=("mixture", "sign", "two-modes"))
     # Runs that each found a different part of the poison out-vote each other (WaNet: runs of 465, 206 and 480
     # samples, two of them in a majority of none); completed, each run's flags are its estimate of the whole.
     footprint_per_run: bool = param(True, "ours: each seed's run's flags are completed (complete_footprint) before "
@@ -655,11 +654,11 @@ def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray,
     standardised columns, flagged samples against unflagged samples of other labels (at most `max_train` of
     them, drawn with a fixed seed: the result depends on the flags only), scores the label's unflagged samples;
     those in the upper population of a two-component mixture of their scores (cut="mixture", score_mixture;
-    decision > 0 where the two are not apart, or with cut="sign"; cut="two-modes": the upper population only where
-    the two are apart and the mixture's density has two modes, else none) are added, highest first, at most the
-    unexplained count. The same can be repeated on the flags with what it added (`rounds`), while it adds samples
-    and the excess left unexplained is at least `min_unexplained`: a probe fitted on part of the poison sees only
-    the part of the rest that looks like it, but the later rounds took clean samples of the label too.
+    decision > 0 where the two are not apart, or with cut="sign"; cut="two-modes": apart also needs the mixture's
+    density to have two modes) are added, highest first, at most the unexplained count. The same can be repeated
+    on the flags with what it added (`rounds`), while it adds samples and the excess left unexplained is at least
+    `min_unexplained`: a probe fitted on part of the poison sees only the part of the rest that looks like it, but
+    the later rounds took clean samples of the label too.
     complete=False: the summary only."""
     add = np.zeros(len(flags), bool)
     if not flags.any():
@@ -694,9 +693,6 @@ def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray,
                                     (None, None, None))
         summary.setdefault("separation", separation if separation is None else round(separation, 3))
         summary.setdefault("modes", modes)
-        if taken is None and cut == "two-modes":
-            summary.setdefault("cut", "none")
-            break
         summary.setdefault("cut", "sign" if taken is None else "mixture")
         taken = score > 0 if taken is None else taken
         chosen = candidates[np.argsort(-score, kind="stable")][: min(unexplained, int(taken.sum()))]

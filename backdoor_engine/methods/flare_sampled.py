@@ -227,12 +227,10 @@ class SampledFlare(Detector):
             cut = ("" if separation is None else
                    f" (the upper of the two populations of its scores, Ashman's D {separation:.1f})"
                    if footprint.get("cut") == "mixture" else
-                   f" (its scores were not two populations apart, D {separation:.1f}: those past its zero)")
+                   f" (its scores were not two populations apart, D {separation:.1f}"
+                   + (", one mode" if footprint.get("modes") == 1 else "") + ": those past its zero)")
             unflagged = "relabelled poison may remain unflagged" + (
                 "" if detection.params.get("complete_footprint") else " (complete_footprint is off)")
-            if footprint.get("cut") == "none":
-                unflagged += (f"; a linear probe's scores on the label's other samples were not two populations "
-                              f"(Ashman's D {separation:.1f}, {footprint.get('modes')} mode(s)), so it added none")
             runs_added = footprint.get("runs_added")
             whose = ("the flags" if not footprint.get("per_run") else
                      "each seed's run was completed before the vote (added " + ", ".join(f"{a:,}" for a in runs_added)
