@@ -98,8 +98,9 @@ class FlareParams:
                                            "that label's clean count is its clean class (benign), not the "
                                            "footprint, unless the label is at least this share of it; the clean "
                                            "T-shirt class was flagged on two WaNet retrains at label share "
-                                           "0.79-0.84, poison clusters of implanted backdoors were 0.98-1.0 "
-                                           "(RESULTS.md, issue 17, session 24). None = no such test")
+                                           "0.79-0.84, poison clusters were 0.98-1.0; it also excused IAD's poison "
+                                           "beside benign classes at 0.58 (RESULTS.md, issue 17, session 24). "
+                                           "None = no such test")
     # All-to-one poison carries the target label, so a flagged cluster that is mostly one inflated label
     # (class_makeup's footprint) holds its other labels' members only because they sit near the poison.
     drop_off_label: bool = param(True, "ours: a run's flagged cluster that is one inflated label loses its "
