@@ -47,6 +47,7 @@ def subset(dataset, size: int, seed: int):
 def run_case(attack, mode, train, test, args, clean_model):
     params = dict(steps=args.lc_steps) if attack == "label_consistent" else {}
     params.update(_parse_param(text) for text in args.param or [])
+    settings = build_settings(args)
     spec = harness.PoisonSpec(attack=attack, mode=mode, rate=args.rate, target=0, seed=args.seed, params=params)
     t0 = time.perf_counter()
     if ATTACKS[attack].trigger_file_param:
@@ -54,7 +55,7 @@ def run_case(attack, mode, train, test, args, clean_model):
         # results (or the models), recorded in the spec of the row and of the checkpoint.
         where = Path(args.models_dir) if args.models_dir else Path(args.out).parent
         spec = harness.prepare_spec(
-            train, spec, clean_model=clean_model, budget=args.build_budget, settings=build_settings(args),
+            train, spec, clean_model=clean_model, budget=args.build_budget, settings=settings,
             trigger_path=where / (f"{attack}-{mode}{_tag(args)}-trigger-{len(train)}-{args.build_budget}"
                                   f"-s{args.seed}.npz"))
     poisoned, result = harness.poison(train, spec, clean_model=clean_model)
@@ -76,7 +77,7 @@ def run_case(attack, mode, train, test, args, clean_model):
             "poison_s": round(poison_s, 1), "train_s": round(train_s, 1),
             "train_cpu_min": round(train_cpu_s / 60, 2),
             **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
-            "params": spec.params, "build_settings": build_settings(args), "seed": args.seed,
+            "params": spec.params, "build_settings": settings, "seed": args.seed,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}

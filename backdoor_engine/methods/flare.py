@@ -371,9 +371,10 @@ def class_makeup(y: np.ndarray, samples: np.ndarray, within: np.ndarray, excess:
     share = whole_class_share(y, samples, within)
     few = max(1, min(int(island_labels), len(excess) // 3))
     few_share = float(np.sort(counts)[::-1][:few].sum() / n)
-    clean_count = np.count_nonzero(y == top) - excess[top]
-    target_class = (footprint_purity is not None and excess[top] >= 0.5 * n and counts[top] >= 0.5 * n
-                    and counts[top] >= 0.5 * clean_count and purity < footprint_purity)
+    # the label's clean count (its samples less its excess) is counted only where the cheaper tests pass
+    target_class = (footprint_purity is not None and purity < footprint_purity and excess[top] >= 0.5 * n
+                    and counts[top] >= 0.5 * n
+                    and counts[top] >= 0.5 * (np.count_nonzero(y == top) - excess[top]))
     inflated = purity >= island_purity and excess[top] >= 0.5 * n and not target_class
     island = few_share >= island_purity and min(counts[top], excess[top]) < 0.5 * n
     one_label = purity >= island_purity and not inflated

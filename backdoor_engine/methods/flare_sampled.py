@@ -229,8 +229,6 @@ class SampledFlare(Detector):
                    if footprint.get("cut") == "mixture" else
                    f" (its scores were not two populations apart, D {separation:.1f}"
                    + (", one mode" if footprint.get("modes") == 1 else "") + ": those past its zero)")
-            unflagged = "relabelled poison may remain unflagged" + (
-                "" if detection.params.get("complete_footprint") else " (complete_footprint is off)")
             runs_added = footprint.get("runs_added")
             whose = ("the flags" if not footprint.get("per_run") else
                      "each seed's run was completed before the vote (added " + ", ".join(f"{a:,}" for a in runs_added)
@@ -239,7 +237,9 @@ class SampledFlare(Detector):
                 f"{whose} are one inflated label ({footprint['label']}, {footprint['label_excess']:,} samples above "
                 f"the median label count), and they left {footprint['unexplained']:,} of that excess unexplained: "
                 + (f"{added:,} more samples of the label, those a linear probe puts with the flagged ones{cut}, were "
-                   "flagged (complete_footprint)" if added else unflagged))
+                   "flagged (complete_footprint)" if added else
+                   "relabelled poison may remain unflagged" + ("" if detection.params.get("complete_footprint")
+                                                                else " (complete_footprint is off)")))
         if "explanation" in detection.diagnostics:
             parts.notes.append(detection.diagnostics["explanation"])
         if out_dir is None:
