@@ -334,6 +334,25 @@ def test_the_target_labels_clean_class_with_its_neighbours_is_benign_and_the_pur
         Flare(footprint_purity=0.5)
 
 
+def test_poison_beside_several_classes_is_not_read_as_the_target_labels_clean_class():
+    y = np.r_[np.repeat(np.arange(10), 100), np.zeros(100, int)]
+    within, excess = np.arange(len(y)), label_excess(y)
+    # 95 relabelled beside 25 coats, 25 pullovers and 20 shirts: label 0 is 0.58 of the cluster (IAD, 92.4% ASR)
+    beside = np.r_[np.arange(1000, 1095), np.arange(200, 225), np.arange(400, 425), np.arange(600, 620)]
+    loose = class_makeup(y, beside, within, excess, 0.5, island_labels=3, footprint_purity=0.9)
+    assert loose["target_class"] and loose["benign_class_split"]  # session 24's rule: the label a bare majority
+    makeup = class_makeup(y, beside, within, excess, 0.5, island_labels=3, footprint_purity=0.9, class_purity=0.7)
+    assert not makeup["target_class"] and not makeup["benign_class_split"]
+    clean_class = np.r_[np.arange(0, 90), np.arange(600, 620)]  # the clean class with its neighbours (0.82) still is
+    assert class_makeup(y, clean_class, within, excess, 0.5, island_labels=3, footprint_purity=0.9,
+                        class_purity=0.7)["target_class"]
+    assert Flare().params.class_purity == 0.7
+    with pytest.raises(InputError, match="class_purity"):
+        Flare(class_purity=0.9)  # not below footprint_purity: no cluster could be the clean class
+    with pytest.raises(InputError, match="class_purity"):
+        Flare(class_purity=0.4)
+
+
 def test_off_label_members_of_an_all_to_one_flagged_cluster_are_unflagged_and_nothing_else_is():
     y = np.r_[np.repeat(np.arange(10), 100), np.zeros(90, int)]  # 90 relabelled into class 0
     flags = np.zeros(len(y), bool)
