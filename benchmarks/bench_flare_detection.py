@@ -98,9 +98,11 @@ VARIANTS = {
     # "mixture-cut" = the first two with session 21's cut.
     "session23": dict(footprint_purity=None, off_label_purity=0.8, footprint_cut="mixture"),
     "mixture-cut": dict(footprint_cut="mixture"),
-    # Session 25: footprint_purity's clean class also needs its label at least class_purity of the cluster;
-    # "session24" = the label at least half (session 24's rule 1).
-    "session24": dict(class_purity=0.5),
+    # Session 25: footprint_purity's clean class also needs its label at least class_purity of the cluster, and
+    # the footprint's other clusters among other labels are flagged too, each with its own completion probe
+    # (footprint_rest_share); "session24" = neither (the defaults before), "one-footprint" = the first only.
+    "session24": dict(class_purity=0.5, footprint_rest_share=None),
+    "one-footprint": dict(footprint_rest_share=None),
 }
 
 

@@ -11,6 +11,8 @@ from planted_footprint import relabelled_half_flagged
 from backdoor_engine.methods.flare import (
     Flare,
     FlareParams,
+    FlareRun,
+    complete_runs,
     StableSplit,
     assign_noise_to_nearest,
     class_makeup,
@@ -19,6 +21,7 @@ from backdoor_engine.methods.flare import (
     footprint_completion,
     score_mixture,
     off_label_members,
+    other_footprints,
     label_excess,
     search_subspace,
     stability_split,
@@ -212,6 +215,35 @@ def test_past_depth_the_walk_follows_only_a_branch_that_can_hold_the_all_to_one_
     node, verdicts = stability_split(footprint_below_depth_tree(), balanced, levels=2, class_coverage=0.5,
                                      footprint_levels=3)
     assert node is None and [v["node"] for v in verdicts] == [20, 22]
+
+
+def poison_by_source_tree():
+    """Samples 0-61 under root 62: the upper-body branch 63 -> 65 (0-4, poison relabelled 0), 66 (5-24, labels 2
+    and 4), 67 (25-36, the target's clean class) -> 68 (25-29) and 69 (30-36); the footwear branch 64 -> 70
+    (37-41, poison relabelled 0) and 71 (42-61, labels 5 and 7)."""
+    spans = {65: (0, 5), 66: (5, 25), 68: (25, 30), 69: (30, 37), 70: (37, 42), 71: (42, 62)}
+    rows = [(62, 63, 1.0, 37), (62, 64, 1.0, 25), (63, 65, 2.0, 5), (63, 66, 2.0, 20), (63, 67, 2.0, 12),
+            (67, 68, 3.0, 5), (67, 69, 3.0, 7), (64, 70, 2.0, 5), (64, 71, 2.0, 20)]
+    rows += [(node, i, 9.0, 1) for node, (a, b) in spans.items() for i in range(a, b)]
+    y = np.r_[np.zeros(5), np.repeat([2, 4], 10), np.zeros(10), [4, 4], np.zeros(5), np.repeat([5, 7], 10)]
+    return CondensedTree(*map(np.array, zip(*rows))), y.astype(int)
+
+
+def test_the_footprints_other_clusters_among_other_classes_are_found_and_the_target_class_islands_are_not():
+    tree, y = poison_by_source_tree()
+    params = FlareParams()
+    found = other_footprints(tree, y, 0, 0.35, params, flagged=65)  # the walk flagged the upper-body poison
+    assert [row["node"] for row in found] == [70] and found[0]["members"].tolist() == list(range(37, 42))
+    assert found[0]["rest_share"] == 0.0  # its split's rest is footwear only
+    # without a flagged node both poison clusters are found; 68 (five clean T-shirts, as pure and as inflated)
+    # splits from the rest of its class (0.71 label 0), and 67, the class with two neighbours, is its clean class
+    assert sorted(row["node"] for row in other_footprints(tree, y, 0, 0.35, params)) == [65, 70]
+    # 65's rest is labels 2 and 4 beside the target's clean class (10 of 32 are label 0): a stricter share
+    # leaves it
+    assert [row["node"] for row in other_footprints(tree, y, 0, 0.3, params)] == [70]
+    assert other_footprints(tree, y, 4, 0.35, params) == []  # label 4 is not inflated
+    with pytest.raises(InputError, match="footprint_rest_share"):
+        Flare(footprint_rest_share=1.0)
 
 
 def test_a_pure_cluster_that_the_excess_of_an_inflated_label_explains_is_not_benign():
@@ -478,6 +510,27 @@ def test_the_footprint_is_left_as_it_is_when_it_explains_the_excess_or_is_not_on
     assert not add.any() and summary["unexplained"] == 200 and summary["added"] == 0
     add, summary = footprint_completion(np.zeros(len(y), bool), X, y, min_unexplained=100)
     assert not add.any() and summary is None
+
+
+def test_a_run_with_several_footprint_clusters_is_completed_by_one_probe_per_cluster():
+    # 2,000 clean samples over 4 labels and 400 poison relabelled 0: half drawn from label 2, half from label 3,
+    # each keeping its source's look beside the trigger; the run flagged 100 of each half as two clusters
+    rng = np.random.default_rng(0)
+    y = np.r_[np.repeat(np.arange(4), 500), np.zeros(400, int)]
+    truth = np.r_[np.zeros(2000, bool), np.ones(400, bool)]
+    look = np.r_[y[:2000], np.repeat([2, 3], 200)]
+    X = rng.normal(0, 1, (2400, 12))
+    X[:, 2:6] += np.eye(4)[look] * 3
+    X[truth, :2] += 4.0
+    X = X.astype(np.float32)
+    flags = np.zeros(2400, bool)
+    flags[2000:2100] = flags[2200:2300] = True
+    run = FlareRun(0, [], flags, np.zeros(2400, int), None, None, 0, {},
+                   footprints=[np.arange(2000, 2100), np.arange(2200, 2300)])
+    (completed,), (summary,) = complete_runs([run], X, y, FlareParams())
+    assert completed.flags[truth].mean() >= 0.95 and completed.flags[~truth].mean() <= 0.01
+    assert summary["clusters"] == 2 and summary["added"] == int((completed.flags & ~flags).sum())
+    assert summary["unexplained"] == summary["label_excess"] - 200
 
 
 def test_further_rounds_refit_the_probe_on_what_the_last_added_until_the_excess_is_explained():

@@ -107,6 +107,19 @@ class FlareParams:
                                 "the cluster; the clean T-shirt clusters were 0.79-0.84 label 0, IAD's poison "
                                 "beside benign classes 0.58 (RESULTS.md, issue 17, session 25); 0.5 = session 24's "
                                 "rule (the label at least half)")
+    # Relabelled poison can split off by source class (what it looked like before the trigger), one cluster per
+    # group of sources, each the same label among other classes; the walk flags one of them.
+    footprint_rest_share: float | None = param(0.35, "ours: besides the walk's cluster, each other cluster of the "
+                                               "run's tree that is the flagged label's footprint (inflated) among "
+                                               "other labels (that label under this share of the rest of its split) "
+                                               "is flagged too, its other labels dropped, and each cluster gets its "
+                                               "own completion probe (complete_runs). WaNet's poison split into "
+                                               "upper-body, footwear and bag clusters, a run flagged one; their "
+                                               "splits' rest was 0.00-0.29 that label, the target class's own "
+                                               "sub-islands' 0.46-0.99; WaNet subset seeds 0 / 1 / 3 / 4 / 5 "
+                                               "95.7 / 97.4 / 69.6 / 97.5 / 65.6 -> 97.4 / 98.3 / 80.4 / 98.4 / 87.3% "
+                                               "TPR (RESULTS.md, issue 17, session 25). None = the walk's cluster "
+                                               "only (paper)")
     # All-to-one poison carries the target label, so a flagged cluster that is mostly one inflated label
     # (class_makeup's footprint) holds its other labels' members only because they sit near the poison.
     drop_off_label: bool = param(True, "ours: a run's flagged cluster that is one inflated label loses its "
@@ -189,6 +202,8 @@ class FlareParams:
         if self.footprint_purity is not None and self.class_purity >= self.footprint_purity:
             raise InputError(f"class_purity ({self.class_purity!r}) must be below footprint_purity "
                              f"({self.footprint_purity!r}): no cluster could read as the clean class")
+        if self.footprint_rest_share is not None and not 0.0 < self.footprint_rest_share < 1.0:
+            raise InputError(f"footprint_rest_share must be None or in (0, 1), got {self.footprint_rest_share!r}")
         if not 0.5 <= self.off_label_purity <= 1.0:
             raise InputError(f"off_label_purity must be in [0.5, 1], got {self.off_label_purity!r}")
         integer(self.island_labels, "island_labels", 1)
@@ -450,6 +465,37 @@ def stability_split(tree, y: np.ndarray | None, levels: int, class_coverage: flo
     return None, verdicts
 
 
+def other_footprints(tree, y: np.ndarray, label: int, rest_share: float, params: FlareParams,
+                     flagged: int | None = None) -> list[dict]:
+    """The other clusters of one tree that are `label`'s footprint out of place: class_makeup reads them as
+    inflated (at the run's island and footprint purities) with that label on top, and the label is under
+    `rest_share` of the other children of the split they leave. Relabelled poison that split off by source
+    class sits among its source classes; a sub-island of the target's clean class splits from the rest of
+    that class. Each found cluster ends the search down its branch (its children are in it), and so does
+    the `flagged` node. Returns one row per cluster: node, size and its members of the label (to flag)."""
+    excess, found, frontier = label_excess(y), [], [tree.root]
+    while frontier:
+        node = frontier.pop()
+        children = cluster.cluster_children(tree, node)
+        if len(children) < 2:
+            continue
+        groups = [cluster.members(tree, c) for c in children]
+        within = np.concatenate(groups)
+        for child, group in zip(children, groups):
+            if child == flagged:
+                continue
+            row = class_makeup(y, group, within, excess, params.class_coverage, params.island_purity,
+                               params.island_labels, params.footprint_purity, params.class_purity)
+            rest = np.count_nonzero(y[within] == label) - np.count_nonzero(y[group] == label)
+            share = rest / max(len(within) - len(group), 1)
+            if row["inflated"] and row["top_label"] == label and share < rest_share:
+                found.append({"node": int(child), "size": int(len(group)), "rest_share": round(float(share), 4),
+                              "members": group[y[group] == label]})
+            else:
+                frontier.append(child)
+    return found
+
+
 def flagged_makeup(flags: np.ndarray, y: np.ndarray, island_purity: float = FlareParams.island_purity) -> dict:
     """class_makeup of the flagged samples among all the samples: is what is flagged the all-to-one footprint
     ("inflated"), of which label ("top_label"), and that label's excess over the median label count."""
@@ -532,6 +578,8 @@ class FlareRun:
     subspace: int | None
     diagnostics: dict
     full_embedding: np.ndarray | None = None  # the all-layers subspace's embedding (recover_by_neighbours)
+    # the samples of each footprint cluster flagged (the walk's, then other_footprints'), where there are several
+    footprints: list | None = None
 
 
 def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, params: FlareParams,
@@ -562,6 +610,7 @@ def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, 
         return FlareRun(random_state, steps, np.zeros(n, bool), np.full(n, -1), None, None, None, diagnostics,
                         first)
     step, embedding, fit, split, labelled = chosen
+    footprints = []
     diagnostics.update(stable_subspace_found=True, dropped_layers=step.dropped_layers, n_columns=step.n_columns,
                        split=step.split, footprint_walk=step.footprint_walk)
     if params.labelling == "official":
@@ -602,9 +651,18 @@ def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, 
                 off = off_label_members(flags, y, params.off_label_purity)
                 flags &= ~off
                 diagnostics["off_label_unflagged"] = int(off.sum())
+            makeup = None if y is None else flagged_makeup(flags, y, params.off_label_purity)
+            if params.footprint_rest_share is not None and makeup is not None and makeup["inflated"]:
+                found = other_footprints(tree, y, makeup["top_label"], params.footprint_rest_share, params, flagged)
+                before = int(flags.sum())
+                footprints = [np.flatnonzero(flags)] + [row["members"] for row in found]
+                for row in found:
+                    flags[row.pop("members")] = True
+                diagnostics["other_footprints"] = found
+                diagnostics["other_footprints_added"] = int(flags.sum()) - before
             labels[flags] = len(root_children)
     return FlareRun(random_state, steps, flags, labels, embedding, fit.condensed_tree, step.dropped_layers,
-                    diagnostics, first)
+                    diagnostics, first, footprints if len(footprints) > 1 else None)
 
 
 def ensemble_seeds(random_state: int | None, n_seeds: int) -> list:
@@ -735,7 +793,23 @@ def complete_runs(runs: list, features: np.ndarray, y: np.ndarray, params: Flare
     runs' cluster flags stay in their labels and the other fitted attributes, only the flags that vote change."""
     completed, summaries = [], []
     for run in runs:
-        add, summary = complete_as_params(run.flags, features, y, params)
+        if run.footprints is None:
+            add, summary = complete_as_params(run.flags, features, y, params)
+        else:
+            # One probe per footprint cluster: poison split off by source class looks like its sources, and a
+            # probe fitted on all the clusters at once took less of the rest than each cluster's did.
+            add, summary = np.zeros(len(run.flags), bool), None
+            for members in run.footprints:
+                cluster_flags = np.zeros(len(run.flags), bool)
+                cluster_flags[members] = True
+                more, first = complete_as_params(cluster_flags, features, y, params)
+                add |= more
+                summary = first if summary is None else summary
+            add &= ~run.flags
+            if summary is not None:
+                unexplained = summary["label_excess"] - int((run.flags & (y == summary["label"])).sum())
+                summary = {**summary, "added": int(add.sum()), "clusters": len(run.footprints),
+                           "unexplained": unexplained}
         completed.append(replace(run, flags=run.flags | add))
         summaries.append(summary)
     return completed, summaries
@@ -820,7 +894,9 @@ class Flare:
             diagnostics["seed_runs"] = [
                 {"random_state": r.random_state, "dropped_layers": r.subspace, "n_flagged": int(r.flags.sum()),
                  "flagged_node": r.diagnostics.get("flagged_node"),
-                 "footprint_walk": bool(r.diagnostics.get("footprint_walk", False)), "n_voted": int(v.flags.sum()),
+                 "footprint_walk": bool(r.diagnostics.get("footprint_walk", False)),
+                 "other_footprints_added": r.diagnostics.get("other_footprints_added", 0),
+                 "n_voted": int(v.flags.sum()),
                  "differs_from_majority": int((v.flags != flags).sum())} for r, v in zip(runs, voting)]
             diagnostics["representative_run"] = chosen
             diagnostics["votes_histogram"] = np.bincount(votes, minlength=len(runs) + 1).tolist()

@@ -216,6 +216,14 @@ class SampledFlare(Detector):
             parts.notes.append(f"in the run the figures show, the flagged cluster was mostly one inflated label "
                                f"(all-to-one relabelling) and its {off_label:,} members with another label were left "
                                "unflagged (drop_off_label)")
+        others = detection.diagnostics.get("other_footprints")
+        if others:
+            parts.notes.append(
+                f"in the run the figures show, {len(others)} more cluster(s) of the flagged label sat among other "
+                f"labels (that label under {detection.params.get('footprint_rest_share')} of the rest of their "
+                f"split: relabelled poison split off by source class), and their "
+                f"{detection.diagnostics.get('other_footprints_added', 0):,} members of that label not yet flagged "
+                "were flagged too (footprint_rest_share)")
         recovered = detection.diagnostics.get("recovered_by_neighbours", 0)
         if recovered:
             parts.notes.append(f"{recovered:,} more samples were flagged because most of their "
@@ -233,6 +241,8 @@ class SampledFlare(Detector):
             whose = ("the flags" if not footprint.get("per_run") else
                      "each seed's run was completed before the vote (added " + ", ".join(f"{a:,}" for a in runs_added)
                      + "); the representative run's flags")
+            if footprint.get("clusters"):
+                whose += f" (one probe for each of its {footprint['clusters']} footprint clusters)"
             parts.notes.append(
                 f"{whose} are one inflated label ({footprint['label']}, {footprint['label_excess']:,} samples above "
                 f"the median label count), and they left {footprint['unexplained']:,} of that excess unexplained: "
@@ -255,6 +265,8 @@ class SampledFlare(Detector):
             marks = {d["split"]["node"]: ("#3b6fb6", "stable cluster (subspace test)")}
             if d.get("flagged_node") is not None:
                 marks[d["flagged_node"]] = ("#d64545", "flagged: the more stable cluster")
+            for row in d.get("other_footprints", ()):
+                marks[row["node"]] = ("#e08a2c", "flagged: the footprint's other clusters")
             parts.figures.append(("Condensed tree of the chosen subspace",
                                   condensed_tree_png(flare.condensed_tree_, marks)))
         return parts
