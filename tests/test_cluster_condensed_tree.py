@@ -183,3 +183,12 @@ def test_members_match_the_library_leaves_and_partition_the_tree(real_clusterer)
     left_root = records["child"][(records["parent"] == tree.root) & (records["child_size"] == 1)]
     assert sum(map(len, parts)) + len(left_root) == tree.root
     assert len(np.unique(np.concatenate(parts + [left_root]))) == tree.root
+
+
+def test_all_members_at_once_equal_members_node_by_node(real_clusterer, hand_tree):
+    for tree in (CondensedTree.from_hdbscan(real_clusterer), hand_tree):
+        every = cluster.all_members(tree)
+        nodes = np.unique(np.r_[tree.root, tree.child[tree.child >= tree.root]])
+        assert sorted(every) == nodes.tolist()
+        for node in nodes:
+            np.testing.assert_array_equal(every[int(node)], cluster.members(tree, int(node)))

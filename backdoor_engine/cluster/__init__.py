@@ -23,6 +23,7 @@ from backdoor_engine.cluster.backends import available_backends, choose
 from backdoor_engine.cluster.condensed_tree import (
     CondensedTree,
     Split,
+    all_members,
     birth_lambda,
     cluster_children,
     cluster_stabilities,
@@ -54,6 +55,7 @@ __all__ = [
     "lambda_gaps",
     "lambda_range",
     "largest_first_level_cluster",
+    "all_members",
     "members",
     "persistence",
     "tsne",

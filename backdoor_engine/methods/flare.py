@@ -473,13 +473,13 @@ def other_footprints(tree, y: np.ndarray, label: int, rest_share: float, params:
     class sits among its source classes; a sub-island of the target's clean class splits from the rest of
     that class. Each found cluster ends the search down its branch (its children are in it), and so does
     the `flagged` node. Returns one row per cluster: node, size and its members of the label (to flag)."""
-    excess, found, frontier = label_excess(y), [], [tree.root]
+    excess, found, frontier, members = label_excess(y), [], [tree.root], cluster.all_members(tree)
     while frontier:
         node = frontier.pop()
         children = cluster.cluster_children(tree, node)
         if len(children) < 2:
             continue
-        groups = [cluster.members(tree, c) for c in children]
+        groups = [members[c] for c in children]
         within = np.concatenate(groups)
         for child, group in zip(children, groups):
             if child == flagged:
