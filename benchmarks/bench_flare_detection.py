@@ -101,8 +101,11 @@ VARIANTS = {
     # Session 25: footprint_purity's clean class also needs its label at least class_purity of the cluster, and
     # the footprint's other clusters among other labels are flagged too, each with its own completion probe
     # (footprint_rest_share); "session24" = neither (the defaults before), "one-footprint" = the first only.
-    "session24": dict(class_purity=0.5, footprint_rest_share=None),
-    "one-footprint": dict(footprint_rest_share=None),
+    "session24": dict(class_purity=0.5, footprint_rest_share=None, island_rest_share=None),
+    "one-footprint": dict(footprint_rest_share=None, island_rest_share=None),
+    # Session 25, later: a footprint-like cluster whose split's rest is mostly its label is a sub-island of the
+    # target's clean class (island_rest_share); "no-target-island" = without that test.
+    "no-target-island": dict(island_rest_share=None),
 }
 
 

@@ -246,6 +246,25 @@ def test_the_footprints_other_clusters_among_other_classes_are_found_and_the_tar
         Flare(footprint_rest_share=1.0)
 
 
+def test_a_pure_island_of_the_target_class_splits_from_the_rest_of_its_class_and_is_benign():
+    tree, y = poison_by_source_tree()
+    excess = label_excess(y)
+    island, rest_of_class = np.arange(25, 30), np.arange(30, 37)  # 68: five T-shirts; 69: five more and two coats
+    within = np.r_[island, rest_of_class]
+    assert class_makeup(y, island, within, excess, 0.5, island_labels=3)["inflated"]  # as pure as the footprint
+    makeup = class_makeup(y, island, within, excess, 0.5, island_labels=3, island_rest_share=0.5)
+    assert makeup["rest_share"] == round(5 / 7, 4) and makeup["target_island"]
+    assert makeup["benign_class_split"] and not makeup["inflated"]
+    # the upper-body poison (65) leaves labels 2 and 4 and the target class together: 10 of 32 are label 0
+    poison, upper = np.arange(0, 5), np.arange(0, 37)
+    makeup = class_makeup(y, poison, upper, excess, 0.5, island_labels=3, island_rest_share=0.5)
+    assert makeup["inflated"] and not makeup["target_island"] and makeup["rest_share"] == round(10 / 32, 4)
+    node, _ = stability_split(tree, y, levels=3, class_coverage=0.5, island_labels=3, island_rest_share=0.5)
+    assert node == 65
+    with pytest.raises(InputError, match="island_rest_share"):
+        Flare(island_rest_share=0.0)
+
+
 def test_a_pure_cluster_that_the_excess_of_an_inflated_label_explains_is_not_benign():
     # Labels 1-3 have 2 samples each, label 0 has 4 = 2 beyond the median: cluster 11 (samples 0-3) is all
     # of label 0 but its excess covers half of it, the footprint of all-to-one relabelling.
