@@ -518,10 +518,11 @@ def other_footprints(tree, y: np.ndarray, label: int, rest_share: float, params:
     return found
 
 
-def flagged_makeup(flags: np.ndarray, y: np.ndarray, island_purity: float = FlareParams.island_purity) -> dict:
+def flagged_makeup(flags: np.ndarray, y: np.ndarray, purity: float = FlareParams.island_purity) -> dict:
     """class_makeup of the flagged samples among all the samples: is what is flagged the all-to-one footprint
-    ("inflated"), of which label ("top_label"), and that label's excess over the median label count."""
-    return class_makeup(y, np.flatnonzero(flags), np.arange(len(y)), label_excess(y), 1.0, island_purity)
+    ("inflated": its largest label at least `purity` of it), of which label ("top_label"), and that label's excess
+    over the median label count."""
+    return class_makeup(y, np.flatnonzero(flags), np.arange(len(y)), label_excess(y), 1.0, purity)
 
 
 def off_label_members(flags: np.ndarray, y: np.ndarray, purity: float = FlareParams.off_label_purity
