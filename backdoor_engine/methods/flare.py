@@ -197,6 +197,13 @@ class FlareParams:
     umap_backend: str = param("auto", "ours: the first available backend, GPU first (cluster registry)")
     hdbscan_backend: str = param("auto", "ours: the first available backend, GPU first (cluster registry)")
 
+    def makeup_options(self) -> dict:
+        """class_makeup's keyword options under these parameters (the walk and other_footprints read clusters
+        alike)."""
+        return dict(island_purity=self.island_purity, island_labels=self.island_labels,
+                    footprint_purity=self.footprint_purity, class_purity=self.class_purity,
+                    island_rest_share=self.island_rest_share)
+
     def __post_init__(self):
         integer(self.n_seeds, "n_seeds", 1)
         if self.recover_neighbors is not None:
@@ -507,9 +514,7 @@ def other_footprints(tree, y: np.ndarray, label: int, rest_share: float, params:
         for child, group in zip(children, groups):
             if child == flagged:
                 continue
-            row = class_makeup(y, group, within, excess, params.class_coverage, params.island_purity,
-                               params.island_labels, params.footprint_purity, params.class_purity,
-                               params.island_rest_share)
+            row = class_makeup(y, group, within, excess, params.class_coverage, **params.makeup_options())
             if row["inflated"] and row["top_label"] == label and row["rest_share"] < rest_share:
                 found.append({"node": int(child), "size": int(len(group)), "rest_share": row["rest_share"],
                               "members": group[y[group] == label]})
@@ -614,9 +619,8 @@ def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, 
     if params.labelling == "stability":
         def label(fit, footprint_levels=0):
             return stability_split(fit.condensed_tree, y, params.depth, params.class_coverage,
-                                   params.island_purity, params.island_labels, footprint_levels,
-                                   params.min_cluster_size, params.footprint_purity, params.class_purity,
-                                   params.island_rest_share)
+                                   footprint_levels=footprint_levels, min_excess=params.min_cluster_size,
+                                   **params.makeup_options())
         if params.footprint_levels and y is not None:
             def deeper(fit):
                 return label(fit, params.footprint_levels)
@@ -634,7 +638,7 @@ def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, 
         return FlareRun(random_state, steps, np.zeros(n, bool), np.full(n, -1), None, None, None, diagnostics,
                         first)
     step, embedding, fit, split, labelled = chosen
-    footprints = []
+    footprints = None
     diagnostics.update(stable_subspace_found=True, dropped_layers=step.dropped_layers, n_columns=step.n_columns,
                        split=step.split, footprint_walk=step.footprint_walk)
     if params.labelling == "official":
@@ -675,18 +679,20 @@ def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, 
                 off = off_label_members(flags, y, params.off_label_purity)
                 flags &= ~off
                 diagnostics["off_label_unflagged"] = int(off.sum())
-            makeup = None if y is None else flagged_makeup(flags, y, params.off_label_purity)
-            if params.footprint_rest_share is not None and makeup is not None and makeup["inflated"]:
+            makeup = (flagged_makeup(flags, y, params.off_label_purity)
+                      if params.footprint_rest_share is not None and y is not None else None)
+            if makeup is not None and makeup["inflated"]:
                 found = other_footprints(tree, y, makeup["top_label"], params.footprint_rest_share, params, flagged)
                 before = int(flags.sum())
-                footprints = [np.flatnonzero(flags)] + [row["members"] for row in found]
+                if found:
+                    footprints = [np.flatnonzero(flags)] + [row["members"] for row in found]
                 for row in found:
                     flags[row.pop("members")] = True
                 diagnostics["other_footprints"] = found
                 diagnostics["other_footprints_added"] = int(flags.sum()) - before
             labels[flags] = len(root_children)
     return FlareRun(random_state, steps, flags, labels, embedding, fit.condensed_tree, step.dropped_layers,
-                    diagnostics, first, footprints if len(footprints) > 1 else None)
+                    diagnostics, first, footprints)
 
 
 def ensemble_seeds(random_state: int | None, n_seeds: int) -> list:
