@@ -153,11 +153,18 @@ def scanned_set(meta: dict, seed: int):
 
 def poisoned_as_recorded(train, meta: dict):
     """`train` poisoned as the checkpoint's attack record says, and (attack, mode); clean when it has none."""
+    poisoned, case, _ = poisoned_with_cover(train, meta)
+    return poisoned, case
+
+
+def poisoned_with_cover(train, meta: dict):
+    """As poisoned_as_recorded, and the attack's cover samples (a trigger kept with the true label: WaNet's
+    noise mode, IAD's cross-trigger, the adaptive attacks' covers) as a mask; none on a clean set."""
     if not isinstance(meta.get("attack"), dict):
-        return train, ("clean", "-")
+        return train, ("clean", "-"), np.zeros(len(train), bool)
     spec = harness.PoisonSpec.from_dict(meta["attack"])
-    poisoned, _ = harness.poison(train, spec)
-    return poisoned, (spec.attack, spec.mode)
+    poisoned, result = harness.poison(train, spec)
+    return poisoned, (spec.attack, spec.mode), np.asarray(result.cover, bool)
 
 
 def run(args):
@@ -171,8 +178,11 @@ def run(args):
             continue
         model, meta = load_checkpoint(model_path)
         source = scanned_subset(meta, args.seed)
-        dataset, case = poisoned_as_recorded(source, meta)
+        dataset, case, cover = poisoned_with_cover(source, meta)
         truth = dataset.poison if dataset.poison is not None else np.zeros(len(dataset), np.int64)
+        # The cover samples count as clean in the FPR (as backdoor-toolbox's cleanser.py counts them); they carry a
+        # trigger, so the FPR over the untouched samples alone is kept beside it.
+        untouched = ~truth.astype(bool) & ~cover
         # All-to-one poison drawn from the target class keeps its label (about a tenth of it): how much of the
         # poison whose label the attack changed was found, beside the TPR over all of it.
         relabelled = truth.astype(bool) & (dataset.y != source.y)
@@ -198,6 +208,8 @@ def run(args):
                    "asr": meta.get("eval", {}).get("asr"), "ba": meta.get("eval", {}).get("ba"),
                    "tpr": metrics["tpr"], "fpr": metrics["fpr"], "n_flagged": detection.n_flagged,
                    "n_relabelled": int(relabelled.sum()),
+                   "n_cover": int(cover.sum()), "cover_flagged": int(detection.flags[cover].sum()),
+                   "fpr_untouched": float(detection.flags[untouched].mean()) if untouched.any() else 0.0,
                    "tpr_relabelled": float(detection.flags[relabelled].mean()) if relabelled.any() else None,
                    "flags_digest": hashlib.blake2b(np.flatnonzero(detection.flags).tobytes(),
                                                    digest_size=8).hexdigest(),
@@ -239,6 +251,15 @@ def boundary(model: str, variants: list[str], kept: Path, n: int, low: float = 0
     return str(int(((share >= low) & (share <= 1 - low)).sum()))
 
 
+def cell(row: dict) -> str:
+    """TPR / FPR; where the attack has cover samples, the FPR over the untouched samples and the covers flagged
+    too (rows from before they were recorded show neither)."""
+    text = f"{100 * row['tpr']:.1f}% / {100 * row['fpr']:.2f}%"
+    if row.get("n_cover"):
+        text += f" (untouched {100 * row['fpr_untouched']:.2f}%, covers {row['cover_flagged']}/{row['n_cover']})"
+    return text
+
+
 def print_table(rows, variants=None, same=None, kept=None):
     """One row per scanned set, TPR / FPR of each variant side by side, the paper's beside them; with
     `same` (variant names), whether those variants flagged the same samples, on how many they differ, and
@@ -257,8 +278,7 @@ def print_table(rows, variants=None, same=None, kept=None):
         paper = r["paper_tpr_fpr"]
         paper = "-" if paper is None else f"{'-' if paper[0] is None else paper[0]} / {paper[1]}"
         asr = "-" if r["asr"] is None else f"{100 * r['asr']:.1f}%"
-        cells = [f"{100 * by_variant[v]['tpr']:.1f}% / {100 * by_variant[v]['fpr']:.2f}%" if v in by_variant else "-"
-                 for v in variants]
+        cells = [cell(by_variant[v]) if v in by_variant else "-" for v in variants]
         tail = ""
         if same:
             digests = {by_variant[v]["flags_digest"] for v in same if v in by_variant}
