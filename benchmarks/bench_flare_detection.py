@@ -106,6 +106,9 @@ VARIANTS = {
     # Session 25, later: a footprint-like cluster whose split's rest is mostly its label is a sub-island of the
     # target's clean class (island_rest_share); "no-target-island" = without that test.
     "no-target-island": dict(island_rest_share=None),
+    # Session 26: the clean-class reading also needs the cluster's other labels to be a few classes
+    # (class_neighbour_share); "session25" = without that test (the defaults before).
+    "session25": dict(class_neighbour_share=None),
 }
 
 

@@ -404,6 +404,28 @@ def test_poison_beside_several_classes_is_not_read_as_the_target_labels_clean_cl
         Flare(class_purity=0.4)
 
 
+def test_poison_with_cover_samples_from_every_class_is_not_read_as_the_target_labels_clean_class():
+    y = np.r_[np.repeat(np.arange(10), 100), np.zeros(100, int)]
+    within, excess = np.arange(len(y)), label_excess(y)
+    # 95 relabelled beside 2 cover samples of each other class (a trigger with the true label, IAD's
+    # cross-trigger): label 0 is 0.84, the other labels spread over all nine classes
+    covers = np.concatenate([np.arange(100 * c, 100 * c + 2) for c in range(1, 10)])
+    poison = np.r_[np.arange(1000, 1095), covers]
+    options = dict(island_labels=3, footprint_purity=0.9, class_purity=0.7)
+    without = class_makeup(y, poison, within, excess, 0.5, **options)
+    assert without["target_class"] and without["benign_class_split"]  # session 25's rule: read as the clean class
+    makeup = class_makeup(y, poison, within, excess, 0.5, class_neighbour_share=0.8, **options)
+    assert makeup["neighbour_share"] == round(6 / 18, 4)  # the top three other classes hold 6 of 18
+    assert makeup["inflated"] and not makeup["target_class"] and not makeup["benign_class_split"]
+    # the clean class keeps its neighbours from a few classes (20 shirts, 4 pullovers, 2 dresses, 1 coat: 26 of 27)
+    clean_class = np.r_[np.arange(0, 90), np.arange(600, 620), np.arange(200, 204), np.arange(300, 302), [400]]
+    makeup = class_makeup(y, clean_class, within, excess, 0.5, class_neighbour_share=0.8, **options)
+    assert makeup["target_class"] and makeup["neighbour_share"] == round(26 / 27, 4)
+    assert Flare().params.class_neighbour_share == 0.8
+    with pytest.raises(InputError, match="class_neighbour_share"):
+        Flare(class_neighbour_share=0.0)
+
+
 def test_off_label_members_of_an_all_to_one_flagged_cluster_are_unflagged_and_nothing_else_is():
     y = np.r_[np.repeat(np.arange(10), 100), np.zeros(90, int)]  # 90 relabelled into class 0
     flags = np.zeros(len(y), bool)

@@ -107,6 +107,15 @@ class FlareParams:
                                 "the cluster; the clean T-shirt clusters were 0.79-0.84 label 0, IAD's poison "
                                 "beside benign classes 0.58 (RESULTS.md, issue 17, session 25); 0.5 = session 24's "
                                 "rule (the label at least half)")
+    # A class's neighbours are the few classes it is confused with; the poison's companions, where the attack
+    # adds cover samples (a trigger kept with the true label), are drawn from every class.
+    class_neighbour_share: float | None = param(0.8, "ours: footprint_purity's clean class also needs its other "
+                                                "labels to be few: its top third of the other classes hold at "
+                                                "least this share of its other-label members. The clean T-shirt "
+                                                "clusters of the development rows had 0.87-1.00; IAD's poison "
+                                                "with its cross-trigger covers, read as the clean class on two "
+                                                "sets, 0.52-0.68 (RESULTS.md, issue 17, session 26). None = no "
+                                                "such test")
     # A sub-island of the target's clean class is as pure as the footprint and its label as inflated; it splits
     # from the rest of its class, relabelled poison from the classes it was drawn from.
     island_rest_share: float | None = param(0.5, "ours: a cluster that reads as the footprint (inflated) is a "
@@ -202,7 +211,7 @@ class FlareParams:
         alike)."""
         return dict(island_purity=self.island_purity, island_labels=self.island_labels,
                     footprint_purity=self.footprint_purity, class_purity=self.class_purity,
-                    island_rest_share=self.island_rest_share)
+                    class_neighbour_share=self.class_neighbour_share, island_rest_share=self.island_rest_share)
 
     def __post_init__(self):
         integer(self.n_seeds, "n_seeds", 1)
@@ -219,6 +228,8 @@ class FlareParams:
         if self.footprint_purity is not None and self.class_purity >= self.footprint_purity:
             raise InputError(f"class_purity ({self.class_purity!r}) must be below footprint_purity "
                              f"({self.footprint_purity!r}): no cluster could read as the clean class")
+        if self.class_neighbour_share is not None and not 0.0 < self.class_neighbour_share <= 1.0:
+            raise InputError(f"class_neighbour_share must be None or in (0, 1], got {self.class_neighbour_share!r}")
         if self.island_rest_share is not None and not 0.0 < self.island_rest_share <= 1.0:
             raise InputError(f"island_rest_share must be None or in (0, 1], got {self.island_rest_share!r}")
         if self.footprint_rest_share is not None and not 0.0 < self.footprint_rest_share < 1.0:
@@ -388,7 +399,8 @@ def label_excess(y: np.ndarray) -> np.ndarray:
 def class_makeup(y: np.ndarray, samples: np.ndarray, within: np.ndarray, excess: np.ndarray,
                  class_coverage: float, island_purity: float = FlareParams.island_purity,
                  island_labels: int = 1, footprint_purity: float | None = None,
-                 class_purity: float = 0.5, island_rest_share: float | None = None) -> dict:
+                 class_purity: float = 0.5, island_rest_share: float | None = None,
+                 class_neighbour_share: float | None = None) -> dict:
     """Whether a cluster is a benign class (or classes, or part of one class) split off, and the evidence.
 
     Benign when it holds more than `class_coverage` of each of its labels' samples (whole_class_share,
@@ -409,7 +421,10 @@ def class_makeup(y: np.ndarray, samples: np.ndarray, within: np.ndarray, excess:
     poisoning and ten classes the poison and the target's clean class are the same size, and only the poison
     carries its label alone (every relabelled sample has it), while a class cluster keeps its neighbours.
     The label must also be at least `class_purity` of it: a class keeps a few neighbours, while poison drawn
-    from several classes can sit beside several of them and leave its label a bare majority.
+    from several classes can sit beside several of them and leave its label a bare majority. With
+    `class_neighbour_share`, those neighbours must also be few: the top third of the other classes hold at least
+    that share of its other-label members ("neighbour_share"); where the attack adds cover samples (a trigger
+    with the true label: IAD's cross-trigger samples), they sit with the poison and come from every class.
 
     With `island_rest_share`, a cluster that would read as the footprint is a sub-island of its label's clean
     class ("target_island": benign) where that label is at least that share of the rest of the split (`within`
@@ -423,9 +438,12 @@ def class_makeup(y: np.ndarray, samples: np.ndarray, within: np.ndarray, excess:
     share = whole_class_share(y, samples, within)
     few = max(1, min(int(island_labels), len(excess) // 3))
     few_share = float(np.sort(counts)[::-1][:few].sum() / n)
+    others = np.sort(np.delete(counts, top))[::-1]
+    neighbour_share = float(others[:max(1, len(excess) // 3)].sum() / others.sum()) if others.sum() else 1.0
     # the label's clean count (its samples less its excess) is counted only where the cheaper tests pass
     target_class = (footprint_purity is not None and class_purity <= purity < footprint_purity
                     and excess[top] >= 0.5 * n
+                    and (class_neighbour_share is None or neighbour_share >= class_neighbour_share)
                     and counts[top] >= 0.5 * (np.count_nonzero(y == top) - excess[top]))
     rest = len(within) - n
     rest_share = float((np.count_nonzero(y[within] == top) - counts[top]) / rest) if rest > 0 else 0.0
@@ -436,6 +454,7 @@ def class_makeup(y: np.ndarray, samples: np.ndarray, within: np.ndarray, excess:
     one_label = purity >= island_purity and not inflated
     return {"class_share": share, "top_label": top, "purity": purity, "few_label_share": few_share,
             "label_excess": float(excess[top]), "inflated": bool(inflated), "target_class": bool(target_class),
+            "neighbour_share": round(neighbour_share, 4),
             "rest_share": round(rest_share, 4), "target_island": bool(target_island),
             "benign_class_split": bool((share > class_coverage or island or target_class or target_island)
                                        and not inflated),
@@ -449,9 +468,7 @@ def holds_footprint(row: dict, min_excess: float) -> bool:
 
 
 def stability_split(tree, y: np.ndarray | None, levels: int, class_coverage: float,
-                    island_purity: float = FlareParams.island_purity, island_labels: int = 1,
-                    footprint_levels: int = 0, min_excess: float = 0.0, footprint_purity: float | None = None,
-                    class_purity: float = 0.5, island_rest_share: float | None = None):
+                    footprint_levels: int = 0, min_excess: float = 0.0, **makeup):
     """Paper Sec. IV-C3 with the class make-up guard: at the root's split, the children are taken in
     order of stability (persistence, Def. IV.1) and the first that is not a benign class split
     (`class_makeup`) is poisoned. When every child of a split is one, the splits of those children are
@@ -462,7 +479,8 @@ def stability_split(tree, y: np.ndarray | None, levels: int, class_coverage: flo
     (holds_footprint) only, and flags there only the footprint itself (class_makeup's "inflated"): relabelled
     poison inside a branch of several classes can split off deeper than the official depth (measured: one level
     further on a WaNet set), and so can the target class's clean part beside a neighbouring class.
-    Returns (flagged node or None, one verdict dict per examined split)."""
+    `makeup` = class_makeup's keyword options (FlareParams.makeup_options()). Returns (flagged node or None, one
+    verdict dict per examined split)."""
     excess = None if y is None else label_excess(y)
     frontier, verdicts = [tree.root], []
     for level in range(levels + footprint_levels):
@@ -477,9 +495,7 @@ def stability_split(tree, y: np.ndarray | None, levels: int, class_coverage: flo
             groups = [cluster.members(tree, c) for c in children]
             within = np.concatenate(groups)
             rows = [{"node": int(c), "size": int(len(g)), "persistence": cluster.persistence(tree, c),
-                     **({} if y is None else class_makeup(y, g, within, excess, class_coverage, island_purity,
-                                                      island_labels, footprint_purity, class_purity,
-                                                      island_rest_share))}
+                     **({} if y is None else class_makeup(y, g, within, excess, class_coverage, **makeup))}
                     for c, g in zip(children, groups)]
             verdict = {"level": level, "node": int(node), "children": rows}
             verdicts.append(verdict)
