@@ -60,8 +60,10 @@ def scan_model(model_path, args, pool, params: dict):
     truth = dataset.poison.astype(bool) if dataset.poison is not None else np.zeros(len(dataset), bool)
     t0 = time.perf_counter()
     single = len(args.methods) == 1
+    # A method run alone gets the reference only if it reads one (the scan refuses it otherwise).
+    clean = None if single and not get_detector(args.methods[0]).needs_reference() else reference
     result = api.scan(dataset, model, meta["normalisation"], method=args.methods[0] if single else list(args.methods),
-                      clean=reference, progress=False, **params)
+                      clean=clean, progress=False, **params)
     total_s = time.perf_counter() - t0
     d = result.detection
     if single:  # the consensus' per-member columns and timings, for the one member
