@@ -436,20 +436,22 @@ def class_makeup(y: np.ndarray, samples: np.ndarray, within: np.ndarray, excess:
     n = len(samples)
     purity = float(counts[top] / n)
     share = whole_class_share(y, samples, within)
-    few = max(1, min(int(island_labels), len(excess) // 3))
+    third = len(excess) // 3  # "a few labels": at most a third of the classes
+    few = max(1, min(int(island_labels), third))
     few_share = float(np.sort(counts)[::-1][:few].sum() / n)
     others = np.sort(np.delete(counts, top))[::-1]
-    neighbour_share = float(others[:max(1, len(excess) // 3)].sum() / others.sum()) if others.sum() else 1.0
+    neighbour_share = float(others[:max(1, third)].sum() / others.sum()) if others.sum() else 1.0
+    excess_covers = excess[top] >= 0.5 * n  # the label's excess over the median covers half the cluster
     # the label's clean count (its samples less its excess) is counted only where the cheaper tests pass
-    target_class = (footprint_purity is not None and class_purity <= purity < footprint_purity
-                    and excess[top] >= 0.5 * n
+    target_class = (footprint_purity is not None and class_purity <= purity < footprint_purity and excess_covers
                     and (class_neighbour_share is None or neighbour_share >= class_neighbour_share)
                     and counts[top] >= 0.5 * (np.count_nonzero(y == top) - excess[top]))
     rest = len(within) - n
     rest_share = float((np.count_nonzero(y[within] == top) - counts[top]) / rest) if rest > 0 else 0.0
-    target_island = (island_rest_share is not None and rest_share >= island_rest_share
-                     and purity >= island_purity and excess[top] >= 0.5 * n and not target_class)
-    inflated = purity >= island_purity and excess[top] >= 0.5 * n and not target_class and not target_island
+    # the footprint unless read as the label's clean class or a sub-island of it
+    footprint_like = purity >= island_purity and excess_covers and not target_class
+    target_island = footprint_like and island_rest_share is not None and rest_share >= island_rest_share
+    inflated = footprint_like and not target_island
     island = few_share >= island_purity and min(counts[top], excess[top]) < 0.5 * n
     one_label = purity >= island_purity and not inflated
     return {"class_share": share, "top_label": top, "purity": purity, "few_label_share": few_share,
