@@ -35,7 +35,7 @@ from backdoor_engine.auxiliary.sets import make_aux
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.detection import detection_metrics
 from backdoor_engine.methods import available_detectors, get_detector
-from backdoor_engine.methods.consensus import dawid_skene, method_list, presence_flags
+from backdoor_engine.methods.consensus import dawid_skene, flags_of_fit, method_list, presence_flags
 from backdoor_engine.models.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -145,7 +145,7 @@ def combined(columns, ran, truth: np.ndarray) -> dict:
     votes = np.sum(list(flags.values()), axis=0)
     consensus = {str(k): score(votes >= k) for k in range(1, len(members) + 1)}
     fit = dawid_skene(np.stack(list(flags.values()), axis=1))
-    rules = {"dawid-skene": {**score(fit["posterior"] > 0.5), "prior": fit["prior"],
+    rules = {"dawid-skene": {**score(flags_of_fit(fit)), "prior": fit["prior"],
                              "estimated": {name: [round(float(t), 4), round(float(f), 4)]
                                            for name, t, f in zip(members, fit["tpr"], fit["fpr"])}}}
     testers = [name for name in members if get_detector(name).presence_test]

@@ -200,7 +200,7 @@ def f1(verdict, truth):
 
 
 def test_dawid_skene_recovers_each_members_error_rates_without_labels_and_outvotes_the_noisy_majority():
-    from backdoor_engine.methods.consensus import dawid_skene
+    from backdoor_engine.methods.consensus import dawid_skene, flags_of_fit
 
     truth, flags, rates = planted_members()
     fit = dawid_skene(flags)
@@ -210,9 +210,26 @@ def test_dawid_skene_recovers_each_members_error_rates_without_labels_and_outvot
     verdict = fit["posterior"] > 0.5
     _, majority = combine_votes({i: flags[:, i] for i in range(5)}, 3)
     assert f1(verdict, truth) > 0.98 and f1(majority, truth) < 0.9
-    # the minority class is called poison whichever way EM starts: the flags negated give the same verdict back
-    swapped = dawid_skene(~flags)
-    assert swapped["prior"] == pytest.approx(fit["prior"], abs=1e-6)
+    assert fit["plausible"] and np.array_equal(flags_of_fit(fit), verdict)
+    # poison is the class the members flag: negated, they flag the 90% majority, which is no poison class
+    negated = dawid_skene(~flags)
+    assert negated["prior"] == pytest.approx(1 - fit["prior"], abs=1e-6) and not negated["plausible"]
+    assert not flags_of_fit(negated).any()
+
+
+def test_dawid_skene_flags_nothing_where_the_members_false_positives_are_correlated_and_there_is_no_poison():
+    from backdoor_engine.methods.consensus import dawid_skene, flags_of_fit
+
+    # the clean set of the detector table, in miniature: no poison, but half the set (the samples the model is least
+    # sure of) is flagged more by the members that read its confidence (SCALE-UP, IBD-PSC, STRIP) and less by those
+    # that read the features (AC, Spectral): the rates EM fitted to that scan's flags, rounded
+    rng = np.random.default_rng(3)
+    n = 20_000
+    unsure = rng.random(n) < 0.5
+    rates = [(0.99, 0.77), (0.48, 0.01), (0.18, 0.02), (0.004, 0.22), (0.09, 0.21)]  # (in the half, outside it)
+    flags = np.stack([np.where(unsure, rng.random(n) < a, rng.random(n) < b) for a, b in rates], axis=1)
+    fit = dawid_skene(flags)
+    assert fit["prior"] == pytest.approx(0.5, abs=0.05) and not flags_of_fit(fit).any()
 
 
 def test_dawid_skene_is_a_selectable_rule_that_reports_its_estimates(untrained_scan_inputs):
@@ -228,6 +245,8 @@ def test_dawid_skene_is_a_selectable_rule_that_reports_its_estimates(untrained_s
         Consensus(["ac", "spectral"], {"rule": "dawid-skene", "min_votes": 2})
     with pytest.raises(InputError, match="rule"):
         Consensus(["ac", "spectral"], {"rule": "median"})
+    with pytest.raises(InputError, match="max_poison_share must be in"):
+        Consensus(["ac", "spectral"], {"rule": "dawid-skene", "max_poison_share": 1.5})
     with pytest.raises(InputError, match="n x m flag matrix"):
         from backdoor_engine.methods.consensus import dawid_skene
 

@@ -56,6 +56,12 @@ class ConsensusParams:
                                   "(rounded up): on the development sets (RESULTS.md, issue 16) a strict majority "
                                   "of the eight lost Blend a2o (TPR 10.6%) when three methods missed it, half kept "
                                   "it (99.5%)")
+    max_poison_share: float = param(0.25, "ours", reason="rule=dawid-skene: the largest poison share its fit may "
+                                    "claim; above it nothing is flagged. The seeds' attacks poison 1-10% of a set "
+                                    "(SIG: the target class, 10% of Fashion-MNIST); on the clean set of the "
+                                    "detector table (RESULTS.md, session 10) EM fitted a 'poison' class of 50% to "
+                                    "the members' correlated false positives (71% FPR), on the 16 attacked rows "
+                                    "7.6-11.2%")
 
     def __post_init__(self):
         if self.rule != "vote" and self.min_votes is not None:
@@ -64,6 +70,8 @@ class ConsensusParams:
         if self.min_votes is not None and (isinstance(self.min_votes, bool) or not isinstance(self.min_votes, int)
                                            or self.min_votes < 1):
             raise InputError(f"consensus: min_votes must be a whole number >= 1, got {self.min_votes!r}")
+        if not 0 < self.max_poison_share < 1:
+            raise InputError(f"consensus: max_poison_share must be in (0, 1), got {self.max_poison_share!r}")
 
 
 def method_list(method, available: list[str], *, have_reference: bool) -> list[str] | None:
@@ -124,15 +132,18 @@ def combine_votes(flags: dict[str, np.ndarray], min_votes: int) -> tuple[np.ndar
     return votes, votes >= min_votes
 
 
-def dawid_skene(flags: np.ndarray, *, iterations: int = 200, tol: float = 1e-8) -> dict:
+def dawid_skene(flags: np.ndarray, *, max_share: float = ConsensusParams.max_poison_share, iterations: int = 200, tol: float = 1e-8) -> dict:
     """Posterior of poison per sample from an n x m bool matrix of m members' flags, without labels.
 
     Two-class Dawid-Skene EM: each member j flags a poisoned sample with probability tpr_j and a clean one with
     fpr_j, independently given the truth; the poison share is `prior`. Started from the soft vote (the share of
     members flagging each sample); rates carry a Beta(1, 1) prior so a member that never or always flags stays
     finite. The E-step runs on the distinct flag patterns (at most 2^m), so its cost does not grow with n.
-    Poison is taken to be the minority class: if EM settles with prior > 1/2 the two classes are swapped.
-    Returns {"posterior", "tpr", "fpr", "prior", "iterations"}.
+    Poison is the class the members flag (their TPR above their FPR, summed over members: the usual assumption of
+    members better than chance, which fixes EM's label switching). Where that class holds more than `max_share`
+    of the set (`plausible` False), the flags fit no poison class but the members' correlated false positives (on
+    clean data the half of the set the model is least sure of), and `flags_of_fit` flags nothing.
+    Returns {"posterior", "tpr", "fpr", "prior", "plausible", "iterations"}.
     """
     flags = np.asarray(flags, bool)
     if flags.ndim != 2 or flags.shape[1] < 2:
@@ -153,9 +164,17 @@ def dawid_skene(flags: np.ndarray, *, iterations: int = 200, tol: float = 1e-8) 
         q = new_q
         if done:
             break
-    if prior > 0.5:
+    if np.sum(tpr - fpr) < 0:
         q, prior, tpr, fpr = 1 - q, 1 - prior, fpr, tpr
-    return {"posterior": q[inverse], "tpr": tpr, "fpr": fpr, "prior": float(prior), "iterations": iteration}
+    return {"posterior": q[inverse], "tpr": tpr, "fpr": fpr, "prior": float(prior),
+            "plausible": bool(prior <= max_share),
+            "iterations": iteration}
+
+
+def flags_of_fit(fit: dict) -> np.ndarray:
+    """dawid_skene's verdict: the posterior of poison above 1/2, nothing where the fitted poison share is not
+    plausible."""
+    return (fit["posterior"] > 0.5) & fit["plausible"]
 
 
 def presence_flags(flags: dict[str, np.ndarray], testers: list[str]) -> np.ndarray:
@@ -276,13 +295,17 @@ class Consensus:
         how = f"at least {self.min_votes} of them flag it"
         estimated = None
         if self.params.rule == "dawid-skene" and m >= 2:
-            fit = dawid_skene(np.stack(list(flags.values()), axis=1))
-            verdict, scores = fit["posterior"] > 0.5, fit["posterior"]
+            fit = dawid_skene(np.stack(list(flags.values()), axis=1), max_share=self.params.max_poison_share)
+            verdict, scores = flags_of_fit(fit), fit["posterior"]
             estimated = {name: {"tpr": round(float(t), 4), "fpr": round(float(f), 4)}
                          for name, t, f in zip(self.detections_, fit["tpr"], fit["fpr"])}
             rule = (f"flagged when the Dawid-Skene posterior of poison exceeds 1/2 (each member's error rates fitted "
                     f"to the flags by EM, no labels; estimated poison share {fit['prior']:.4f}); score = posterior")
             how = "the Dawid-Skene posterior of poison from their flags exceeds 1/2"
+            if not fit["plausible"]:
+                rule += (f"; nothing flagged: the class the members flag holds {fit['prior']:.0%} of the set, above "
+                         f"max_poison_share {self.params.max_poison_share}, so it is their correlated false "
+                         "positives, not a poison class")
         if self.params.rule == "presence":
             testers = [name for name in self.detections_ if self.members_[name].presence_test]
             if testers:
