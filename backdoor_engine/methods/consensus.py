@@ -132,7 +132,8 @@ def combine_votes(flags: dict[str, np.ndarray], min_votes: int) -> tuple[np.ndar
     return votes, votes >= min_votes
 
 
-def dawid_skene(flags: np.ndarray, *, max_share: float = ConsensusParams.max_poison_share, iterations: int = 200, tol: float = 1e-8) -> dict:
+def dawid_skene(flags: np.ndarray, *, max_share: float = ConsensusParams.max_poison_share, iterations: int = 200,
+                tol: float = 1e-8) -> dict:
     """Posterior of poison per sample from an n x m bool matrix of m members' flags, without labels.
 
     Two-class Dawid-Skene EM: each member j flags a poisoned sample with probability tpr_j and a clean one with
