@@ -109,6 +109,9 @@ VARIANTS = {
     # Session 26: the clean-class reading also needs the cluster's other labels to be a few classes
     # (class_neighbour_share); "session25" = without that test (the defaults before).
     "session25": dict(class_neighbour_share=None),
+    # Session 27: the final footprint's last members by a cross-fitted probe within the label (residual_probe);
+    # "session26" = without it (the defaults before).
+    "session26": dict(residual_probe=False),
 }
 
 

@@ -23,6 +23,7 @@ from backdoor_engine.methods.flare import (
     off_label_members,
     other_footprints,
     label_excess,
+    residual_members,
     search_subspace,
     stability_split,
     subspace_matrix,
@@ -638,3 +639,26 @@ def test_with_no_unflagged_sample_of_another_label_the_probe_is_not_fitted_and_n
     add, summary = footprint_completion(flags, X, y, min_unexplained=1)
     assert summary["inflated"] and summary["unexplained"] > 0  # the probe would be due
     assert not add.any() and summary["added"] == 0
+
+
+def test_the_last_of_the_footprint_is_found_by_a_probe_within_the_label_and_the_labels_clean_samples_are_not():
+    X, y, truth, flags = relabelled_half_flagged()
+    most = truth & (np.arange(len(y)) < 2380)  # 380 of the 400 flagged: the excess is explained, 20 are left
+    add, summary = residual_members(most, X, y)
+    assert summary["inflated"] and summary["label"] == 0 and summary["candidates"] == 520
+    assert not (add & most).any() and summary["added"] == add.sum()
+    assert (add & truth).sum() >= 18 and (add & ~truth).sum() <= 3  # of 20 poison among 500 clean zeros
+    add, _ = residual_members(truth, X, y)  # all of the poison flagged: the label's rest is clean
+    assert (add & ~truth).sum() <= 3
+
+
+def test_the_residual_probe_leaves_flags_that_are_not_one_inflated_label_or_nothing_as_they_are():
+    X, y, truth, flags = relabelled_half_flagged()
+    mixed = np.zeros(len(y), bool)
+    mixed[np.r_[0:100, 600:700, 1100:1200]] = True
+    add, summary = residual_members(mixed, X, y)
+    assert not add.any() and not summary["inflated"] and summary["added"] == 0
+    add, summary = residual_members(np.zeros(len(y), bool), X, y)
+    assert not add.any() and summary is None
+    with pytest.raises(InputError, match="residual_folds"):
+        Flare(residual_folds=1)

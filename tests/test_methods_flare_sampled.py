@@ -177,3 +177,17 @@ def test_the_report_says_which_runs_flagged_the_footprint_past_the_walks_depth()
     plain = Detection("flare", np.zeros(10, bool), params={"depth": 3},
                       diagnostics={**base, "seed_runs": [{**r, "footprint_walk": False} for r in runs]})
     assert not any("footprint_levels" in note for note in sampled.report(plain, None, None).notes)
+
+
+def test_the_report_says_how_many_of_the_labels_unflagged_samples_the_residual_probe_added():
+    from backdoor_engine.detection import Detection
+
+    sampled = SampledFlare(n_seeds=1)
+    base = {"sampled": {"n_sample": 10, "n_rows": 10}}
+    residual = {"label": 0, "inflated": True, "candidates": 921, "added": 15}
+    notes = sampled.report(Detection("flare", np.zeros(10, bool), params={},
+                                     diagnostics={**base, "residual": residual}), None, None).notes
+    assert any(note.startswith("15 more samples of label 0 (of its 921 unflagged) were flagged") for note in notes)
+    notes = sampled.report(Detection("flare", np.zeros(10, bool), params={},
+                                     diagnostics={**base, "residual": {**residual, "added": 0}}), None, None).notes
+    assert not any("residual_probe" in note for note in notes)

@@ -250,6 +250,12 @@ class SampledFlare(Detector):
                    "flagged (complete_footprint)" if added else
                    "relabelled poison may remain unflagged" + ("" if detection.params.get("complete_footprint")
                                                                 else " (complete_footprint is off)")))
+        residual = detection.diagnostics.get("residual")
+        if residual and residual["added"]:
+            parts.notes.append(
+                f"{residual['added']:,} more samples of label {residual['label']} (of its {residual['candidates']:,} "
+                "unflagged) were flagged: a linear probe fitted within the label, flagged against unflagged, put "
+                "them with the flagged ones on the folds it was not fitted on (residual_probe)")
         if "explanation" in detection.diagnostics:
             parts.notes.append(detection.diagnostics["explanation"])
         if out_dir is None:
