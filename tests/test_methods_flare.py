@@ -9,6 +9,7 @@ from backdoor_engine.errors import InputError
 from planted_footprint import relabelled_half_flagged
 
 from backdoor_engine.methods.flare import (
+    ColumnScale,
     Flare,
     FlareParams,
     FlareRun,
@@ -662,3 +663,20 @@ def test_the_residual_probe_leaves_flags_that_are_not_one_inflated_label_or_noth
     assert not add.any() and summary is None
     with pytest.raises(InputError, match="residual_folds"):
         Flare(residual_folds=1)
+
+
+def test_the_probes_scale_only_the_rows_they_read_with_the_moments_of_every_sample_computed_once():
+    X, y, truth, flags = relabelled_half_flagged()
+    X = X.astype(np.float32)
+    whole = (X - X.mean(axis=0)) / (X.std(axis=0) + 1e-6)
+    scale = ColumnScale(X)
+    rows = np.array([5, 0, 2379, 2380, len(X) - 1])
+    assert np.array_equal(scale.rows(rows), whole[rows])  # the same numbers as scaling the whole matrix
+    assert scale.moments is scale.moments  # one pass, reused by every probe of a scan
+    most = truth & (np.arange(len(y)) < 2380)
+    shared, _ = residual_members(most, X, y, scale=scale)
+    alone, _ = residual_members(most, X, y)
+    assert np.array_equal(shared, alone) and shared.any()
+    shared, _ = footprint_completion(flags, X, y, min_unexplained=100, scale=scale)
+    alone, _ = footprint_completion(flags, X, y, min_unexplained=100)
+    assert np.array_equal(shared, alone) and shared.any()

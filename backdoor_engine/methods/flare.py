@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -779,15 +780,29 @@ def score_mixture(scores: np.ndarray, min_separation: float = 2.0, need_two_mode
     return upper, separation, modes
 
 
-def standardised(features: np.ndarray) -> np.ndarray:
-    """Each column at mean 0 and standard deviation 1 (a constant column stays 0): the probes' input."""
-    X = np.asarray(features, np.float32)
-    return (X - X.mean(axis=0)) / (X.std(axis=0) + 1e-6)
+class ColumnScale:
+    """The probes' input: each column at mean 0 and standard deviation 1 over all the samples (a constant column
+    stays 0). The moments are computed once, on first use, and only the rows a probe reads are scaled, so one scan's
+    probes (each run's completion, the final one, the residual probe) share one pass over the matrix instead of a
+    scaled copy of it each."""
+
+    def __init__(self, features: np.ndarray):
+        self.features = features
+
+    @cached_property
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        X = np.asarray(self.features, np.float32)
+        return X.mean(axis=0), X.std(axis=0) + 1e-6
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        mean, scale = self.moments
+        return (np.asarray(self.features[index], np.float32) - mean) / scale
 
 
 def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray, min_unexplained: int,
                          island_purity: float = FlareParams.island_purity, max_train: int = 20_000,
-                         complete: bool = True, rounds: int = 1, cut: str = FlareParams.footprint_cut):
+                         complete: bool = True, rounds: int = 1, cut: str = FlareParams.footprint_cut,
+                         scale: ColumnScale | None = None):
     """(samples to add, summary or None). Applies when `flags` are the all-to-one footprint (class_makeup's
     "inflated") and the label's excess over the median label count exceeds its flagged samples by at least
     `min_unexplained`: about that many relabelled samples are still unflagged. A logistic regression on the
@@ -799,7 +814,7 @@ def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray,
     on the flags with what it added (`rounds`), while it adds samples and the excess left unexplained is at least
     `min_unexplained`: a probe fitted on part of the poison sees only the part of the rest that looks like it, but
     the later rounds took clean samples of the label too.
-    complete=False: the summary only."""
+    complete=False: the summary only. scale: the features' ColumnScale, when the caller shares one."""
     add = np.zeros(len(flags), bool)
     if not flags.any():
         return add, None
@@ -814,7 +829,7 @@ def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray,
         return add, summary
     from sklearn.linear_model import LogisticRegression
 
-    X = standardised(features)
+    scale = scale if scale is not None else ColumnScale(features)
     others = np.flatnonzero(y != target)
     while unexplained >= min_unexplained and summary["rounds"] < rounds:
         flagged = flags | add
@@ -825,9 +840,9 @@ def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray,
             negatives = np.sort(np.random.default_rng(0).choice(negatives, max_train, replace=False))
         rows = np.r_[positives, negatives]
         probe = LogisticRegression(C=0.01, max_iter=2000, class_weight="balanced")
-        probe.fit(X[rows], np.r_[np.ones(len(positives)), np.zeros(len(negatives))])
+        probe.fit(scale.rows(rows), np.r_[np.ones(len(positives)), np.zeros(len(negatives))])
         candidates = np.flatnonzero(~flagged & (y == target))
-        score = probe.decision_function(X[candidates])
+        score = probe.decision_function(scale.rows(candidates))
         taken, separation, modes = (score_mixture(score, need_two_modes=cut == "two-modes") if cut != "sign" else
                                     (None, None, None))
         summary.setdefault("separation", separation if separation is None else round(separation, 3))
@@ -845,20 +860,22 @@ def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray,
 
 
 def complete_as_params(flags: np.ndarray, features: np.ndarray, y: np.ndarray, params: FlareParams,
-                       complete: bool | None = None):
+                       complete: bool | None = None, scale: ColumnScale | None = None):
     """footprint_completion with FlareParams' settings (complete: params.complete_footprint unless given)."""
     return footprint_completion(flags, features, y, params.min_cluster_size, params.island_purity,
                                 complete=params.complete_footprint if complete is None else complete,
-                                rounds=params.footprint_rounds, cut=params.footprint_cut)
+                                rounds=params.footprint_rounds, cut=params.footprint_cut, scale=scale)
 
 
-def complete_runs(runs: list, features: np.ndarray, y: np.ndarray, params: FlareParams) -> tuple[list, list]:
+def complete_runs(runs: list, features: np.ndarray, y: np.ndarray, params: FlareParams,
+                  scale: ColumnScale | None = None) -> tuple[list, list]:
     """(each run with its flags completed by footprint_completion, each run's completion summary or None): the
     runs' cluster flags stay in their labels and the other fitted attributes, only the flags that vote change."""
     completed, summaries = [], []
+    scale = scale if scale is not None else ColumnScale(features)
     for run in runs:
         if run.footprints is None:
-            add, summary = complete_as_params(run.flags, features, y, params)
+            add, summary = complete_as_params(run.flags, features, y, params, scale=scale)
         else:
             # One probe per footprint cluster: poison split off by source class looks like its sources, and a
             # probe fitted on all the clusters at once took less of the rest than each cluster's did.
@@ -866,7 +883,7 @@ def complete_runs(runs: list, features: np.ndarray, y: np.ndarray, params: Flare
             for members in run.footprints:
                 cluster_flags = np.zeros(len(run.flags), bool)
                 cluster_flags[members] = True
-                more, first = complete_as_params(cluster_flags, features, y, params)
+                more, first = complete_as_params(cluster_flags, features, y, params, scale=scale)
                 add |= more
                 summary = first if summary is None else summary
             add &= ~run.flags
@@ -880,7 +897,7 @@ def complete_runs(runs: list, features: np.ndarray, y: np.ndarray, params: Flare
 
 
 def residual_members(flags: np.ndarray, features: np.ndarray, y: np.ndarray, folds: int = FlareParams.residual_folds,
-                     island_purity: float = FlareParams.island_purity):
+                     island_purity: float = FlareParams.island_purity, scale: ColumnScale | None = None):
     """(samples to add, summary or None). Where `flags` are the all-to-one footprint (flagged_makeup's
     "inflated"), a logistic regression (C 0.01, balanced classes, standardised columns) is fitted with the flagged
     samples against the label's unflagged samples, cross-fitted in `folds` stratified folds (fixed seed); a label's
@@ -900,14 +917,14 @@ def residual_members(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
-    X = standardised(features)
     rows = np.r_[np.flatnonzero(flags), candidates]
+    X = (scale if scale is not None else ColumnScale(features)).rows(rows)
     positive = np.r_[np.ones(int(flags.sum())), np.zeros(len(candidates))]
     decision = np.zeros(len(rows))
     for fit_on, score_on in StratifiedKFold(folds, shuffle=True, random_state=0).split(rows, positive):
         probe = LogisticRegression(C=0.01, max_iter=3000, class_weight="balanced")
-        probe.fit(X[rows[fit_on]], positive[fit_on])
-        decision[score_on] = probe.decision_function(X[rows[score_on]])
+        probe.fit(X[fit_on], positive[fit_on])
+        decision[score_on] = probe.decision_function(X[score_on])
     add[candidates[decision[len(rows) - len(candidates):] > 0]] = True
     summary["added"] = int(add.sum())
     return add, summary
@@ -964,7 +981,9 @@ class Flare:
                 stage("run", (k + 1, len(seeds), seed))
             runs.append(fit_once(features, layout, y, self.params, seed, progress=progress, stage=stage))
         per_run = y is not None and self.params.footprint_per_run
-        voting, run_footprints = complete_runs(runs, features, np.asarray(y), self.params) if per_run else (runs, [])
+        scale = ColumnScale(features)  # the probes' scaling, shared: computed only if a probe runs
+        voting, run_footprints = (complete_runs(runs, features, np.asarray(y), self.params, scale) if per_run else
+                                  (runs, []))
         flags, votes, chosen = seed_majority(voting, self.params.abstain)
         run = runs[chosen]
         diagnostics = dict(run.diagnostics)
@@ -979,7 +998,8 @@ class Flare:
         if y is not None:
             # With per-run completion the voted flags are not completed again: that would be a second round.
             completed, footprint = complete_as_params(flags, features, np.asarray(y), self.params,
-                                                      complete=self.params.complete_footprint and not per_run)
+                                                      complete=self.params.complete_footprint and not per_run,
+                                                      scale=scale)
             if per_run and run_footprints[chosen] is not None:
                 # what the representative run's completion found and did, and what each run's added
                 footprint = {**run_footprints[chosen], "per_run": True,
@@ -990,7 +1010,7 @@ class Flare:
             recovered = recovered | completed
             if self.params.residual_probe:
                 residual, summary = residual_members(flags, features, np.asarray(y), self.params.residual_folds,
-                                                     self.params.island_purity)
+                                                     self.params.island_purity, scale)
                 if summary is not None:
                     diagnostics["residual"] = summary
                 flags, recovered = flags | residual, recovered | residual
