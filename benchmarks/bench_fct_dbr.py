@@ -74,6 +74,11 @@ def _versions() -> dict:
             "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
 
 
+def poison_truth(dataset) -> np.ndarray:
+    """The ground-truth poison mask; all False on a clean set (no poison column): the split's parts are then FPR."""
+    return np.zeros(len(dataset), bool) if dataset.poison is None else dataset.poison.astype(bool)
+
+
 def fct_stage(dataset, cache: Path, params: dict) -> dict:
     path = cache / "fct.npz"
     t0 = time.perf_counter()
@@ -83,7 +88,7 @@ def fct_stage(dataset, cache: Path, params: dict) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, split=detection.split, values=detection.scores)
     torch.save(detector.model_.state_dict(), cache / "sd_model.pt")
-    truth = dataset.poison.astype(bool)
+    truth = poison_truth(dataset)
     parts = split_metrics(detection.split, truth)
     return {"poisoned_precision": parts["poisoned_precision"], "clean_poison_share": parts["clean_poison_share"],
             "split": {k: parts[k] for k in ("clean", "uncertain", "poisoned")},
@@ -199,7 +204,7 @@ def run(args):
             if todo("flare-r", variant):
                 flags = flare_flags(model, meta, dataset, Path(args.feature_cache) / Path(model_path).stem)
                 result = repair_stage("unlearn-relearn", model, meta, dataset, flags, settings, test)
-                truth = dataset.poison.astype(bool)
+                truth = poison_truth(dataset)
                 emit("flare-r", variant, {**result, "n_flagged": int(flags.sum()),
                                           "flag_tpr": float((flags & truth).sum() / max(truth.sum(), 1))})
         dst_params = _parse(args.dst_param)
