@@ -182,7 +182,7 @@ def run(args):
 
         def emit(stage, variant, result):
             row = {"model": str(model_path), "attack": case[0], "mode": case[1], "n": len(dataset),
-                   "n_poison": int(dataset.poison.sum()) if dataset.poison is not None else 0,
+                   "n_poison": int(poison_truth(dataset).sum()),
                    "stage": stage, "variant": variant, **result, "versions": _versions()}
             print(json.dumps({k: v for k, v in row.items() if k not in ("sd_history", "params", "config",
                                                                         "versions")}), flush=True)
