@@ -7,7 +7,7 @@ from backdoor_engine.cluster.assign import ReferenceIndex, vote
 from backdoor_engine.cluster.projection import fit_projection, project_rows
 from backdoor_engine.engine import FeatureLayout
 from backdoor_engine.errors import InputError
-from backdoor_engine.methods.flare import Flare, subspace_matrix
+from backdoor_engine.methods.flare import FLAGGED_BY, Flare, subspace_matrix
 from backdoor_engine.methods.flare_sampled import SampledFlare, stratified_sample, subspace_columns
 
 LAYOUT = FeatureLayout(("bn1", "bn2", "bn3"), (4, 4, 4))
@@ -125,6 +125,21 @@ def test_several_seeds_on_a_sample_assign_the_rest_by_the_majoritys_flags_and_sa
     assert any(f"{recovered:,} more samples were flagged" in note for note in notes) == (recovered > 0)
     off_label = detection.diagnostics.get("off_label_unflagged", 0)
     assert any(f"its {off_label:,} members with another label" in note for note in notes) == (off_label > 0)
+    # samples.csv's stage columns: the sample's rows keep the fit's, an assigned row says so and counts no runs.
+    by, voted = detection.columns["flagged_by"], detection.columns["runs_voted"]
+    fit = sampled.flare_
+    rest = np.setdiff1d(np.arange(len(truth)), sampled.sample_)
+    assert set(by[sampled.sample_][fit.flags_]) <= set(FLAGGED_BY) and set(by[sampled.sample_][~fit.flags_]) == {""}
+    np.testing.assert_array_equal(voted[sampled.sample_], fit.votes_)
+    assert set(by[rest][detection.flags[rest]]) == {"assigned"} and set(by[rest][~detection.flags[rest]]) == {""}
+    assert np.isnan(voted[rest]).all() and np.isnan(detection.columns["runs_clustered"][rest]).all()
+    stages = detection.diagnostics["flagged_by"]
+    assert sum(stages.values()) == fit.flags_.sum()
+    outside = int((fit.flags_ & (detection.columns["runs_clustered"][sampled.sample_] == 0)).sum())
+    assert detection.diagnostics["flagged_outside_clusters"] == outside
+    assert any(note.startswith(f"of the {fit.flags_.sum():,} flagged samples of the clustered sample, "
+                               f"{stages['vote']:,} were flagged by the runs' vote")
+               and f"; {outside:,} of them were in no run's clusters" in note for note in notes)
 
 
 def test_the_report_says_how_much_of_an_inflated_labels_excess_the_flags_left_unexplained_and_what_was_added():

@@ -8,8 +8,8 @@ from planted_footprint import relabelled_half_flagged
 from backdoor_engine.engine import FeatureLayout
 from backdoor_engine.errors import InputError
 from backdoor_engine.methods import flare as flare_module
-from backdoor_engine.methods.flare import (Flare, FlareRun, ensemble_seeds, fit_once, recover_by_neighbours,
-                                          seed_majority)
+from backdoor_engine.methods.flare import (FLAGGED_BY, Flare, FlareRun, ensemble_seeds, fit_once,
+                                          recover_by_neighbours, seed_majority)
 
 SLICES = FeatureLayout(("bn1", "bn2", "bn3"), (4, 4, 4))
 
@@ -178,3 +178,36 @@ def test_runs_that_found_different_halves_of_the_poison_agree_once_each_is_compl
     assert footprint["per_run"] and len(footprint["runs_added"]) == 2 and min(footprint["runs_added"]) >= 180
     assert [r["n_flagged"] for r in detection.diagnostics["seed_runs"]] == [200, 200]  # the runs' own clusters
     assert all(r["n_voted"] >= 380 for r in detection.diagnostics["seed_runs"])
+
+
+def test_each_flag_names_its_stage_and_the_runs_that_clustered_and_voted_for_it(monkeypatch):
+    features, y, truth, first_half = relabelled_half_flagged()
+    halves = iter([first_half, truth & ~first_half])
+    monkeypatch.setattr(flare_module, "fit_once", lambda *a, **k: run_of(next(halves)))
+    flare = Flare(n_seeds=2)
+    detection = flare.fit(features, SLICES, y=y)
+    by, clustered, voted = (detection.columns[c] for c in ("flagged_by", "runs_clustered", "runs_voted"))
+    assert set(by[detection.flags]) <= set(FLAGGED_BY) and set(by[~detection.flags]) == {""}
+    assert sum(detection.diagnostics["flagged_by"].values()) == detection.n_flagged
+    # Each poison sample was in one run's cluster; the other run's completion brought it into the vote.
+    np.testing.assert_array_equal(clustered, truth.astype(int))
+    np.testing.assert_array_equal(voted, flare.votes_)
+    np.testing.assert_array_equal(by == "vote", 2 * voted > 2)
+    assert (by == "vote").sum() >= 380
+    # The residual probe's additions (if any) are samples no run's vote carried.
+    assert (voted[by == "residual"] < 2).all()
+
+
+def test_a_sample_recovered_by_its_neighbours_says_so_in_its_row(monkeypatch):
+    features, _, labels = planted(n_clean=300, n_poison=0)
+    rng = np.random.default_rng(1)
+    embedding = np.vstack([rng.normal(0, 1, (240, 2)), rng.normal(9, 1, (60, 2))])
+    flags = np.r_[np.zeros(240, bool), np.ones(60, bool)]
+    flags[250] = False
+    run = run_of(flags, embedding=True)
+    run.embedding, run.full_embedding = embedding, embedding
+    monkeypatch.setattr(flare_module, "fit_once", lambda *a, **k: run)
+    detection = Flare(n_seeds=3).fit(features, SLICES, y=labels)
+    assert detection.columns["flagged_by"][250] == "neighbours"
+    assert detection.columns["runs_clustered"][250] == 0 and detection.columns["runs_voted"][250] == 0
+    assert detection.diagnostics["flagged_by"] == {"vote": 59, "neighbours": 1, "completion": 0, "residual": 0}

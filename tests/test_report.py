@@ -61,6 +61,17 @@ def test_samples_csv_has_one_row_per_sample_with_ground_truth(tmp_path, scanned)
     assert sum(r["flagged"] == "1" for r in rows) == 20
 
 
+def test_text_columns_are_written_as_they_are_beside_numbers_and_empty_nan(tmp_path, scanned):
+    dataset, detection = scanned
+    stage = np.where(detection.flags, "vote", "").astype(object)
+    stage[100] = "residual, probe"  # a comma: the CSV writer quotes it
+    detection.columns = {"flagged_by": stage, "runs_voted": np.arange(200), "share": np.full(200, np.nan)}
+    write_report(tmp_path, detection, dataset, timings_s={})
+    rows = list(csv.DictReader((tmp_path / "samples.csv").open()))
+    assert [rows[i]["flagged_by"] for i in (0, 20, 100)] == ["vote", "", "residual, probe"]
+    assert rows[7]["runs_voted"] == "7" and rows[7]["share"] == ""
+
+
 def test_html_is_self_contained_with_plots_and_metrics(tmp_path, scanned):
     dataset, detection = scanned
     write_report(tmp_path, detection, dataset, timings_s={"extract": 1.0}, figures=[("Condensed tree", b"\x89PNG")])

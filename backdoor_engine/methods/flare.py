@@ -945,6 +945,11 @@ def recover_by_neighbours(flags: np.ndarray, embeddings: list, k: int, share: fl
     return ~flags & (flagged_share / len(embeddings) >= share)
 
 
+# The stages that flag a sample, in Flare.fit's order: the runs' majority, the neighbours in the runs' all-layers
+# embeddings, the voted flags' footprint completion, the residual probe.
+FLAGGED_BY = ("vote", "neighbours", "completion", "residual")
+
+
 class Flare:
     """FLARE as an estimator on precomputed BN-minima features (cuML/sklearn style).
 
@@ -987,6 +992,7 @@ class Flare:
         flags, votes, chosen = seed_majority(voting, self.params.abstain)
         run = runs[chosen]
         diagnostics = dict(run.diagnostics)
+        flagged_by = np.where(flags, "vote", "").astype(object)  # each flag's stage; the stages add disjoint sets
         recovered = np.zeros(len(flags), bool)
         if self.params.recover_neighbors is not None:
             recovered = recover_by_neighbours(flags, [r.full_embedding for r in runs], self.params.recover_neighbors,
@@ -994,6 +1000,7 @@ class Flare:
             if self.params.drop_off_label and y is not None:
                 recovered &= ~off_label_members(flags | recovered, np.asarray(y), self.params.off_label_purity)
             flags = flags | recovered
+            flagged_by[recovered] = "neighbours"
             diagnostics["recovered_by_neighbours"] = int(recovered.sum())
         if y is not None:
             # With per-run completion the voted flags are not completed again: that would be a second round.
@@ -1007,6 +1014,7 @@ class Flare:
             if footprint is not None:
                 diagnostics["footprint"] = footprint
             flags = flags | completed
+            flagged_by[completed] = "completion"
             recovered = recovered | completed
             if self.params.residual_probe:
                 residual, summary = residual_members(flags, features, np.asarray(y), self.params.residual_folds,
@@ -1014,6 +1022,7 @@ class Flare:
                 if summary is not None:
                     diagnostics["residual"] = summary
                 flags, recovered = flags | residual, recovered | residual
+                flagged_by[residual] = "residual"
         if len(runs) > 1:
             diagnostics["seed_runs"] = [
                 {"random_state": r.random_state, "dropped_layers": r.subspace, "n_flagged": int(r.flags.sum()),
@@ -1034,8 +1043,14 @@ class Flare:
         self.runs_, self.votes_ = runs, votes
         self.steps_, self.subspace_, self.embedding_ = run.steps, run.subspace, run.embedding
         self.labels_, self.condensed_tree_, self.flags_ = run.labels, run.condensed_tree, flags
+        # Per sample, for samples.csv: which stage flagged it, how many runs' clusters flagged it and how many
+        # runs' flags (completed, with footprint_per_run) voted for it.
+        clustered = np.sum([r.flags for r in runs], axis=0)
+        columns = {"flagged_by": flagged_by, "runs_clustered": clustered, "runs_voted": votes}
+        diagnostics["flagged_by"] = {stage: int((flagged_by == stage).sum()) for stage in FLAGGED_BY}
+        diagnostics["flagged_outside_clusters"] = int((flags & (clustered == 0)).sum())
         if run.embedding is None:
-            return Detection(self.name, flags, params=asdict(self.params), diagnostics=diagnostics)
+            return Detection(self.name, flags, params=asdict(self.params), diagnostics=diagnostics, columns=columns)
         labels = run.labels.copy()
         extra = flags & ~run.flags
         if extra.any():  # flagged by the majority, not by the representative run: one more cluster
@@ -1050,4 +1065,4 @@ class Flare:
             counted = np.where(recovered, len(runs) // 2 + 1, votes)
             scores = (counted + scores / (1.0 + scores)) / (len(runs) + 1.0)
         return Detection(self.name, flags, params=asdict(self.params), scores=scores, clusters=labels,
-                         embedding=run.embedding, diagnostics=diagnostics)
+                         embedding=run.embedding, diagnostics=diagnostics, columns=columns)

@@ -78,6 +78,20 @@ def subspace_columns(layout: FeatureLayout, dropped: int, reduce: str):
     return lambda chunk: chunk[:, :stop]
 
 
+def sampled_columns(fitted: Detection, sample: np.ndarray, flags: np.ndarray) -> dict:
+    """FLARE's per-sample columns for every row: the sample rows keep the fit's, a row outside the sample has
+    flagged_by "assigned" when its nearest sample rows flagged it, and no run counts (NaN: written empty)."""
+    columns = {}
+    for name, values in fitted.columns.items():
+        if name == "flagged_by":
+            column = np.where(flags, "assigned", "").astype(object)
+        else:
+            column = np.full(len(flags), np.nan)
+        column[sample] = values
+        columns[name] = column
+    return columns
+
+
 class SampledFlare(Detector):
     """FLARE, the registered `flare` detector: every row clustered up to `exact_max_samples`, beyond that
     fit on a stratified sample with the other rows assigned (cuML/sklearn style).
@@ -162,8 +176,8 @@ class SampledFlare(Detector):
             clusters[self.sample_] = fitted.clusters
         self.flags_ = flags
         diagnostics["sampled"]["timings_s"] = timings
-        return Detection(self.name, flags, params=asdict(self.params), scores=scores,
-                         clusters=clusters, diagnostics=diagnostics)
+        return Detection(self.name, flags, params=asdict(self.params), scores=scores, clusters=clusters,
+                         diagnostics=diagnostics, columns=sampled_columns(fitted, self.sample_, flags))
 
     def fit_scan(self, data: ScanData) -> Detection:
         def report_step(step):
@@ -256,6 +270,17 @@ class SampledFlare(Detector):
                 f"{residual['added']:,} more samples of label {residual['label']} (of its {residual['candidates']:,} "
                 "unflagged) were flagged: a linear probe fitted within the label, flagged against unflagged, put "
                 "them with the flagged ones on the folds it was not fitted on (residual_probe)")
+        stages = detection.diagnostics.get("flagged_by")
+        if stages and sum(stages.values()):
+            names = {"vote": "by the runs' vote", "neighbours": "by their neighbours",
+                     "completion": "by the footprint completion", "residual": "by the residual probe"}
+            outside = detection.diagnostics["flagged_outside_clusters"]
+            parts.notes.append(
+                f"of the {sum(stages.values()):,} flagged samples"
+                + (" of the clustered sample" if sampled["n_sample"] < sampled["n_rows"] else "") + ", "
+                + ", ".join(f"{count:,} were flagged {names[stage]}" for stage, count in stages.items() if count)
+                + f"; {outside:,} of them were in no run's clusters (a probe added them). samples.csv's flagged_by, "
+                "runs_clustered and runs_voted columns say how each sample was flagged")
         if "explanation" in detection.diagnostics:
             parts.notes.append(detection.diagnostics["explanation"])
         if out_dir is None:

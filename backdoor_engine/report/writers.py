@@ -86,7 +86,9 @@ def samples_csv(detection: Detection, dataset: Dataset) -> str:
 
 
 def _cell(value) -> str:
-    """An extra column's value: integers as such, floats to 6 significant digits, NaN as empty."""
+    """An extra column's value: text as it is, integers as such, floats to 6 significant digits, NaN as empty."""
+    if isinstance(value, str):
+        return value
     if isinstance(value, (np.integer, int, np.bool_, bool)):
         return str(int(value))
     value = float(value)
