@@ -28,7 +28,7 @@ from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.engine import extract_features
 from backdoor_engine.detection import detection_metrics
-from backdoor_engine.methods.flare import Flare
+from backdoor_engine.methods.flare import FLAGGED_BY, Flare
 from backdoor_engine.models.checkpoint import load_checkpoint
 
 # FLARE paper, Table I (CIFAR-10, ResNet-18, 10% poisoning): (TPR %, FPR %). SIG and Adaptive-Blend are not in it.
@@ -143,6 +143,14 @@ def share_embeddings_between_variants(keep: str | None = None):
     cluster.umap = umap
 
 
+def stage_counts(detection, truth: np.ndarray) -> dict | None:
+    """{stage: [flagged, of them poison]} by FLARE's flagged_by column; None without it."""
+    stage = detection.columns.get("flagged_by")
+    if stage is None:
+        return None
+    return {name: [int((stage == name).sum()), int(((stage == name) & truth).sum())] for name in FLAGGED_BY}
+
+
 def scanned_subset(meta: dict, seed: int):
     """The clean Fashion-MNIST training images the checkpoint's training set was drawn from (its subset)."""
     train = load_fashion_mnist("train")
@@ -223,6 +231,8 @@ def run(args):
                    "dropped_layers": d.get("dropped_layers"), "n_steps": len(d["steps"]),
                    "explanation": d.get("explanation"), "verdicts": d.get("verdicts"),
                    "seed_runs": d.get("seed_runs"), "votes_histogram": d.get("votes_histogram"),
+                   "flagged_by": stage_counts(detection, truth),
+                   "flagged_outside_clusters": d.get("flagged_outside_clusters"),
                    "extract_s": round(extract_s, 1), "detect_s": round(time.perf_counter() - t0, 1),
                    "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "cpu": platform.processor() or platform.machine()}
