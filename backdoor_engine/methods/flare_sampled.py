@@ -279,8 +279,8 @@ class SampledFlare(Detector):
                 f"of the {sum(stages.values()):,} flagged samples"
                 + (" of the clustered sample" if sampled["n_sample"] < sampled["n_rows"] else "") + ", "
                 + ", ".join(f"{count:,} were flagged {names[stage]}" for stage, count in stages.items() if count)
-                + f"; {outside:,} of them were in no run's clusters (a probe added them). samples.csv's flagged_by, "
-                "runs_clustered and runs_voted columns say how each sample was flagged")
+                + f"; {outside:,} of them were in no run's clusters (a probe or their neighbours brought them in). "
+                "samples.csv's flagged_by, runs_clustered and runs_voted columns say how each sample was flagged")
         if "explanation" in detection.diagnostics:
             parts.notes.append(detection.diagnostics["explanation"])
         if out_dir is None:
