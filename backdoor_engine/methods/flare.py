@@ -993,7 +993,6 @@ class Flare:
         run = runs[chosen]
         diagnostics = dict(run.diagnostics)
         flagged_by = np.where(flags, "vote", "").astype(object)  # each flag's stage; the stages add disjoint sets
-        recovered = np.zeros(len(flags), bool)
         if self.params.recover_neighbors is not None:
             recovered = recover_by_neighbours(flags, [r.full_embedding for r in runs], self.params.recover_neighbors,
                                               self.params.recover_share)
@@ -1015,13 +1014,12 @@ class Flare:
                 diagnostics["footprint"] = footprint
             flags = flags | completed
             flagged_by[completed] = "completion"
-            recovered = recovered | completed
             if self.params.residual_probe:
                 residual, summary = residual_members(flags, features, np.asarray(y), self.params.residual_folds,
                                                      self.params.island_purity, scale)
                 if summary is not None:
                     diagnostics["residual"] = summary
-                flags, recovered = flags | residual, recovered | residual
+                flags = flags | residual
                 flagged_by[residual] = "residual"
         if len(runs) > 1:
             diagnostics["seed_runs"] = [
@@ -1060,9 +1058,9 @@ class Flare:
         if len(runs) > 1:
             # The share of runs that flagged the sample first (an embedding where the poison did not split off
             # ranks it anywhere); among equal shares, the farther from the clean samples' centre ranks higher.
-            # A sample recovered by its neighbours counts as a majority of all the runs, more votes than any
-            # unflagged sample has, so flagged samples rank first.
-            counted = np.where(recovered, len(runs) // 2 + 1, votes)
+            # A sample a later stage flagged (neighbours, completion, residual probe) counts as a majority of all
+            # the runs, more votes than any unflagged sample has, so flagged samples rank first.
+            counted = np.where(flags & (flagged_by != "vote"), len(runs) // 2 + 1, votes)
             scores = (counted + scores / (1.0 + scores)) / (len(runs) + 1.0)
         return Detection(self.name, flags, params=asdict(self.params), scores=scores, clusters=labels,
                          embedding=run.embedding, diagnostics=diagnostics, columns=columns)
