@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from backdoor_engine import cluster
 from backdoor_engine.cluster import CondensedTree
 from backdoor_engine.engine import FeatureLayout
 from backdoor_engine.errors import InputError
@@ -191,6 +192,37 @@ def footprint_below_depth_tree():
     return CondensedTree(*map(np.array, zip(*rows)))
 
 
+def poison_inside_one_class_tree():
+    """Samples 0-83: 0-39 labels 1 and 2, 40-59 label 0, 60-79 label 3, 80-83 relabelled 0 (label 0's excess over
+    the median count: 4). Root 84 -> 85 (0-39, does not divide) and 86; 86 -> 87 (40-59) and 88 (60-83, 83% label
+    3: a single benign class to the walk); 88 -> 89 (80-83, the poison) and 90 (60-79)."""
+    rows = [(84, 85, 1.0, 40), (84, 86, 1.0, 44), (86, 87, 2.0, 20), (86, 88, 2.0, 24), (88, 89, 3.0, 4),
+            (88, 90, 3.0, 20)]
+    rows += [(85, i, 9.0, 1) for i in range(40)] + [(87, i, 9.0, 1) for i in range(40, 60)]
+    rows += [(90, i, 9.0, 1) for i in range(60, 80)] + [(89, i, 9.0, 1) for i in range(80, 84)]
+    return CondensedTree(*map(np.array, zip(*rows)))
+
+
+def test_the_walk_follows_a_single_class_cluster_where_the_relabelled_poison_sits_inside_it():
+    y = np.repeat([1, 2, 0, 3, 0], [20, 20, 20, 20, 4])
+    tree = poison_inside_one_class_tree()
+    node, verdicts = stability_split(tree, y, levels=2, class_coverage=0.5, footprint_levels=1, min_excess=4)
+    assert node == 89 and [v["node"] for v in verdicts] == [84, 86, 85, 88]  # 85: labels 1 and 2, no children
+    rows = {row["node"]: row for row in verdicts[1]["children"]}
+    assert rows[88]["one_benign_class"] and rows[88]["top_label"] == 3 and rows[87]["one_benign_class"]
+    members, excess = cluster.all_members(tree), label_excess(y)
+    # 88 holds 4 of label 0, all its excess; 87, label 0's clean 20, does not (the excess covers a fifth)
+    assert holds_footprint(y[members[88]], excess, 4) and not holds_footprint(y[members[87]], excess, 4)
+    assert not holds_footprint(y[members[88]], excess, 4, top_only=True)
+    assert not holds_footprint(y[members[88]], excess, 5)  # an excess below min_excess is no footprint
+    # the session-29 rule never walks into a single class
+    node, verdicts = stability_split(tree, y, levels=2, class_coverage=0.5, footprint_levels=1, min_excess=4,
+                                     footprint_branches="top-label")
+    assert node is None and [v["node"] for v in verdicts] == [84, 86, 85]
+    with pytest.raises(InputError, match="footprint_branches"):
+        stability_split(tree, y, levels=2, class_coverage=0.5, footprint_branches="any")
+
+
 def test_past_depth_the_walk_follows_only_a_branch_that_can_hold_the_all_to_one_footprint():
     # 21, 23: all of labels 1 and 2; 24: all of label 0 (8, 4 beyond the median count) and label 3; 25 is the
     # relabelled part of label 0, one level past depth 2.
@@ -198,8 +230,8 @@ def test_past_depth_the_walk_follows_only_a_branch_that_can_hold_the_all_to_one_
     node, verdicts = stability_split(footprint_below_depth_tree(), y, levels=2, class_coverage=0.5,
                                      footprint_levels=1, min_excess=4)
     assert node == 25 and [v["node"] for v in verdicts] == [20, 22, 24]
-    rows = {row["node"]: row for row in verdicts[1]["children"]}
-    assert holds_footprint(rows[24], min_excess=4) and not holds_footprint(rows[23], min_excess=4)
+    members, excess = cluster.all_members(footprint_below_depth_tree()), label_excess(y)
+    assert holds_footprint(y[members[24]], excess, 4) and not holds_footprint(y[members[23]], excess, 4)
     assert stability_split(footprint_below_depth_tree(), y, levels=2, class_coverage=0.5)[0] is None  # depth only
     node, _ = stability_split(footprint_below_depth_tree(), y, levels=2, class_coverage=0.5, footprint_levels=1,
                               min_excess=5)  # an excess below min_excess is no footprint

@@ -8,6 +8,7 @@ seed_majority flags what most of the runs that flagged anything flag):
                        where it excuses them all, they are walked again past depth into the footprint's branches)
   stability_split      paper Sec. IV-C3: split at the root, the more stable cluster is poisoned, unless it is
                        a benign class split off (class_makeup): then look at the splits one level further down
+                       (into a single class only where it can hold the all-to-one footprint: holds_footprint)
   flat_labels          labelling="official": the official flat cut just before the stable cluster splits
   flags_from_clusters  official: largest cluster clean, other clusters poisoned, noise by `noise_rule`
   recover_by_neighbours ours: also flag what sits among the flagged samples in the all-layers embeddings
@@ -37,6 +38,7 @@ LABELLINGS = ("stability", "official")
 NOISE_RULES = ("official", "nearest")
 LEAF_RULES = ("persistence", "official")
 XI_MODES = ("relative", "absolute")
+FOOTPRINT_BRANCHES = ("any-label", "top-label")
 CUT_MARGIN = 1e-4  # official: cut at lambda 1e-4 before the stable cluster splits
 
 
@@ -62,6 +64,14 @@ class FlareParams:
                                   "depth 3 inside a branch of several classes, walking deeper before the later "
                                   "subspaces were tried lost 16 points of TPR on another, and a run flagged 890 clean "
                                   "samples (76% the target label) past depth (RESULTS.md, issue 17). 0 = depth only")
+    # At 1% of 60k samples, under three of five UMAP seeds, the patch's poison sat inside the bags' cluster (595 of
+    # the 600 in 3,681 samples, 84% bags) before it split off; a walk that skips single-class clusters never looked.
+    footprint_branches: str = param("any-label", "ours: the walk follows a branch that can hold the all-to-one "
+                                    "footprint (an inflated label's excess covers half its members there and at "
+                                    "least min_cluster_size of them) even where another label is its largest or it "
+                                    "reads as a single benign class (RESULTS.md, issue 17, session 30). 'top-label': "
+                                    "the session-29 rule, by the largest label only and never into one class",
+                                    choices=FOOTPRINT_BRANCHES)
     # Def. IV.1: a cluster's stability is its persistence; a leaf persists until its last point leaves. The
     # official walk compares a single point's exit lambda there ("official"), a near-zero gap.
     leaf_rule: str = param("persistence", "paper: Def. IV.1 (persistence of a leaf until its last point leaves)",
@@ -475,27 +485,40 @@ def class_makeup(y: np.ndarray, samples: np.ndarray, within: np.ndarray, excess:
             "one_benign_class": bool(one_label)}
 
 
-def holds_footprint(row: dict, min_excess: float) -> bool:
-    """Whether a cluster (a class_makeup row) can hold the all-to-one footprint: its top label's excess over the
-    median label count is at least min_excess and covers at least half of that label's members in it."""
-    return "label_excess" in row and row["label_excess"] >= max(min_excess, 0.5 * row["purity"] * row["size"])
+def holds_footprint(labels: np.ndarray, excess: np.ndarray, min_excess: float, top_only: bool = False) -> bool:
+    """Whether a cluster (its members' labels) can hold the all-to-one footprint: a label's excess over the median
+    label count is at least min_excess and covers at least half of that label's members in it, and it has at least
+    min_excess such members. The label need not be the cluster's largest: a few relabelled poison can sit inside
+    another class's cluster (measured: 595 of the 1% patch's 600 on 60k samples in a cluster 84% bags). top_only: the
+    cluster's largest label only, with no minimum of members (session 29)."""
+    counts = np.bincount(labels, minlength=len(excess))
+    covered = excess >= np.maximum(min_excess, 0.5 * counts)
+    if top_only:
+        return bool(covered[counts.argmax()])
+    return bool((covered & (counts >= max(min_excess, 1))).any())
 
 
 def stability_split(tree, y: np.ndarray | None, levels: int, class_coverage: float,
-                    footprint_levels: int = 0, min_excess: float = 0.0, **makeup):
+                    footprint_levels: int = 0, min_excess: float = 0.0, footprint_branches: str = "any-label",
+                    **makeup):
     """Paper Sec. IV-C3 with the class make-up guard: at the root's split, the children are taken in
     order of stability (persistence, Def. IV.1) and the first that is not a benign class split
     (`class_makeup`) is poisoned. When every child of a split is one, the splits of those children are
     examined next, level by level for at most `levels` levels, larger clusters first - all of them, not
     only the largest (measured: with another UMAP seed the poison sat in the smaller branch) - except a
-    child that is a single benign class, whose own splits are within one class. Past `levels`, the walk goes on
-    for up to `footprint_levels` more levels into the children that can hold the all-to-one footprint
-    (holds_footprint) only, and flags there only the footprint itself (class_makeup's "inflated"): relabelled
-    poison inside a branch of several classes can split off deeper than the official depth (measured: one level
-    further on a WaNet set), and so can the target class's clean part beside a neighbouring class.
+    child that is a single benign class, whose own splits are within one class, unless it can hold the
+    all-to-one footprint (holds_footprint; footprint_branches="any-label"). Past `levels`, the walk goes on
+    for up to `footprint_levels` more levels into the children that can hold the footprint only, and flags
+    there only the footprint itself (class_makeup's "inflated"): relabelled poison inside a branch of several
+    classes can split off deeper than the official depth (measured: one level further on a WaNet set), and so
+    can the target class's clean part beside a neighbouring class. footprint_branches="top-label" (session 29):
+    a single benign class is never followed, and a branch holds the footprint by its largest label only.
     `makeup` = class_makeup's keyword options (FlareParams.makeup_options()). Returns (flagged node or None, one
     verdict dict per examined split)."""
+    if footprint_branches not in FOOTPRINT_BRANCHES:
+        raise InputError(f"footprint_branches must be one of {FOOTPRINT_BRANCHES}, got {footprint_branches!r}")
     excess = None if y is None else label_excess(y)
+    any_label = footprint_branches == "any-label"
     frontier, verdicts = [tree.root], []
     for level in range(levels + footprint_levels):
         next_frontier = []
@@ -519,8 +542,11 @@ def stability_split(tree, y: np.ndarray | None, levels: int, class_coverage: flo
                     return row["node"], verdicts
             verdict["decision"] = ("no child is the footprint (past depth)" if level >= levels else
                                    "every child is a benign class split")
-            next_frontier += [row["node"] for row in rows if not row["one_benign_class"]
-                              and (level + 1 < levels or holds_footprint(row, min_excess))]
+            # a single benign class's splits are within that class, unless the poison sits in it too
+            next_frontier += [row["node"] for row, group in zip(rows, groups)
+                              if (not row["one_benign_class"] and level + 1 < levels)
+                              or (excess is not None and (any_label or not row["one_benign_class"])
+                                  and holds_footprint(y[group], excess, min_excess, top_only=not any_label))]
         frontier = next_frontier
     return None, verdicts
 
@@ -650,6 +676,7 @@ def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, 
         def label(fit, footprint_levels=0):
             return stability_split(fit.condensed_tree, y, params.depth, params.class_coverage,
                                    footprint_levels=footprint_levels, min_excess=params.min_cluster_size,
+                                   footprint_branches=params.footprint_branches,
                                    **params.makeup_options())
         if params.footprint_levels and y is not None:
             def deeper(fit):
