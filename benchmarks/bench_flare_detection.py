@@ -112,6 +112,11 @@ VARIANTS = {
     # Session 27: the final footprint's last members by a cross-fitted probe within the label (residual_probe);
     # "session26" = without it (the defaults before).
     "session26": dict(residual_probe=False),
+    # Session 30: the walk also follows a cluster that can hold the footprint where another label is its largest
+    # or it reads as one benign class (footprint_branches); "session29" = the rule before, under the three bases.
+    "session29": dict(footprint_branches="top-label"),
+    "session29-seed0": dict(footprint_branches="top-label", random_state=0),
+    "session29-seed1": dict(footprint_branches="top-label", random_state=1),
 }
 
 
