@@ -164,7 +164,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_store(tmp_path):
     header = {"n_samples": 20, "chunk_size": 8, "columns": reader.columns, "ids_dtype": dataset.ids.dtype,
               "layout": reader.layout, **reader.provenance}
     with FeatureStore.create_or_resume(tmp_path / "s", **header):
-        with pytest.raises(InputError, match="being written by another process"):
+        with pytest.raises(InputError, match="open in another process"):
             extract_features(model, dataset, NORMALISATION, store=tmp_path / "s", **SETTINGS)
     with pytest.raises(InputError, match="opened for reading"):
         reader.write_chunk(0, dataset.ids[:8], dataset.y[:8], {})

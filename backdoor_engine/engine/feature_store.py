@@ -399,7 +399,10 @@ def _lock(directory: Path):
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock_file.close()
-        raise InputError(f"feature store {directory} is being written by another process") from None
+        # the holder may only be reading: extract_features opens a complete store the same way to reuse it
+        raise InputError(f"feature store {directory} is open in another process (an extraction writing it, or one "
+                         f"reusing it, holds it while it runs); wait for that process to finish or give another "
+                         f"store directory") from None
     _held_locks.add(lock_file)
     return lock_file
 
