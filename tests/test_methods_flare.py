@@ -217,10 +217,10 @@ def test_the_walk_follows_a_single_class_cluster_where_the_relabelled_poison_sit
     assert not holds_footprint(y[members[88]], excess, 5)  # an excess below min_excess is no footprint
     # the session-29 rule never walks into a single class
     node, verdicts = stability_split(tree, y, levels=2, class_coverage=0.5, footprint_levels=1, min_excess=4,
-                                     footprint_branches="top-label")
+                                     top_label_only=True)
     assert node is None and [v["node"] for v in verdicts] == [84, 86, 85]
     with pytest.raises(InputError, match="footprint_branches"):
-        stability_split(tree, y, levels=2, class_coverage=0.5, footprint_branches="any")
+        FlareParams(footprint_branches="any")
 
 
 def test_past_depth_the_walk_follows_only_a_branch_that_can_hold_the_all_to_one_footprint():

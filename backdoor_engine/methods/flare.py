@@ -499,26 +499,23 @@ def holds_footprint(labels: np.ndarray, excess: np.ndarray, min_excess: float, t
 
 
 def stability_split(tree, y: np.ndarray | None, levels: int, class_coverage: float,
-                    footprint_levels: int = 0, min_excess: float = 0.0, footprint_branches: str = "any-label",
-                    **makeup):
+                    footprint_levels: int = 0, min_excess: float = 0.0, top_label_only: bool = False, **makeup):
     """Paper Sec. IV-C3 with the class make-up guard: at the root's split, the children are taken in
     order of stability (persistence, Def. IV.1) and the first that is not a benign class split
     (`class_makeup`) is poisoned. When every child of a split is one, the splits of those children are
     examined next, level by level for at most `levels` levels, larger clusters first - all of them, not
     only the largest (measured: with another UMAP seed the poison sat in the smaller branch) - except a
     child that is a single benign class, whose own splits are within one class, unless it can hold the
-    all-to-one footprint (holds_footprint; footprint_branches="any-label"). Past `levels`, the walk goes on
+    all-to-one footprint (holds_footprint). Past `levels`, the walk goes on
     for up to `footprint_levels` more levels into the children that can hold the footprint only, and flags
     there only the footprint itself (class_makeup's "inflated"): relabelled poison inside a branch of several
     classes can split off deeper than the official depth (measured: one level further on a WaNet set), and so
-    can the target class's clean part beside a neighbouring class. footprint_branches="top-label" (session 29):
-    a single benign class is never followed, and a branch holds the footprint by its largest label only.
+    can the target class's clean part beside a neighbouring class. top_label_only (FlareParams.footprint_branches
+    "top-label", session 29): a single benign class is never followed, and a branch holds the footprint by its
+    largest label only.
     `makeup` = class_makeup's keyword options (FlareParams.makeup_options()). Returns (flagged node or None, one
     verdict dict per examined split)."""
-    if footprint_branches not in FOOTPRINT_BRANCHES:
-        raise InputError(f"footprint_branches must be one of {FOOTPRINT_BRANCHES}, got {footprint_branches!r}")
     excess = None if y is None else label_excess(y)
-    any_label = footprint_branches == "any-label"
     frontier, verdicts = [tree.root], []
     for level in range(levels + footprint_levels):
         next_frontier = []
@@ -545,8 +542,8 @@ def stability_split(tree, y: np.ndarray | None, levels: int, class_coverage: flo
             # a single benign class's splits are within that class, unless the poison sits in it too
             next_frontier += [row["node"] for row, group in zip(rows, groups)
                               if (not row["one_benign_class"] and level + 1 < levels)
-                              or (excess is not None and (any_label or not row["one_benign_class"])
-                                  and holds_footprint(y[group], excess, min_excess, top_only=not any_label))]
+                              or (excess is not None and not (top_label_only and row["one_benign_class"])
+                                  and holds_footprint(y[group], excess, min_excess, top_only=top_label_only))]
         frontier = next_frontier
     return None, verdicts
 
@@ -676,7 +673,7 @@ def fit_once(features: np.ndarray, layout: FeatureLayout, y: np.ndarray | None, 
         def label(fit, footprint_levels=0):
             return stability_split(fit.condensed_tree, y, params.depth, params.class_coverage,
                                    footprint_levels=footprint_levels, min_excess=params.min_cluster_size,
-                                   footprint_branches=params.footprint_branches,
+                                   top_label_only=params.footprint_branches == "top-label",
                                    **params.makeup_options())
         if params.footprint_levels and y is not None:
             def deeper(fit):
