@@ -117,6 +117,11 @@ VARIANTS = {
     "session29": dict(footprint_branches="top-label"),
     "session29-seed0": dict(footprint_branches="top-label", random_state=0),
     "session29-seed1": dict(footprint_branches="top-label", random_state=1),
+    # Session 31: the final footprint settled by within-label probes refitted on their own decisions (settle, off
+    # by default), under the three bases.
+    "settle": dict(settle=True),
+    "settle-seed0": dict(settle=True, random_state=0),
+    "settle-seed1": dict(settle=True, random_state=1),
 }
 
 

@@ -26,6 +26,7 @@ from backdoor_engine.methods.flare import (
     other_footprints,
     label_excess,
     residual_members,
+    settle_footprint,
     search_subspace,
     stability_split,
     subspace_matrix,
@@ -695,6 +696,50 @@ def test_the_residual_probe_leaves_flags_that_are_not_one_inflated_label_or_noth
     assert not add.any() and summary is None
     with pytest.raises(InputError, match="residual_folds"):
         Flare(residual_folds=1)
+
+
+def test_flags_that_differ_at_the_margins_settle_to_one_fixed_point_that_holds_the_footprint():
+    X, y, truth, _ = relabelled_half_flagged()
+    index = np.arange(len(y))
+    # Two seeds' flags: most of the poison each, a different part of it missing and different clean zeros taken,
+    # and a sample of another label that the label's rounds must leave alone.
+    one = truth & (index < 2385)
+    one[[3, 17, 40, 1000]] = True
+    other = truth & (index >= 2012)
+    other[[5, 60, 1000]] = True
+    first, summary = settle_footprint(one, X, y)
+    second, _ = settle_footprint(other, X, y)
+    assert summary["settled"] and summary["converged"] == "fixed point"
+    assert summary["label"] == 0 and summary["members"] == 900
+    assert summary["separation"] >= 2 and summary["modes"] == 2
+    assert np.array_equal(first, second)  # one fixed point from either
+    assert (first & truth).sum() >= 396 and (first & ~truth & (y == 0)).sum() <= 2
+    assert first[1000]  # label 1: not the label's to decide
+    assert summary["added"] == (first & ~one).sum() and summary["removed"] == (one & ~first).sum() > 0
+
+
+def test_where_the_flagged_samples_are_not_apart_from_the_rest_of_their_label_settling_changes_nothing():
+    X, y, truth, _ = relabelled_half_flagged()
+    X[truth, :2] -= 4.0  # no trigger: the relabelled samples look like their label's clean ones
+    flags = (y == 0) & (np.random.default_rng(1).random(len(y)) < 0.45)  # the label inflated, flagged at random
+    settled, summary = settle_footprint(flags, X, y)
+    assert settled is None and summary["inflated"] and not summary["settled"] and summary["reason"]
+    assert summary["converged"] is None or summary["separation"] < 2 or summary["modes"] < 2
+    mixed = np.zeros(len(y), bool)
+    mixed[np.r_[0:100, 600:700, 1100:1200]] = True  # not one inflated label: not settled
+    settled, summary = settle_footprint(mixed, X, y)
+    assert settled is None and summary["reason"] == "the flags are not one inflated label"
+    assert settle_footprint(np.zeros(len(y), bool), X, y) == (None, None)
+
+
+def test_rounds_that_have_not_shown_a_fixed_point_settle_nothing_and_the_bound_and_rule_are_checked():
+    X, y, truth, _ = relabelled_half_flagged()
+    most = truth & (np.arange(len(y)) < 2380)
+    settled, summary = settle_footprint(most, X, y, max_rounds=1)  # the first round changes flags: not a fixed point
+    assert settled is None and summary["rounds"] == 1 and summary["converged"] is None
+    assert summary["reason"] == "the decisions still changed after 1 rounds"
+    with pytest.raises(InputError, match="settle_rounds"):
+        Flare(settle_rounds=0)
 
 
 def test_the_probes_scale_only_the_rows_they_read_with_the_moments_of_every_sample_computed_once():

@@ -206,3 +206,22 @@ def test_the_report_says_how_many_of_the_labels_unflagged_samples_the_residual_p
     notes = sampled.report(Detection("flare", np.zeros(10, bool), params={},
                                      diagnostics={**base, "residual": {**residual, "added": 0}}), None, None).notes
     assert not any("residual_probe" in note for note in notes)
+
+
+def test_the_report_says_what_settling_the_footprint_did_or_why_it_did_not():
+    from backdoor_engine.detection import Detection
+
+    sampled = SampledFlare(n_seeds=1)
+    base = {"sampled": {"n_sample": 10, "n_rows": 10}}
+    settle = {"label": 0, "inflated": True, "members": 1870, "rounds": 17, "converged": "fixed point",
+              "settled": True, "added": 21, "removed": 2}
+    notes = sampled.report(Detection("flare", np.zeros(10, bool), params={},
+                                     diagnostics={**base, "settle": settle}), None, None).notes
+    assert any(note.startswith("the flags of label 0 were settled") and "(17 rounds); 21 samples were flagged and 2 "
+               "unflagged" in note for note in notes)
+    drifting = {**settle, "converged": None, "settled": False, "rounds": 40,
+                "reason": "the decisions still changed after 40 rounds"}
+    notes = sampled.report(Detection("flare", np.zeros(10, bool), params={},
+                                     diagnostics={**base, "settle": drifting}), None, None).notes
+    assert any(note.startswith("the flags of label 0 were not settled (40 rounds): the decisions still changed "
+                               "after 40 rounds") for note in notes)

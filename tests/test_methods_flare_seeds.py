@@ -210,4 +210,21 @@ def test_a_sample_recovered_by_its_neighbours_says_so_in_its_row(monkeypatch):
     detection = Flare(n_seeds=3).fit(features, SLICES, y=labels)
     assert detection.columns["flagged_by"][250] == "neighbours"
     assert detection.columns["runs_clustered"][250] == 0 and detection.columns["runs_voted"][250] == 0
-    assert detection.diagnostics["flagged_by"] == {"vote": 59, "neighbours": 1, "completion": 0, "residual": 0}
+    assert detection.diagnostics["flagged_by"] == {"vote": 59, "neighbours": 1, "completion": 0, "residual": 0,
+                                                   "settle": 0}
+
+
+def test_a_scan_asked_to_settle_its_footprint_unflags_and_flags_samples_and_says_so(monkeypatch):
+    features, y, truth, _ = relabelled_half_flagged()
+    flags = truth & (np.arange(len(y)) < 2385)
+    flags[[3, 17, 40]] = True  # three clean zeros in the run's cluster
+    monkeypatch.setattr(flare_module, "fit_once", lambda *a, **k: run_of(flags))
+    plain = dict(n_seeds=1, complete_footprint=False, recover_neighbors=None, residual_probe=False)
+    detection = Flare(settle=True, **plain).fit(features, SLICES, y=y)
+    settle, by = detection.diagnostics["settle"], detection.columns["flagged_by"]
+    assert settle["settled"] and settle["converged"] and settle["removed"] >= 2
+    assert (detection.flags & truth).sum() >= 396 and (detection.flags & ~truth).sum() <= 1
+    assert set(by[detection.flags & ~flags]) == {"settle"} and set(by[~detection.flags]) == {""}
+    assert detection.diagnostics["flagged_by"]["settle"] == settle["added"] == (detection.flags & ~flags).sum()
+    detection = Flare(**plain).fit(features, SLICES, y=y)  # off by default: the flags as the run left them
+    assert "settle" not in detection.diagnostics and np.array_equal(detection.flags, flags)

@@ -43,7 +43,8 @@ def test_scan_writes_the_three_report_files(tmp_path, poisoned_and_model, capsys
     assert [int(r["poison"]) for r in rows] == truth.tolist()
     assert sorted(int(r["id"]) for r in rows if r["flagged"] == "1") == sorted(report["flagged"])
     # How each sample was flagged: a stage for every flagged row and none for the others.
-    assert {r["flagged_by"] for r in rows if r["flagged"] == "1"} <= {"vote", "neighbours", "completion", "residual"}
+    stages = {"vote", "neighbours", "completion", "residual", "settle"}
+    assert {r["flagged_by"] for r in rows if r["flagged"] == "1"} <= stages
     assert {r["flagged_by"] for r in rows if r["flagged"] == "0"} <= {""}
     assert all(0 <= int(r["runs_clustered"]) <= 5 and 0 <= int(r["runs_voted"]) <= 5 for r in rows)
     page = (out / "report.html").read_text()

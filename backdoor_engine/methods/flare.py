@@ -15,6 +15,9 @@ seed_majority flags what most of the runs that flagged anything flag):
   footprint_completion ours: where the flags explain only part of an inflated label's excess, a linear probe
                        flags the rest of that label's samples that sit on the flagged side (score_mixture);
                        complete_runs does it to each seed's run before the vote
+  residual_members     ours: within the label, a cross-fitted probe adds the label's samples it puts with the flags
+  settle_footprint     ours, opt-in (settle=True): the label's samples decided again by such probes, round after
+                       round on their own decisions, until they stop changing
 Provenance of each default: SEED_NOTES.md section 1 (official code) and DESIGN.md section 4.
 """
 
@@ -219,6 +222,17 @@ class FlareParams:
                                  "IAD set without a learned backdoor), none lost; on a held-out WaNet set 9 poison, "
                                  "no clean (RESULTS.md, issue 17, session 27). False: off (session 26)")
     residual_folds: int = param(5, "ours: the usual k of cross-fitting; each probe sees 4/5 of the samples")
+    # The flags differ with the UMAP seed at the margins (5-50 samples on the development rows, all of the target
+    # label), and so does what the residual probe adds to them.
+    settle: bool = param(False, "ours: where the final flags are the all-to-one footprint, the label's members are "
+                         "decided again by within-label probes, flagged and unflagged alike, round after round on "
+                         "their own decisions, until a round changes none (settle_footprint; the folds are fixed by "
+                         "sample); kept where the rounds converge and the scores are two populations apart. On the "
+                         "development rows it made the three UMAP bases' flags identical where they converged (WaNet "
+                         "5% 89.0 -> 97.6% TPR) but dropped poison on others (WaNet subset seed 1 98.9 -> 97.7%), "
+                         "so it is off by default (RESULTS.md, issue 17, session 31)")
+    settle_rounds: int = param(40, "ours: a bound on settle's rounds; the development rows that converged took 1-37, "
+                               "the IAD row with no learned backdoor still changed 16 samples a round at 40")
     # Speed options, measured against the default in benchmarks/bench_flare_clustering.py. None = as the
     # official code (raw columns, UMAP's own approximate neighbour search).
     pca_components: int | None = param(None, "official code: no projection before UMAP")
@@ -262,6 +276,7 @@ class FlareParams:
         integer(self.footprint_rounds, "footprint_rounds", 1)
         integer(self.footprint_levels, "footprint_levels", 0)
         integer(self.residual_folds, "residual_folds", 2)
+        integer(self.settle_rounds, "settle_rounds", 1)
         if self.pca_components is not None and (not isinstance(self.pca_components, int) or self.pca_components < 2):
             raise InputError(f"pca_components must be None or an integer >= 2, got {self.pca_components!r}")
         for name, allowed in choices_of(FlareParams).items():
@@ -954,6 +969,68 @@ def residual_members(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
     return add, summary
 
 
+def settle_footprint(flags: np.ndarray, features: np.ndarray, y: np.ndarray, folds: int = FlareParams.residual_folds,
+                     max_rounds: int = FlareParams.settle_rounds, island_purity: float = FlareParams.island_purity,
+                     scale: ColumnScale | None = None):
+    """(settled flags or None, summary or None). Where `flags` are the all-to-one footprint (flagged_makeup's
+    "inflated"), every member of the label is decided again, flagged or not, by logistic regressions fitted within
+    the label (C 0.01, balanced classes, standardised columns), flagged against unflagged and cross-fitted: a member
+    is flagged where the probe of the fold it was left out of puts it on the flagged side. The decisions are the next
+    round's labels, until a round changes none (a fixed point) or brings back the decisions of the round before last
+    (a two-round cycle: the members both rounds flag are kept). The folds are drawn from the label's members with a
+    fixed seed, never from the flags, so flags that differ at the margins (another UMAP seed's) meet the same probes
+    and can reach the same fixed point. The settled flags are returned where the rounds converged within
+    `max_rounds` and the last round's scores are two populations apart (score_mixture with two modes); else None:
+    where the backdoor is weak or absent the rounds drift, each taking more of the label's clean samples beside the
+    flagged ones. Other labels' flags are left as they are."""
+    if not flags.any():
+        return None, None
+    makeup = flagged_makeup(flags, y, island_purity)
+    target = makeup["top_label"]
+    members = np.flatnonzero(y == target)
+    decided = flags[members].copy()
+    summary = {"label": int(target), "inflated": makeup["inflated"], "members": len(members), "rounds": 0,
+               "converged": None, "settled": False}
+    if not makeup["inflated"]:
+        return None, {**summary, "reason": "the flags are not one inflated label"}
+    if min(decided.sum(), (~decided).sum()) < folds:
+        return None, {**summary, "reason": f"the label has fewer than {folds} flagged or unflagged samples"}
+    from sklearn.linear_model import LogisticRegression
+
+    X = (scale if scale is not None else ColumnScale(features)).rows(members)
+    fold = np.empty(len(members), int)
+    fold[np.random.default_rng(0).permutation(len(members))] = np.arange(len(members)) % folds
+    scores, before = np.zeros(len(members)), None
+    while summary["rounds"] < max_rounds:
+        for k in range(folds):
+            fit_on = fold != k
+            if decided[fit_on].all() or not decided[fit_on].any():
+                return None, {**summary, "reason": "the rounds left one side empty"}
+            probe = LogisticRegression(C=0.01, max_iter=3000, class_weight="balanced")
+            probe.fit(X[fit_on], decided[fit_on])
+            scores[~fit_on] = probe.decision_function(X[~fit_on])
+        summary["rounds"] += 1
+        last, decided = decided, scores > 0
+        if np.array_equal(decided, last):
+            summary["converged"] = "fixed point"
+            break
+        if before is not None and np.array_equal(decided, before):
+            summary["converged"] = "two-round cycle"
+            decided = decided & last
+            break
+        before = last
+    _, separation, modes = score_mixture(scores, need_two_modes=True)
+    summary.update(separation=round(separation, 3), modes=modes)
+    if summary["converged"] is None:
+        return None, {**summary, "reason": f"the decisions still changed after {max_rounds} rounds"}
+    if separation < 2 or modes < 2 or not decided.any():
+        return None, {**summary, "reason": "the last round's scores were not two populations apart"}
+    settled = flags.copy()
+    settled[members] = decided
+    summary.update(settled=True, added=int((settled & ~flags).sum()), removed=int((flags & ~settled).sum()))
+    return settled, summary
+
+
 def recover_by_neighbours(flags: np.ndarray, embeddings: list, k: int, share: float) -> np.ndarray:
     """The unflagged samples of which, averaged over `embeddings`, at least `share` of the `k` nearest
     neighbours (the sample itself excluded) are flagged. Nothing when nothing is flagged."""
@@ -970,8 +1047,9 @@ def recover_by_neighbours(flags: np.ndarray, embeddings: list, k: int, share: fl
 
 
 # The stages that flag a sample, in Flare.fit's order: the runs' majority, the neighbours in the runs' all-layers
-# embeddings, the voted flags' footprint completion, the residual probe.
-FLAGGED_BY = ("vote", "neighbours", "completion", "residual")
+# embeddings, the voted flags' footprint completion, the residual probe, the settled footprint (settle=True; it also
+# unflags samples).
+FLAGGED_BY = ("vote", "neighbours", "completion", "residual", "settle")
 
 
 class Flare:
@@ -1045,6 +1123,15 @@ class Flare:
                     diagnostics["residual"] = summary
                 flags = flags | residual
                 flagged_by[residual] = "residual"
+            if self.params.settle:
+                settled, summary = settle_footprint(flags, features, np.asarray(y), self.params.residual_folds,
+                                                    self.params.settle_rounds, self.params.island_purity, scale)
+                if summary is not None:
+                    diagnostics["settle"] = summary
+                if settled is not None:
+                    flagged_by[settled & ~flags] = "settle"
+                    flagged_by[flags & ~settled] = ""
+                    flags = settled
         if len(runs) > 1:
             diagnostics["seed_runs"] = [
                 {"random_state": r.random_state, "dropped_layers": r.subspace, "n_flagged": int(r.flags.sum()),

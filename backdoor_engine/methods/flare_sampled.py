@@ -270,10 +270,22 @@ class SampledFlare(Detector):
                 f"{residual['added']:,} more samples of label {residual['label']} (of its {residual['candidates']:,} "
                 "unflagged) were flagged: a linear probe fitted within the label, flagged against unflagged, put "
                 "them with the flagged ones on the folds it was not fitted on (residual_probe)")
+        settle = detection.diagnostics.get("settle")
+        if settle and settle.get("settled"):
+            parts.notes.append(
+                f"the flags of label {settle['label']} were settled: linear probes fitted within the label, flagged "
+                f"against unflagged, decided each of its {settle['members']:,} samples again on the folds they were "
+                f"not fitted on, round after round, until a {settle['converged']} ({settle['rounds']} rounds); "
+                f"{settle['added']:,} samples were flagged and {settle['removed']:,} unflagged (settle)")
+        elif settle and settle.get("inflated"):
+            parts.notes.append(
+                f"the flags of label {settle['label']} were not settled ({settle['rounds']} rounds): "
+                f"{settle['reason']}; the flags stay as the earlier stages left them")
         stages = detection.diagnostics.get("flagged_by")
         if stages and sum(stages.values()):
             names = {"vote": "by the runs' vote", "neighbours": "by their neighbours",
-                     "completion": "by the footprint completion", "residual": "by the residual probe"}
+                     "completion": "by the footprint completion", "residual": "by the residual probe",
+                     "settle": "by settling the footprint"}
             outside = detection.diagnostics["flagged_outside_clusters"]
             parts.notes.append(
                 f"of the {sum(stages.values()):,} flagged samples"
