@@ -738,8 +738,19 @@ def test_rounds_that_have_not_shown_a_fixed_point_settle_nothing_and_the_bound_a
     settled, summary = settle_footprint(most, X, y, max_rounds=1)  # the first round changes flags: not a fixed point
     assert settled is None and summary["rounds"] == 1 and summary["converged"] is None
     assert summary["reason"] == "the decisions still changed after 1 rounds"
-    with pytest.raises(InputError, match="settle_rounds"):
-        Flare(settle_rounds=0)
+    for name, value in (("settle_rounds", 0), ("settle_overlap", 1.5)):
+        with pytest.raises(InputError, match=name):
+            Flare(**{name: value})
+
+
+def test_rounds_that_drift_far_from_the_flags_they_started_from_settle_nothing():
+    X, y, truth, _ = relabelled_half_flagged()
+    few = truth & (np.arange(len(y)) < 2100)  # a quarter of the poison: the rounds take the other three quarters
+    settled, summary = settle_footprint(few, X, y)
+    assert settled is None and summary["converged"] and summary["overlap"] < 0.75
+    assert summary["reason"].startswith("the settled flags share 0.")
+    settled, summary = settle_footprint(few, X, y, min_overlap=0.0)
+    assert summary["settled"] and (settled & truth).sum() >= 396
 
 
 def test_the_probes_scale_only_the_rows_they_read_with_the_moments_of_every_sample_computed_once():

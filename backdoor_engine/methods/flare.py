@@ -231,6 +231,10 @@ class FlareParams:
                          "development rows it made the three UMAP bases' flags identical where they converged (WaNet "
                          "5% 89.0 -> 97.6% TPR) but dropped poison on others (WaNet subset seed 1 98.9 -> 97.7%), "
                          "so it is off by default (RESULTS.md, issue 17, session 31)")
+    settle_overlap: float = param(0.75, "ours: settling is kept only where the settled flags share at least this "
+                                  "share of their union with the flags it started from (Jaccard); 0.82-1.00 on every "
+                                  "development row with a learned backdoor, 0.65 on the IAD row with none, whose "
+                                  "rounds had drifted to 3.8% FPR (RESULTS.md, issue 17, session 31)")
     settle_rounds: int = param(40, "ours: a bound on settle's rounds; the development rows that converged took 1-37, "
                                "the IAD row with no learned backdoor still changed 16 samples a round at 40")
     # Speed options, measured against the default in benchmarks/bench_flare_clustering.py. None = as the
@@ -277,6 +281,8 @@ class FlareParams:
         integer(self.footprint_levels, "footprint_levels", 0)
         integer(self.residual_folds, "residual_folds", 2)
         integer(self.settle_rounds, "settle_rounds", 1)
+        if not 0.0 <= self.settle_overlap <= 1.0:
+            raise InputError(f"settle_overlap must be in [0, 1], got {self.settle_overlap!r}")
         if self.pca_components is not None and (not isinstance(self.pca_components, int) or self.pca_components < 2):
             raise InputError(f"pca_components must be None or an integer >= 2, got {self.pca_components!r}")
         for name, allowed in choices_of(FlareParams).items():
@@ -970,8 +976,8 @@ def residual_members(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
 
 
 def settle_footprint(flags: np.ndarray, features: np.ndarray, y: np.ndarray, folds: int = FlareParams.residual_folds,
-                     max_rounds: int = FlareParams.settle_rounds, island_purity: float = FlareParams.island_purity,
-                     scale: ColumnScale | None = None):
+                     max_rounds: int = FlareParams.settle_rounds, min_overlap: float = FlareParams.settle_overlap,
+                     island_purity: float = FlareParams.island_purity, scale: ColumnScale | None = None):
     """(settled flags or None, summary or None). Where `flags` are the all-to-one footprint (flagged_makeup's
     "inflated"), every member of the label is decided again, flagged or not, by logistic regressions fitted within
     the label (C 0.01, balanced classes, standardised columns), flagged against unflagged and cross-fitted: a member
@@ -980,9 +986,11 @@ def settle_footprint(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
     (a two-round cycle: the members both rounds flag are kept). The folds are drawn from the label's members with a
     fixed seed, never from the flags, so flags that differ at the margins (another UMAP seed's) meet the same probes
     and can reach the same fixed point. The settled flags are returned where the rounds converged within
-    `max_rounds` and the last round's scores are two populations apart (score_mixture with two modes); else None:
-    where the backdoor is weak or absent the rounds drift, each taking more of the label's clean samples beside the
-    flagged ones. Other labels' flags are left as they are."""
+    `max_rounds`, the last round's scores are two populations apart (score_mixture with two modes) and the settled
+    flags share at least `min_overlap` of their union with `flags` (Jaccard); else None: where the backdoor is weak
+    or absent the rounds drift, each taking more of the label's clean samples beside the flagged ones, and settling
+    is meant to decide the margins of what the clustering found, not to draw another set. Other labels' flags are
+    left as they are."""
     if not flags.any():
         return None, None
     makeup = flagged_makeup(flags, y, island_purity)
@@ -1027,6 +1035,11 @@ def settle_footprint(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
         return None, {**summary, "reason": "the last round's scores were not two populations apart"}
     settled = flags.copy()
     settled[members] = decided
+    overlap = float((settled & flags).sum() / (settled | flags).sum())
+    summary["overlap"] = round(overlap, 3)
+    if overlap < min_overlap:
+        return None, {**summary, "reason": f"the settled flags share {overlap:.2f} of their union with the flags "
+                                           f"they started from (under settle_overlap={min_overlap})"}
     summary.update(settled=True, added=int((settled & ~flags).sum()), removed=int((flags & ~settled).sum()))
     return settled, summary
 
@@ -1125,7 +1138,8 @@ class Flare:
                 flagged_by[residual] = "residual"
             if self.params.settle:
                 settled, summary = settle_footprint(flags, features, np.asarray(y), self.params.residual_folds,
-                                                    self.params.settle_rounds, self.params.island_purity, scale)
+                                                    self.params.settle_rounds, self.params.settle_overlap,
+                                                    self.params.island_purity, scale)
                 if summary is not None:
                     diagnostics["settle"] = summary
                 if settled is not None:
