@@ -227,16 +227,18 @@ class FlareParams:
     settle: bool = param(False, "ours: where the final flags are the all-to-one footprint, the label's members are "
                          "decided again by within-label probes, flagged and unflagged alike, round after round on "
                          "their own decisions, until a round changes none (settle_footprint; the folds are fixed by "
-                         "sample); kept where the rounds converge and the scores are two populations apart. On the "
-                         "development rows it made the three UMAP bases' flags identical where they converged (WaNet "
-                         "5% 89.0 -> 97.6% TPR) but dropped poison on others (WaNet subset seed 1 98.9 -> 97.7%), "
-                         "so it is off by default (RESULTS.md, issue 17, session 31)")
+                         "sample); kept where the rounds converge and the scores are two populations apart. It "
+                         "made the three UMAP bases' flags identical on six more development rows (WaNet 5% 89.0 -> "
+                         "97.6% TPR) and met every bar on a held-out WaNet set, but unflagged poison the vote had "
+                         "found on others (WaNet subset seed 1 98.9 -> 97.6%), so it is off by default (RESULTS.md, "
+                         "issue 17, session 31)")
     settle_overlap: float = param(0.75, "ours: settling is kept only where the settled flags share at least this "
                                   "share of their union with the flags it started from (Jaccard); 0.82-1.00 on every "
                                   "development row with a learned backdoor, 0.65 on the IAD row with none, whose "
                                   "rounds had drifted to 3.8% FPR (RESULTS.md, issue 17, session 31)")
     settle_rounds: int = param(40, "ours: a bound on settle's rounds; the development rows that converged took 1-37, "
-                               "the IAD row with no learned backdoor still changed 16 samples a round at 40")
+                               "Adaptive-Blend 10%, WaNet 3% and an IAD row were still changing at 40 (RESULTS.md, "
+                               "issue 17, session 31)")
     # Speed options, measured against the default in benchmarks/bench_flare_clustering.py. None = as the
     # official code (raw columns, UMAP's own approximate neighbour search).
     pca_components: int | None = param(None, "official code: no projection before UMAP")
