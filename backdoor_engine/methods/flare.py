@@ -222,7 +222,7 @@ class FlareParams:
                                  "IAD set without a learned backdoor), none lost; on a held-out WaNet set 9 poison, "
                                  "no clean (RESULTS.md, issue 17, session 27). False: off (session 26)")
     residual_folds: int = param(5, "ours: the usual k of cross-fitting; each probe sees 4/5 of the samples")
-    # The flags differ with the UMAP seed at the margins (5-50 samples on the development rows, all of the target
+    # The flags differ with the UMAP seed at the margins (5-51 samples on the development rows, all of the target
     # label), and so does what the residual probe adds to them.
     settle: bool = param(False, "ours: where the final flags are the all-to-one footprint, the label's members are "
                          "decided again by within-label probes, flagged and unflagged alike, round after round on "
@@ -234,7 +234,7 @@ class FlareParams:
                          "issue 17, session 31)")
     settle_overlap: float = param(0.75, "ours: settling is kept only where the settled flags share at least this "
                                   "share of their union with the flags it started from (Jaccard); 0.82-1.00 on every "
-                                  "development row with a learned backdoor, 0.65 on the IAD row with none, whose "
+                                  "other settled development fit, 0.65 on the IAD row with no learned backdoor, whose "
                                   "rounds had drifted to 3.8% FPR (RESULTS.md, issue 17, session 31)")
     settle_rounds: int = param(40, "ours: a bound on settle's rounds; the development rows that converged took 1-37, "
                                "Adaptive-Blend 10%, WaNet 3% and an IAD row were still changing at 40 (RESULTS.md, "
