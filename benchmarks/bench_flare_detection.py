@@ -118,10 +118,13 @@ VARIANTS = {
     "session29-seed0": dict(footprint_branches="top-label", random_state=0),
     "session29-seed1": dict(footprint_branches="top-label", random_state=1),
     # Session 31: the final footprint settled by within-label probes refitted on their own decisions (settle, off
-    # by default), under the three bases.
-    "settle": dict(settle=True),
-    "settle-seed0": dict(settle=True, random_state=0),
-    "settle-seed1": dict(settle=True, random_state=1),
+    # by default), under the three bases: by the sign of the last scores (the first rule) and by their mixture.
+    "settle": dict(settle=True, settle_cut="sign"),
+    "settle-seed0": dict(settle=True, settle_cut="sign", random_state=0),
+    "settle-seed1": dict(settle=True, settle_cut="sign", random_state=1),
+    "settle-mixture": dict(settle=True, settle_cut="mixture"),
+    "settle-mixture-seed0": dict(settle=True, settle_cut="mixture", random_state=0),
+    "settle-mixture-seed1": dict(settle=True, settle_cut="mixture", random_state=1),
 }
 
 

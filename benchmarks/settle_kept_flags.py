@@ -20,7 +20,7 @@ import numpy as np
 
 from bench_flare_detection import poisoned_with_cover, scanned_subset
 from backdoor_engine.engine.feature_store import FeatureStore
-from backdoor_engine.methods.flare import ColumnScale, settle_footprint
+from backdoor_engine.methods.flare import SETTLE_CUTS, ColumnScale, FlareParams, settle_footprint
 from backdoor_engine.models.checkpoint import load_checkpoint
 
 
@@ -43,6 +43,7 @@ def main():
     p.add_argument("--cache", required=True, help="the bench's --cache: one feature store per model")
     p.add_argument("--keep-flags", required=True, help="the bench's --keep-flags directory")
     p.add_argument("--variants", nargs="+", default=["default", "seed0", "seed1"])
+    p.add_argument("--cut", default=FlareParams.settle_cut, choices=SETTLE_CUTS, help="settle_cut")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     with open(args.out, "a") as out:
@@ -66,11 +67,11 @@ def main():
                 flags = np.zeros(len(y), bool)
                 flags[np.load(path)] = True
                 t0 = time.perf_counter()
-                settled, summary = settle_footprint(flags, features, y, scale=scale)
+                settled, summary = settle_footprint(flags, features, y, scale=scale, cut=args.cut)
                 settled = flags if settled is None else settled
                 before.append(flags)
                 after.append(settled)
-                row = {"model": str(model_path), "variant": variant, "subset_seed": seed,
+                row = {"model": str(model_path), "variant": variant, "subset_seed": seed, "cut": args.cut,
                        "before": rates(flags, truth, cover), "after": rates(settled, truth, cover), "settle": summary,
                        "settle_s": round(time.perf_counter() - t0, 2)}
                 out.write(json.dumps(row) + "\n")

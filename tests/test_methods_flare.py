@@ -718,6 +718,20 @@ def test_flags_that_differ_at_the_margins_settle_to_one_fixed_point_that_holds_t
     assert summary["added"] == (first & ~one).sum() and summary["removed"] == (one & ~first).sum() > 0
 
 
+def test_the_mixture_cut_keeps_more_of_the_poison_whose_trigger_shows_weakly_than_the_sign_and_no_more_clean():
+    X, y, truth, _ = relabelled_half_flagged()
+    weak = np.zeros(len(y), bool)
+    weak[2000:2080] = True
+    X[weak, :2] -= 2.5  # 80 poison whose trigger shows at 1.5 instead of 4: nearest the clean side
+    flags = truth & ~weak
+    by_sign, _ = settle_footprint(flags, X, y, cut="sign")
+    by_mixture, summary = settle_footprint(flags, X, y, cut="mixture")
+    assert summary["settled"] and summary["converged"] == "fixed point"
+    assert (by_mixture & weak).sum() >= (by_sign & weak).sum() + 5
+    assert (by_mixture & ~truth).sum() <= (by_sign & ~truth).sum() <= 2
+    assert (by_mixture & truth & ~weak).sum() == (truth & ~weak).sum()
+
+
 def test_where_the_flagged_samples_are_not_apart_from_the_rest_of_their_label_settling_changes_nothing():
     X, y, truth, _ = relabelled_half_flagged()
     X[truth, :2] -= 4.0  # no trigger: the relabelled samples look like their label's clean ones
@@ -738,7 +752,7 @@ def test_rounds_that_have_not_shown_a_fixed_point_settle_nothing_and_the_bound_a
     settled, summary = settle_footprint(most, X, y, max_rounds=1)  # the first round changes flags: not a fixed point
     assert settled is None and summary["rounds"] == 1 and summary["converged"] is None
     assert summary["reason"] == "the decisions still changed after 1 rounds"
-    for name, value in (("settle_rounds", 0), ("settle_overlap", 1.5)):
+    for name, value in (("settle_rounds", 0), ("settle_overlap", 1.5), ("settle_cut", "median")):
         with pytest.raises(InputError, match=name):
             Flare(**{name: value})
 

@@ -42,6 +42,7 @@ NOISE_RULES = ("official", "nearest")
 LEAF_RULES = ("persistence", "official")
 XI_MODES = ("relative", "absolute")
 FOOTPRINT_BRANCHES = ("any-label", "top-label")
+SETTLE_CUTS = ("mixture", "sign")
 CUT_MARGIN = 1e-4  # official: cut at lambda 1e-4 before the stable cluster splits
 
 
@@ -236,6 +237,13 @@ class FlareParams:
                                   "share of their union with the flags it started from (Jaccard); 0.82-1.00 on every "
                                   "other settled development fit, 0.65 on the IAD row with no learned backdoor, whose "
                                   "rounds had drifted to 3.8% FPR (RESULTS.md, issue 17, session 31)")
+    # The rounds' balanced probes draw the boundary midway; the poison nearest the clean side (on WaNet, drawn from the
+    # target class itself) falls beyond it.
+    settle_cut: str = param("mixture", "ours: once the rounds converge, the label's members flagged are those in the "
+                            "upper component of a two-component mixture of the last scores (posterior > 0.5); on the "
+                            "development rows it kept the hits settling by sign lost (WaNet subset seed 1) "
+                            "(RESULTS.md, issue 17, session 31). 'sign': a positive score (session 31's first rule)",
+                            choices=SETTLE_CUTS)
     settle_rounds: int = param(40, "ours: a bound on settle's rounds; the development rows that converged took 1-37, "
                                "Adaptive-Blend 10%, WaNet 3% and an IAD row were still changing at 40 (RESULTS.md, "
                                "issue 17, session 31)")
@@ -979,7 +987,8 @@ def residual_members(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
 
 def settle_footprint(flags: np.ndarray, features: np.ndarray, y: np.ndarray, folds: int = FlareParams.residual_folds,
                      max_rounds: int = FlareParams.settle_rounds, min_overlap: float = FlareParams.settle_overlap,
-                     island_purity: float = FlareParams.island_purity, scale: ColumnScale | None = None):
+                     island_purity: float = FlareParams.island_purity, scale: ColumnScale | None = None,
+                     cut: str = FlareParams.settle_cut):
     """(settled flags or None, summary or None). Where `flags` are the all-to-one footprint (flagged_makeup's
     "inflated"), every member of the label is decided again, flagged or not, by logistic regressions fitted within
     the label (C 0.01, balanced classes, standardised columns), flagged against unflagged and cross-fitted: a member
@@ -992,7 +1001,11 @@ def settle_footprint(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
     flags share at least `min_overlap` of their union with `flags` (Jaccard); else None: where the backdoor is weak
     or absent the rounds drift, each taking more of the label's clean samples beside the flagged ones, and settling
     is meant to decide the margins of what the clustering found, not to draw another set. Other labels' flags are
-    left as they are."""
+    left as they are. cut="mixture": once converged, the label's members flagged are those in the upper component of
+    the two-component mixture of the last round's scores (score_mixture; in a two-round cycle, of the two rounds'
+    mean scores) instead of those with a positive score: the rounds' balanced probes put the boundary between the
+    two populations' centres, and poison nearest the clean side (on WaNet, poison drawn from the target class) falls
+    on the clean side of it."""
     if not flags.any():
         return None, None
     makeup = flagged_makeup(flags, y, island_purity)
@@ -1012,6 +1025,7 @@ def settle_footprint(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
     fold[np.random.default_rng(0).permutation(len(members))] = np.arange(len(members)) % folds
     scores, before = np.zeros(len(members)), None
     while summary["rounds"] < max_rounds:
+        previous, scores = scores, np.zeros(len(members))
         for k in range(folds):
             fit_on = fold != k
             if decided[fit_on].all() or not decided[fit_on].any():
@@ -1027,14 +1041,18 @@ def settle_footprint(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
         if before is not None and np.array_equal(decided, before):
             summary["converged"] = "two-round cycle"
             decided = decided & last
+            if cut == "mixture":  # the cycle's two rounds alike, whichever came last
+                scores = (scores + previous) / 2
             break
         before = last
-    _, separation, modes = score_mixture(scores, need_two_modes=True)
+    upper, separation, modes = score_mixture(scores, need_two_modes=True)
     summary.update(separation=round(separation, 3), modes=modes)
     if summary["converged"] is None:
         return None, {**summary, "reason": f"the decisions still changed after {max_rounds} rounds"}
-    if separation < 2 or modes < 2 or not decided.any():
+    if upper is None or not decided.any():
         return None, {**summary, "reason": "the last round's scores were not two populations apart"}
+    if cut == "mixture":
+        decided = upper
     settled = flags.copy()
     settled[members] = decided
     overlap = float((settled & flags).sum() / (settled | flags).sum())
@@ -1141,7 +1159,7 @@ class Flare:
             if self.params.settle:
                 settled, summary = settle_footprint(flags, features, np.asarray(y), self.params.residual_folds,
                                                     self.params.settle_rounds, self.params.settle_overlap,
-                                                    self.params.island_purity, scale)
+                                                    self.params.island_purity, scale, self.params.settle_cut)
                 if summary is not None:
                     diagnostics["settle"] = summary
                 if settled is not None:
