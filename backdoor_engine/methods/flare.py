@@ -229,10 +229,11 @@ class FlareParams:
                          "decided again by within-label probes, flagged and unflagged alike, round after round on "
                          "their own decisions, until a round changes none (settle_footprint; the folds are fixed by "
                          "sample); kept where the rounds converge and the scores are two populations apart. It "
-                         "made the three UMAP bases' flags identical on six more development rows (WaNet 5% 89.0 -> "
-                         "97.6% TPR) and met every bar on a held-out WaNet set, but unflagged poison the vote had "
-                         "found on others (WaNet subset seed 1 98.9 -> 97.6%), so it is off by default (RESULTS.md, "
-                         "issue 17, session 31)")
+                         "made the three UMAP bases' flags identical on six more development rows; cut by sign it "
+                         "unflagged poison the vote had found (WaNet subset seed 1 98.9 -> 97.6%), cut by the mixture "
+                         "(settle_cut) it kept every hit and added six, but on a held-out WaNet set the bases reached "
+                         "two fixed points 12 samples apart (99.0% TPR under each), so it is off by default "
+                         "(RESULTS.md, issue 17, session 31)")
     settle_overlap: float = param(0.75, "ours: settling is kept only where the settled flags share at least this "
                                   "share of their union with the flags it started from (Jaccard); 0.82-1.00 on every "
                                   "other settled development fit, 0.65 on the IAD row with no learned backdoor, whose "
@@ -241,8 +242,9 @@ class FlareParams:
     # target class itself) falls beyond it.
     settle_cut: str = param("mixture", "ours: once the rounds converge, the label's members flagged are those in the "
                             "upper component of a two-component mixture of the last scores (posterior > 0.5); on the "
-                            "development rows it kept the hits settling by sign lost (WaNet subset seed 1) "
-                            "(RESULTS.md, issue 17, session 31). 'sign': a positive score (session 31's first rule)",
+                            "development rows it kept the hit settling by sign lost (WaNet subset seed 1 97.6 -> "
+                            "98.3%) and six rows became hits (RESULTS.md, issue 17, session 31). 'sign': a positive "
+                            "score (session 31's first rule)",
                             choices=SETTLE_CUTS)
     settle_rounds: int = param(40, "ours: a bound on settle's rounds; the development rows that converged took 1-37, "
                                "Adaptive-Blend 10%, WaNet 3% and an IAD row were still changing at 40 (RESULTS.md, "
