@@ -953,6 +953,20 @@ def complete_runs(runs: list, features: np.ndarray, y: np.ndarray, params: Flare
     return completed, summaries
 
 
+def cross_fitted_scores(X: np.ndarray, positive: np.ndarray, splits) -> np.ndarray:
+    """The within-label probe's out-of-fold decision scores: per (fit_on, score_on) split, a logistic regression
+    (C 0.01, balanced classes) fitted on fit_on's rows scores score_on's. residual_members and settle_footprint share
+    it; each split's fit_on rows must hold both classes."""
+    from sklearn.linear_model import LogisticRegression
+
+    scores = np.zeros(len(X))
+    for fit_on, score_on in splits:
+        probe = LogisticRegression(C=0.01, max_iter=3000, class_weight="balanced")
+        probe.fit(X[fit_on], positive[fit_on])
+        scores[score_on] = probe.decision_function(X[score_on])
+    return scores
+
+
 def residual_members(flags: np.ndarray, features: np.ndarray, y: np.ndarray, folds: int = FlareParams.residual_folds,
                      island_purity: float = FlareParams.island_purity, scale: ColumnScale | None = None):
     """(samples to add, summary or None). Where `flags` are the all-to-one footprint (flagged_makeup's
@@ -971,17 +985,13 @@ def residual_members(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
     summary = {"label": int(target), "inflated": makeup["inflated"], "candidates": len(candidates), "added": 0}
     if not makeup["inflated"] or len(candidates) < folds:
         return add, summary
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
     rows = np.r_[np.flatnonzero(flags), candidates]
     X = (scale if scale is not None else ColumnScale(features)).rows(rows)
     positive = np.r_[np.ones(int(flags.sum())), np.zeros(len(candidates))]
-    decision = np.zeros(len(rows))
-    for fit_on, score_on in StratifiedKFold(folds, shuffle=True, random_state=0).split(rows, positive):
-        probe = LogisticRegression(C=0.01, max_iter=3000, class_weight="balanced")
-        probe.fit(X[fit_on], positive[fit_on])
-        decision[score_on] = probe.decision_function(X[score_on])
+    splits = StratifiedKFold(folds, shuffle=True, random_state=0).split(rows, positive)
+    decision = cross_fitted_scores(X, positive, splits)
     add[candidates[decision[len(rows) - len(candidates):] > 0]] = True
     summary["added"] = int(add.sum())
     return add, summary
@@ -1020,21 +1030,15 @@ def settle_footprint(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
         return None, {**summary, "reason": "the flags are not one inflated label"}
     if min(decided.sum(), (~decided).sum()) < folds:
         return None, {**summary, "reason": f"the label has fewer than {folds} flagged or unflagged samples"}
-    from sklearn.linear_model import LogisticRegression
-
     X = (scale if scale is not None else ColumnScale(features)).rows(members)
     fold = np.empty(len(members), int)
     fold[np.random.default_rng(0).permutation(len(members))] = np.arange(len(members)) % folds
+    splits = [(fold != k, fold == k) for k in range(folds)]
     scores, before = np.zeros(len(members)), None
     while summary["rounds"] < max_rounds:
-        previous, scores = scores, np.zeros(len(members))
-        for k in range(folds):
-            fit_on = fold != k
-            if decided[fit_on].all() or not decided[fit_on].any():
-                return None, {**summary, "reason": "the rounds left one side empty"}
-            probe = LogisticRegression(C=0.01, max_iter=3000, class_weight="balanced")
-            probe.fit(X[fit_on], decided[fit_on])
-            scores[~fit_on] = probe.decision_function(X[~fit_on])
+        if any(decided[fit_on].all() or not decided[fit_on].any() for fit_on, _ in splits):
+            return None, {**summary, "reason": "the rounds left one side empty"}
+        previous, scores = scores, cross_fitted_scores(X, decided, splits)
         summary["rounds"] += 1
         last, decided = decided, scores > 0
         if np.array_equal(decided, last):
