@@ -44,6 +44,8 @@ def main():
     p.add_argument("--keep-flags", required=True, help="the bench's --keep-flags directory")
     p.add_argument("--variants", nargs="+", default=["default", "seed0", "seed1"])
     p.add_argument("--cut", default=FlareParams.settle_cut, choices=SETTLE_CUTS, help="settle_cut")
+    p.add_argument("--strengths", nargs="+", type=float, default=list(FlareParams.settle_strengths),
+                   help="settle_strengths: the probes' C, one stage of rounds per value")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     with open(args.out, "a") as out:
@@ -67,11 +69,13 @@ def main():
                 flags = np.zeros(len(y), bool)
                 flags[np.load(path)] = True
                 t0 = time.perf_counter()
-                settled, summary = settle_footprint(flags, features, y, scale=scale, cut=args.cut)
+                settled, summary = settle_footprint(flags, features, y, scale=scale, cut=args.cut,
+                                                     strengths=tuple(args.strengths))
                 settled = flags if settled is None else settled
                 before.append(flags)
                 after.append(settled)
                 row = {"model": str(model_path), "variant": variant, "subset_seed": seed, "cut": args.cut,
+                       "strengths": args.strengths,
                        "before": rates(flags, truth, cover), "after": rates(settled, truth, cover), "settle": summary,
                        "settle_s": round(time.perf_counter() - t0, 2)}
                 out.write(json.dumps(row) + "\n")

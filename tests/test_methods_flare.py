@@ -757,6 +757,26 @@ def test_rounds_that_have_not_shown_a_fixed_point_settle_nothing_and_the_bound_a
             Flare(**{name: value})
 
 
+def test_a_path_of_strengths_starts_each_stage_from_the_last_and_settles_margins_to_one_fixed_point():
+    X, y, truth, _ = relabelled_half_flagged()
+    index = np.arange(len(y))
+    one, other = truth & (index < 2385), truth & (index >= 2012)
+    one[[3, 17, 40]] = True
+    other[[5, 60]] = True
+    path = (0.001, 0.01)
+    first, summary = settle_footprint(one, X, y, strengths=path)
+    second, _ = settle_footprint(other, X, y, strengths=path)
+    assert summary["settled"] and summary["converged"] == "fixed point" and np.array_equal(first, second)
+    assert (first & truth).sum() >= 396 and (first & ~truth).sum() <= 2
+    _, single = settle_footprint(one, X, y, strengths=(0.01,))
+    assert summary["rounds"] >= single["rounds"] + 1  # the last stage takes at least the round that shows its point
+    settled, summary = settle_footprint(one, X, y, max_rounds=1, strengths=path)  # settle_rounds bounds each stage
+    assert settled is None and summary["reason"] == "the decisions still changed after 1 rounds at C 0.001"
+    for value in ([], [0.01, 0], ["a"], 0.01):
+        with pytest.raises(InputError, match="settle_strengths"):
+            Flare(settle_strengths=value)
+
+
 def test_rounds_that_drift_far_from_the_flags_they_started_from_settle_nothing():
     X, y, truth, _ = relabelled_half_flagged()
     few = truth & (np.arange(len(y)) < 2100)  # a quarter of the poison: the rounds take the other three quarters

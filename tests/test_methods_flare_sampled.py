@@ -219,6 +219,10 @@ def test_the_report_says_what_settling_the_footprint_did_or_why_it_did_not():
                                      diagnostics={**base, "settle": settle}), None, None).notes
     assert any(note.startswith("the flags of label 0 were settled") and "(17 rounds); 21 samples were flagged and 2 "
                "unflagged" in note for note in notes)
+    path = {**settle, "strengths": [0.001, 0.01]}
+    notes = sampled.report(Detection("flare", np.zeros(10, bool), params={},
+                                     diagnostics={**base, "settle": path}), None, None).notes
+    assert any("(17 rounds over the probe strengths C 0.001 then 0.01); 21 samples" in note for note in notes)
     drifting = {**settle, "converged": None, "settled": False, "rounds": 40,
                 "reason": "the decisions still changed after 40 rounds"}
     notes = sampled.report(Detection("flare", np.zeros(10, bool), params={},

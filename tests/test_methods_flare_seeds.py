@@ -226,5 +226,9 @@ def test_a_scan_asked_to_settle_its_footprint_unflags_and_flags_samples_and_says
     assert (detection.flags & truth).sum() >= 396 and (detection.flags & ~truth).sum() <= 1
     assert set(by[detection.flags & ~flags]) == {"settle"} and set(by[~detection.flags]) == {""}
     assert detection.diagnostics["flagged_by"]["settle"] == settle["added"] == (detection.flags & ~flags).sum()
+    assert settle["strengths"] == [0.01]
+    path = Flare(settle=True, settle_strengths=[0.001, 0.01], **plain).fit(features, SLICES, y=y)
+    assert path.diagnostics["settle"]["settled"] and path.diagnostics["settle"]["strengths"] == [0.001, 0.01]
+    assert path.diagnostics["settle"]["rounds"] > settle["rounds"]
     detection = Flare(**plain).fit(features, SLICES, y=y)  # off by default: the flags as the run left them
     assert "settle" not in detection.diagnostics and np.array_equal(detection.flags, flags)

@@ -249,6 +249,9 @@ class FlareParams:
     settle_rounds: int = param(40, "ours: a bound on settle's rounds; the development rows that converged took 1-37, "
                                "Adaptive-Blend 10%, WaNet 3% and an IAD row were still changing at 40 (RESULTS.md, "
                                "issue 17, session 31)")
+    settle_strengths: tuple[float, ...] = param(
+        (0.01,), "ours: the inverse regularisation C of settle's probes, one stage of rounds per value, each starting "
+        "from the decisions the one before settled on; (0.01,): the residual probe's C (session 31)")
     # Speed options, measured against the default in benchmarks/bench_flare_clustering.py. None = as the
     # official code (raw columns, UMAP's own approximate neighbour search).
     pca_components: int | None = param(None, "official code: no projection before UMAP")
@@ -293,6 +296,13 @@ class FlareParams:
         integer(self.footprint_levels, "footprint_levels", 0)
         integer(self.residual_folds, "residual_folds", 2)
         integer(self.settle_rounds, "settle_rounds", 1)
+        if isinstance(self.settle_strengths, list):
+            object.__setattr__(self, "settle_strengths", tuple(self.settle_strengths))
+        strengths = self.settle_strengths
+        if (not isinstance(strengths, tuple) or not strengths or
+                not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in strengths)):
+            raise InputError(f"settle_strengths must be a non-empty list of positive numbers (each stage's C), "
+                             f"got {strengths!r}")
         if not 0.0 <= self.settle_overlap <= 1.0:
             raise InputError(f"settle_overlap must be in [0, 1], got {self.settle_overlap!r}")
         if self.pca_components is not None and (not isinstance(self.pca_components, int) or self.pca_components < 2):
@@ -953,15 +963,15 @@ def complete_runs(runs: list, features: np.ndarray, y: np.ndarray, params: Flare
     return completed, summaries
 
 
-def cross_fitted_scores(X: np.ndarray, positive: np.ndarray, splits) -> np.ndarray:
+def cross_fitted_scores(X: np.ndarray, positive: np.ndarray, splits, C: float = 0.01) -> np.ndarray:
     """The within-label probe's out-of-fold decision scores: per (fit_on, score_on) split, a logistic regression
-    (C 0.01, balanced classes) fitted on fit_on's rows scores score_on's. residual_members and settle_footprint share
-    it; each split's fit_on rows must hold both classes."""
+    (inverse regularisation C, balanced classes) fitted on fit_on's rows scores score_on's. residual_members and
+    settle_footprint share it; each split's fit_on rows must hold both classes."""
     from sklearn.linear_model import LogisticRegression
 
     scores = np.zeros(len(X))
     for fit_on, score_on in splits:
-        probe = LogisticRegression(C=0.01, max_iter=3000, class_weight="balanced")
+        probe = LogisticRegression(C=C, max_iter=3000, class_weight="balanced")
         probe.fit(X[fit_on], positive[fit_on])
         scores[score_on] = probe.decision_function(X[score_on])
     return scores
@@ -1000,24 +1010,25 @@ def residual_members(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
 def settle_footprint(flags: np.ndarray, features: np.ndarray, y: np.ndarray, folds: int = FlareParams.residual_folds,
                      max_rounds: int = FlareParams.settle_rounds, min_overlap: float = FlareParams.settle_overlap,
                      island_purity: float = FlareParams.island_purity, scale: ColumnScale | None = None,
-                     cut: str = FlareParams.settle_cut):
+                     cut: str = FlareParams.settle_cut, strengths: tuple = FlareParams.settle_strengths):
     """(settled flags or None, summary or None). Where `flags` are the all-to-one footprint (flagged_makeup's
-    "inflated"), every member of the label is decided again, flagged or not, by logistic regressions fitted within
-    the label (C 0.01, balanced classes, standardised columns), flagged against unflagged and cross-fitted: a member
-    is flagged where the probe of the fold it was left out of puts it on the flagged side. The decisions are the next
-    round's labels, until a round changes none (a fixed point) or brings back the decisions of the round before last
-    (a two-round cycle: the members both rounds flag are kept). The folds are drawn from the label's members with a
-    fixed seed, never from the flags, so flags that differ at the margins (another UMAP seed's) meet the same probes
-    and can reach the same fixed point. The settled flags are returned where the rounds converged within
-    `max_rounds`, the last round's scores are two populations apart (score_mixture with two modes) and the settled
-    flags share at least `min_overlap` of their union with `flags` (Jaccard); else None: where the backdoor is weak
-    or absent the rounds drift, each taking more of the label's clean samples beside the flagged ones, and settling
-    is meant to decide the margins of what the clustering found, not to draw another set. Other labels' flags are
-    left as they are. cut="mixture": once converged, the label's members flagged are those in the upper component of
-    the two-component mixture of the last round's scores (score_mixture; in a two-round cycle, of the two rounds'
-    mean scores) instead of those with a positive score: the rounds' balanced probes put the boundary between the
-    two populations' centres, and poison nearest the clean side (on WaNet, poison drawn from the target class) falls
-    on the clean side of it."""
+    "inflated"), every member of the label is decided again, flagged or not, by logistic regressions fitted within the
+    label (C 0.01 by default, balanced classes, standardised columns), flagged against unflagged and cross-fitted: a
+    member is flagged where the probe of the fold it was left out of puts it on the flagged side. The decisions are the
+    next round's labels, until a round changes none (a fixed point) or brings back the decisions of the round before
+    last (a two-round cycle: the members both rounds flag are kept). The folds are drawn from the label's members with a
+    fixed seed, never from the flags, so flags that differ at the margins (another UMAP seed's) meet the same probes and
+    can reach the same fixed point. The settled flags are returned where the rounds converged within `max_rounds`, the
+    last round's scores are two populations apart (score_mixture with two modes) and the settled flags share at least
+    `min_overlap` of their union with `flags` (Jaccard); else None: where the backdoor is weak or absent the rounds
+    drift, each taking more of the label's clean samples beside the flagged ones, and settling is meant to decide the
+    margins of what the clustering found, not to draw another set. Other labels' flags are left as they are.
+    cut="mixture": once converged, the label's members flagged are those in the upper component of the two-component
+    mixture of the last round's scores (score_mixture; in a two-round cycle, of the two rounds' mean scores) instead of
+    those with a positive score: the rounds' balanced probes put the boundary between the two populations' centres, and
+    poison nearest the clean side (on WaNet, poison drawn from the target class) falls on the clean side of it.
+    strengths: the probes' inverse regularisation C, one stage of rounds per value, each stage starting from the
+    decisions the one before reached (max_rounds bounds each stage); the guards and the cut read the last stage."""
     if not flags.any():
         return None, None
     makeup = flagged_makeup(flags, y, island_purity)
@@ -1025,7 +1036,7 @@ def settle_footprint(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
     members = np.flatnonzero(y == target)
     decided = flags[members].copy()
     summary = {"label": int(target), "inflated": makeup["inflated"], "members": len(members), "rounds": 0,
-               "converged": None, "settled": False}
+               "converged": None, "settled": False, "strengths": [float(c) for c in strengths]}
     if not makeup["inflated"]:
         return None, {**summary, "reason": "the flags are not one inflated label"}
     if min(decided.sum(), (~decided).sum()) < folds:
@@ -1034,27 +1045,33 @@ def settle_footprint(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
     fold = np.empty(len(members), int)
     fold[np.random.default_rng(0).permutation(len(members))] = np.arange(len(members)) % folds
     splits = [(fold != k, fold == k) for k in range(folds)]
-    scores, before = np.zeros(len(members)), None
-    while summary["rounds"] < max_rounds:
-        if any(decided[fit_on].all() or not decided[fit_on].any() for fit_on, _ in splits):
-            return None, {**summary, "reason": "the rounds left one side empty"}
-        previous, scores = scores, cross_fitted_scores(X, decided, splits)
-        summary["rounds"] += 1
-        last, decided = decided, scores > 0
-        if np.array_equal(decided, last):
-            summary["converged"] = "fixed point"
+    scores = np.zeros(len(members))
+    for C in strengths:  # each strength's rounds start from the decisions the one before settled on
+        before, rounds, summary["converged"] = None, 0, None
+        while rounds < max_rounds:
+            if any(decided[fit_on].all() or not decided[fit_on].any() for fit_on, _ in splits):
+                return None, {**summary, "reason": "the rounds left one side empty"}
+            previous, scores = scores, cross_fitted_scores(X, decided, splits, C)
+            rounds += 1
+            summary["rounds"] += 1
+            last, decided = decided, scores > 0
+            if np.array_equal(decided, last):
+                summary["converged"] = "fixed point"
+                break
+            if before is not None and np.array_equal(decided, before):
+                summary["converged"] = "two-round cycle"
+                decided = decided & last
+                if cut == "mixture":  # the cycle's two rounds alike, whichever came last
+                    scores = (scores + previous) / 2
+                break
+            before = last
+        if summary["converged"] is None:
             break
-        if before is not None and np.array_equal(decided, before):
-            summary["converged"] = "two-round cycle"
-            decided = decided & last
-            if cut == "mixture":  # the cycle's two rounds alike, whichever came last
-                scores = (scores + previous) / 2
-            break
-        before = last
     upper, separation, modes = score_mixture(scores, need_two_modes=True)
     summary.update(separation=round(separation, 3), modes=modes)
     if summary["converged"] is None:
-        return None, {**summary, "reason": f"the decisions still changed after {max_rounds} rounds"}
+        return None, {**summary, "reason": f"the decisions still changed after {max_rounds} rounds"
+                                           + (f" at C {C:g}" if len(strengths) > 1 else "")}
     if upper is None or not decided.any():
         return None, {**summary, "reason": "the last round's scores were not two populations apart"}
     if cut == "mixture":
@@ -1165,7 +1182,8 @@ class Flare:
             if self.params.settle:
                 settled, summary = settle_footprint(flags, features, np.asarray(y), self.params.residual_folds,
                                                     self.params.settle_rounds, self.params.settle_overlap,
-                                                    self.params.island_purity, scale, self.params.settle_cut)
+                                                    self.params.island_purity, scale, self.params.settle_cut,
+                                                    self.params.settle_strengths)
                 if summary is not None:
                     diagnostics["settle"] = summary
                 if settled is not None:

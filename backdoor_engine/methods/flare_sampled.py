@@ -275,7 +275,9 @@ class SampledFlare(Detector):
             parts.notes.append(
                 f"the flags of label {settle['label']} were settled: linear probes fitted within the label, flagged "
                 f"against unflagged, decided each of its {settle['members']:,} samples again on the folds they were "
-                f"not fitted on, round after round, until a {settle['converged']} ({settle['rounds']} rounds); "
+                f"not fitted on, round after round, until a {settle['converged']} ({settle['rounds']} rounds"
+                + (f" over the probe strengths C {' then '.join(f'{c:g}' for c in settle['strengths'])}"
+                   if len(settle.get("strengths", ())) > 1 else "") + "); "
                 f"{settle['added']:,} samples were flagged and {settle['removed']:,} unflagged (settle)")
         elif settle and settle.get("inflated"):
             parts.notes.append(
