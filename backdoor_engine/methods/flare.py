@@ -233,7 +233,9 @@ class FlareParams:
                          "unflagged poison the vote had found (WaNet subset seed 1 98.9 -> 97.6%), cut by the mixture "
                          "(settle_cut) it kept every hit and added six, but on a held-out WaNet set the bases reached "
                          "two fixed points 12 samples apart (99.0% TPR under each), so it is off by default "
-                         "(RESULTS.md, issue 17, session 31)")
+                         "(RESULTS.md, issue 17, session 31). On six retrained WaNet and LF rows it did no harm "
+                         "against the default and brought the bases closer, but on an IAD row without a learned "
+                         "backdoor it moved one base only (833 -> 888 apart), so it stays off (session 32)")
     settle_overlap: float = param(0.75, "ours: settling is kept only where the settled flags share at least this "
                                   "share of their union with the flags it started from (Jaccard); 0.82-1.00 on every "
                                   "other settled development fit, 0.65 on the IAD row with no learned backdoor, whose "
@@ -251,7 +253,9 @@ class FlareParams:
                                "issue 17, session 31)")
     settle_strengths: tuple[float, ...] = param(
         (0.01,), "ours: the inverse regularisation C of settle's probes, one stage of rounds per value, each starting "
-        "from the decisions the one before settled on; (0.01,): the residual probe's C (session 31)")
+        "from the decisions the one before settled on; (0.01,): the residual probe's C (session 31). (0.001, 0.01) "
+        "made the bases identical on LF and a WaNet row, but settled another 5 points lower and missed the TPR and "
+        "stability bars on a held-out WaNet set (RESULTS.md, issue 17, session 32)")
     # Speed options, measured against the default in benchmarks/bench_flare_clustering.py. None = as the
     # official code (raw columns, UMAP's own approximate neighbour search).
     pca_components: int | None = param(None, "official code: no projection before UMAP")
