@@ -1184,10 +1184,13 @@ class Flare:
                 flags = flags | residual
                 flagged_by[residual] = "residual"
             if self.params.settle:
-                settled, summary = settle_footprint(flags, features, np.asarray(y), self.params.residual_folds,
-                                                    self.params.settle_rounds, self.params.settle_overlap,
-                                                    self.params.island_purity, scale, self.params.settle_cut,
-                                                    self.params.settle_strengths)
+                settled, summary = settle_footprint(flags, features, np.asarray(y),
+                                                    folds=self.params.residual_folds,
+                                                    max_rounds=self.params.settle_rounds,
+                                                    min_overlap=self.params.settle_overlap,
+                                                    island_purity=self.params.island_purity, scale=scale,
+                                                    cut=self.params.settle_cut,
+                                                    strengths=self.params.settle_strengths)
                 if summary is not None:
                     diagnostics["settle"] = summary
                 if settled is not None:
