@@ -5,6 +5,7 @@ Each finished run appends one JSON line to --out, so an interrupted sweep resume
 
     python benchmarks/train_attacks.py --train-size 20000 --epochs 4 --out benchmarks/results/attacks.jsonl
     python benchmarks/train_attacks.py --out benchmarks/results/attacks.jsonl --table
+    python benchmarks/train_attacks.py --fit-of runs/attacks/*.pt      # the training fit of saved models
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import torch
 from backdoor_engine import api
 from backdoor_engine.cli import _parse_param
 from backdoor_engine.data.attacks import harness
+from backdoor_engine.models.checkpoint import load_checkpoint
 from backdoor_engine.models.provenance import save_trained
 from backdoor_engine.data.attacks import ATTACKS, CLEAN_LABEL_ATTACKS, MODES
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
+from backdoor_engine.models.evaluate import predict
 from backdoor_engine.models.train import TrainConfig, train_model
-
 
 
 def sweep_cases(attacks, modes):
@@ -42,6 +44,30 @@ def subset(dataset, size: int, seed: int):
         return dataset
     index = np.sort(np.random.default_rng(seed).choice(len(dataset), size, replace=False))
     return dataset.subset(index)
+
+
+def training_fit(model, normalisation, poisoned, poison_mask) -> dict:
+    """How well the model fits the set it was trained on: the share of its clean and of its poisoned training images
+    predicted as their (training) label. ASR is measured on test images; a poison share well under 1 says the
+    budget has not taught the model its own poison, which detectors that read the backdoor's features then miss."""
+    hit = predict(model, poisoned.x, normalisation) == np.asarray(poisoned.y)
+    poison_mask = np.asarray(poison_mask, bool)
+    return {"fit_clean": round(float(hit[~poison_mask].mean()), 4),
+            "fit_poison": round(float(hit[poison_mask].mean()), 4) if poison_mask.any() else None}
+
+
+def fit_of_checkpoints(paths):
+    """training_fit of checkpoints this script saved: each one's training set rebuilt from the attack record it
+    carries (subset and poisoning seeded by the record's seed, as run_case drew them). One JSON line each."""
+    train = load_fashion_mnist("train")
+    for path in paths:
+        model, meta = load_checkpoint(path)
+        if not isinstance(meta.get("attack"), dict) or "train_size" not in meta:
+            raise SystemExit(f"{path}: no attack record or train_size (not saved by this script)")
+        spec = harness.PoisonSpec.from_dict(meta["attack"])
+        poisoned, result = harness.poison(subset(train, meta["train_size"], spec.seed), spec)
+        fit = training_fit(model, meta["normalisation"], poisoned, result.mask)
+        print(json.dumps({"model": str(path), **meta.get("eval", {}), **fit}), flush=True)
 
 
 def run_case(attack, mode, train, test, args, clean_model):
@@ -66,6 +92,7 @@ def run_case(attack, mode, train, test, args, clean_model):
     train_s = time.perf_counter() - t0
     train_cpu_s = time.process_time() - cpu0
     metrics = api.evaluate(trained.model, trained.normalisation, test, spec, num_classes=10)
+    metrics.update(training_fit(trained.model, trained.normalisation, poisoned, result.mask))
     if args.models_dir:
         # Kept for the detectors' benchmarks: the same spec rebuilds the poisoned set.
         name = f"{attack}-{mode}{_tag(args)}-{len(train)}-e{args.epochs}.pt"
@@ -92,18 +119,29 @@ def _tag(args) -> str:
 
 
 def print_table(rows):
-    print("| attack | mode | train size | epochs | poisoned | BA | ASR | train wall min | train CPU min |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| attack | mode | train size | epochs | poisoned | BA | ASR | fit clean / poison | train wall min "
+          "| train CPU min |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mode = f"{r['mode']} ({r['tag']})" if r.get("tag") else r["mode"]
         print(f"| {r['attack']} | {mode} | {r['train_size']} | {r['epochs']} | {r['n_poisoned']} "
-              f"| {100 * r['ba']:.2f}% | {100 * r['asr']:.2f}% | {r['train_s'] / 60:.1f} | {r['train_cpu_min']:.1f} |")
+              f"| {100 * r['ba']:.2f}% | {100 * r['asr']:.2f}% | {_fit(r)} | {r['train_s'] / 60:.1f} "
+              f"| {r['train_cpu_min']:.1f} |")
+
+
+def _fit(row) -> str:
+    if "fit_clean" not in row:  # rows written before the fit was recorded
+        return "-"
+    poison = "-" if row["fit_poison"] is None else f"{100 * row['fit_poison']:.1f}%"
+    return f"{100 * row['fit_clean']:.1f}% / {poison}"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
     p.add_argument("--table", action="store_true")
+    p.add_argument("--fit-of", nargs="+", metavar="CHECKPOINT",
+                   help="print the training fit of checkpoints saved with --models-dir, and stop")
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     p.add_argument("--modes", nargs="+", default=list(MODES))
     p.add_argument("--train-size", type=int, default=60000)
@@ -121,6 +159,11 @@ def main():
     p.add_argument("--tag", help="a name for this variant, in the checkpoint's file name and the row (needed with "
                    "--param, so that rows and models of different parameters stay apart)")
     args = p.parse_args()
+    if args.fit_of:
+        fit_of_checkpoints(args.fit_of)
+        return
+    if not args.out:
+        p.error("--out is required (except with --fit-of)")
     if (args.param or args.build_setting) and not args.tag:
         p.error("--param and --build-setting need --tag, so the variant's rows, checkpoints and trigger files do not "
                 "overwrite the default's")
