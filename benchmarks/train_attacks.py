@@ -27,7 +27,7 @@ from backdoor_engine.models.checkpoint import load_checkpoint
 from backdoor_engine.models.provenance import save_trained
 from backdoor_engine.data.attacks import ATTACKS, CLEAN_LABEL_ATTACKS, MODES
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
-from backdoor_engine.models.evaluate import predict
+from backdoor_engine.models.evaluate import accuracy, predict
 from backdoor_engine.models.train import TrainConfig, train_model
 
 
@@ -50,10 +50,10 @@ def training_fit(model, normalisation, poisoned, poison_mask) -> dict:
     """How well the model fits the set it was trained on: the share of its clean and of its poisoned training images
     predicted as their (training) label. ASR is measured on test images; a poison share well under 1 says the
     budget has not taught the model its own poison, which detectors that read the backdoor's features then miss."""
-    hit = predict(model, poisoned.x, normalisation) == np.asarray(poisoned.y)
+    pred, y = predict(model, poisoned.x, normalisation), np.asarray(poisoned.y)
     poison_mask = np.asarray(poison_mask, bool)
-    return {"fit_clean": round(float(hit[~poison_mask].mean()), 4),
-            "fit_poison": round(float(hit[poison_mask].mean()), 4) if poison_mask.any() else None}
+    return {"fit_clean": round(accuracy(pred[~poison_mask], y[~poison_mask]), 4),
+            "fit_poison": round(accuracy(pred[poison_mask], y[poison_mask]), 4) if poison_mask.any() else None}
 
 
 def fit_of_checkpoints(paths):
