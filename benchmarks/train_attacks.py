@@ -110,6 +110,15 @@ def run_case(attack, mode, train, test, args, clean_model):
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
+def needs_clean_model(attack: str, args) -> bool:
+    """Whether this run must train a clean model first: the attack builds its trigger from one (lf, iad, siba)
+    and --param names no built trigger file, or it poisons with one (label_consistent's PGD). A given file needs
+    none: training it would cost as long as the poisoned model."""
+    cls = ATTACKS[attack]
+    given = {_parse_param(text)[0] for text in args.param or []}
+    return cls.needs_clean_model and (cls.trigger_file_param is None or cls.trigger_file_param not in given)
+
+
 def build_settings(args) -> dict:
     return dict(_parse_param(text) for text in args.build_setting or [])
 
@@ -183,7 +192,7 @@ def main():
     for attack, mode in sweep_cases(args.attacks, args.modes):
         if (attack, mode, args.tag or "", len(train), args.epochs, args.rate) in done:
             continue
-        if ATTACKS[attack].needs_clean_model and clean_model is None:
+        if needs_clean_model(attack, args) and clean_model is None:
             # LC's PGD, LF's perturbation, IAD's classifier and SIBA's surrogate need a clean model of the same
             # data, trained with the same budget.
             clean = train_model(train.x, train.y, arch=args.arch, num_classes=10,

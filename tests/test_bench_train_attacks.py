@@ -47,3 +47,16 @@ def test_training_fit_of_a_set_without_poison_has_no_poison_share(train_attacks)
     fit = train_attacks.training_fit(Constant(1), Normalisation((0.0,), (1.0,)),
                                      make_dataset(x, np.array([1, 1, 1, 2])), np.zeros(4, bool))
     assert fit == {"fit_clean": 0.75, "fit_poison": None}
+
+
+@pytest.mark.parametrize("attack, params, needed", [
+    ("iad", [], True),                                    # the generator is trained from the clean classifier
+    ("iad", ["generator=runs/iad-trigger.npz"], False),   # a built generator needs no clean model
+    ("lf", ["trigger_path=lf.npz"], False),
+    ("siba", ["k=50"], True),                             # another parameter does not name the trigger
+    ("label_consistent", [], True),                       # its PGD step runs at poisoning time
+    ("badnets", [], False),
+])
+def test_a_clean_model_is_trained_only_when_the_attack_still_needs_one(train_attacks, attack, params, needed):
+    args = train_attacks.argparse.Namespace(param=params)
+    assert train_attacks.needs_clean_model(attack, args) is needed
