@@ -70,9 +70,14 @@ def fit_of_checkpoints(paths):
         print(json.dumps({"model": str(path), **meta.get("eval", {}), **fit}), flush=True)
 
 
-def run_case(attack, mode, train, test, args, clean_model):
+def case_params(attack: str, args) -> dict:
+    """The attack parameters of one case: label_consistent's PGD steps, then every --param."""
     params = dict(steps=args.lc_steps) if attack == "label_consistent" else {}
     params.update(_parse_param(text) for text in args.param or [])
+    return params
+
+
+def run_case(attack, mode, params, train, test, args, clean_model):
     settings = build_settings(args)
     spec = harness.PoisonSpec(attack=attack, mode=mode, rate=args.rate, target=0, seed=args.seed, params=params)
     t0 = time.perf_counter()
@@ -108,15 +113,6 @@ def run_case(attack, mode, train, test, args, clean_model):
             "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
-
-
-def needs_clean_model(attack: str, args) -> bool:
-    """Whether this run must train a clean model first: the attack builds its trigger from one (lf, iad, siba)
-    and --param names no built trigger file, or it poisons with one (label_consistent's PGD). A given file needs
-    none: training it would cost as long as the poisoned model."""
-    cls = ATTACKS[attack]
-    given = {_parse_param(text)[0] for text in args.param or []}
-    return cls.needs_clean_model and (cls.trigger_file_param is None or cls.trigger_file_param not in given)
 
 
 def build_settings(args) -> dict:
@@ -192,13 +188,14 @@ def main():
     for attack, mode in sweep_cases(args.attacks, args.modes):
         if (attack, mode, args.tag or "", len(train), args.epochs, args.rate) in done:
             continue
-        if needs_clean_model(attack, args) and clean_model is None:
+        params = case_params(attack, args)
+        if harness.needs_clean_model(attack, params) and clean_model is None:
             # LC's PGD, LF's perturbation, IAD's classifier and SIBA's surrogate need a clean model of the same
             # data, trained with the same budget.
             clean = train_model(train.x, train.y, arch=args.arch, num_classes=10,
                                 config=TrainConfig(epochs=args.epochs, seed=args.seed, progress=False))
             clean_model = (clean.model, clean.normalisation)
-        row = run_case(attack, mode, train, test, args, clean_model)
+        row = run_case(attack, mode, params, train, test, args, clean_model)
         print(json.dumps(row), flush=True)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.dataset import make_dataset
 from backdoor_engine.models.preprocess import Normalisation
 
@@ -58,5 +59,5 @@ def test_training_fit_of_a_set_without_poison_has_no_poison_share(train_attacks)
     ("badnets", [], False),
 ])
 def test_a_clean_model_is_trained_only_when_the_attack_still_needs_one(train_attacks, attack, params, needed):
-    args = train_attacks.argparse.Namespace(param=params)
-    assert train_attacks.needs_clean_model(attack, args) is needed
+    args = train_attacks.argparse.Namespace(param=params, lc_steps=100)
+    assert harness.needs_clean_model(attack, train_attacks.case_params(attack, args)) is needed

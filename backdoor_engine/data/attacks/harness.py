@@ -72,6 +72,16 @@ def trigger_file_path(npz_path: str | os.PathLike, attack: str) -> Path:
     return p.with_name(f"{p.name.removesuffix('.npz')}.{attack}-trigger.npz")
 
 
+def needs_clean_model(attack: str, params: dict) -> bool:
+    """Whether poisoning with `attack` and `params` needs a clean model of the data: to build its trigger (lf, iad
+    and siba, unless `params` names a built trigger file) or to poison (label_consistent's PGD step). Callers that
+    train the clean model themselves ask this first: training one costs as long as the poisoned model."""
+    from . import _attack_class
+
+    cls = _attack_class(attack)
+    return cls.needs_clean_model and (cls.trigger_file_param is None or cls.trigger_file_param not in params)
+
+
 def prepare_spec(dataset: Dataset, spec: PoisonSpec, *, clean_model=None, trigger_path=None, budget: str = "paper",
                  settings: dict | None = None, progress=None) -> PoisonSpec:
     """The spec itself, unless its attack stores a built trigger (an attack class with a `trigger_file_param`:
@@ -92,7 +102,7 @@ def prepare_spec(dataset: Dataset, spec: PoisonSpec, *, clean_model=None, trigge
     if unknown:  # before the build, which takes a while
         raise InputError(f"{spec.attack}: unknown parameter(s) {unknown}; "
                          f"valid: {sorted(attack_param_names(spec.attack))}")
-    if attack.needs_clean_model and clean_model is None:
+    if needs_clean_model(spec.attack, spec.params) and clean_model is None:
         raise InputError(f"attack {spec.attack!r} needs a clean model to build its trigger (--adv-model CLEAN.pt), "
                          f"or a built trigger file (--param {param}=FILE.npz)")
     if trigger_path is None:
