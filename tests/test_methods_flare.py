@@ -7,7 +7,7 @@ from backdoor_engine import cluster
 from backdoor_engine.cluster import CondensedTree
 from backdoor_engine.engine import FeatureLayout
 from backdoor_engine.errors import InputError
-from planted_footprint import relabelled_half_flagged
+from planted_footprint import relabelled_by_source, relabelled_half_flagged
 
 from backdoor_engine.methods.flare import (
     ColumnScale,
@@ -21,6 +21,7 @@ from backdoor_engine.methods.flare import (
     holds_footprint,
     flags_from_clusters,
     footprint_completion,
+    footprint_components_of,
     score_mixture,
     off_label_members,
     other_footprints,
@@ -607,6 +608,39 @@ def test_a_run_with_several_footprint_clusters_is_completed_by_one_probe_per_clu
     assert completed.flags[truth].mean() >= 0.95 and completed.flags[~truth].mean() <= 0.01
     assert summary["clusters"] == 2 and summary["added"] == int((completed.flags & ~flags).sum())
     assert summary["unexplained"] == summary["label_excess"] - 200
+
+
+def test_the_label_s_linked_components_flag_the_poison_that_stayed_by_its_source_classes():
+    # the flags hold the poison drawn from label 5; the rest (from 2-4) sits with it in the features, among 2-4
+    X, y, truth, flags = relabelled_by_source(covers=40)
+    add, summary = footprint_components_of(flags, X, y, k=15, min_size=50)
+    assert summary["label"] == 0 and summary["unexplained"] == 300 and summary["added"] == add.sum()
+    assert (add & truth).sum() >= 280 and not (add & ~truth).any() and not (add & flags).any()
+    taken = [c for c in summary["components"] if c["taken"]]
+    assert len(taken) == 1 and taken[0]["top_share"] < 0.5 and taken[0]["flagged"] >= 90
+    # the label's clean class is a component too, beside the class it looks like (label 1): not taken
+    clean = [c for c in summary["components"] if not c["taken"]]
+    assert len(clean) == 1 and clean[0]["top_share"] > 0.8 and clean[0]["flagged"] == 0
+
+
+def test_a_linked_component_larger_than_the_label_s_excess_or_with_one_neighbouring_class_is_not_taken():
+    X, y, truth, flags = relabelled_by_source(trigger=3.0)  # a faint trigger: poison and clean zeros link up
+    add, summary = footprint_components_of(flags, X, y, k=15, min_size=50)
+    assert not add.any() and summary["components"][0]["above_excess"] and summary["components"][0]["size"] > 400
+    X, y, truth, flags = relabelled_by_source()
+    add, summary = footprint_components_of(flags, X, y, k=15, min_size=50, spread=0.25)  # the poison's is 0.32
+    assert not add.any() and not any(c["taken"] for c in summary["components"])
+
+
+def test_linked_components_are_not_read_where_the_flags_explain_the_excess_or_are_not_the_footprint():
+    X, y, truth, flags = relabelled_by_source()
+    add, summary = footprint_components_of(truth, X, y, k=15, min_size=50)  # all of the poison flagged
+    assert not add.any() and summary["unexplained"] == 0 and summary["components"] == []
+    mixed = np.isin(np.arange(len(y)), np.r_[400:500, 800:900, 1200:1300])  # clean samples of three labels
+    add, summary = footprint_components_of(mixed, X, y, k=15, min_size=50)
+    assert not add.any() and summary is None
+    add, summary = footprint_components_of(np.zeros(len(y), bool), X, y, k=15, min_size=50)
+    assert not add.any() and summary is None
 
 
 def test_further_rounds_refit_the_probe_on_what_the_last_added_until_the_excess_is_explained():

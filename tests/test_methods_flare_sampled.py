@@ -142,6 +142,30 @@ def test_several_seeds_on_a_sample_assign_the_rest_by_the_majoritys_flags_and_sa
                and f"; {outside:,} of them were in no run's clusters" in note for note in notes)
 
 
+def test_the_report_says_which_of_the_labels_linked_components_were_flagged():
+    from backdoor_engine.detection import Detection
+
+    sampled = SampledFlare(n_seeds=1)
+    flags = np.zeros(10, bool)
+    base = {"sampled": {"n_sample": 10, "n_rows": 10}, "flagged_by": {"vote": 3, "components": 605},
+            "flagged_outside_clusters": 600}
+    params = {"min_cluster_size": 100}
+    clean = {"size": 704, "flagged": 28, "other_label_neighbours": 1443, "top_share": 0.659, "above_excess": False,
+             "taken": False}
+    poison = {**clean, "size": 983, "flagged": 378, "top_share": 0.176, "taken": True}
+    linked = {"label": 0, "k": 15, "unexplained": 576, "components": [clean, poison], "added": 605}
+    notes = sampled.report(Detection("flare", flags, params=params, diagnostics={**base, "components": linked}),
+                           None, None).notes
+    assert any("linked label 0's members as mutual 15-nearest neighbours into 2 component(s) of at least 100 "
+               "samples; 1 of them (983 samples)" in note and "605 members not yet flagged were flagged" in note
+               for note in notes)
+    assert any("605 were flagged as linked components" in note for note in notes)
+    none = {**linked, "components": [clean], "added": 0}
+    notes = sampled.report(Detection("flare", flags, params=params, diagnostics={**base, "components": none}),
+                           None, None).notes
+    assert any("into 1 component(s) of at least 100 samples; none was taken" in note for note in notes)
+
+
 def test_the_report_says_how_much_of_an_inflated_labels_excess_the_flags_left_unexplained_and_what_was_added():
     from backdoor_engine.detection import Detection
 

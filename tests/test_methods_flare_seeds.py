@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from planted_footprint import relabelled_half_flagged
+from planted_footprint import relabelled_by_source, relabelled_half_flagged
 
 from backdoor_engine.engine import FeatureLayout
 from backdoor_engine.errors import InputError
@@ -210,8 +210,8 @@ def test_a_sample_recovered_by_its_neighbours_says_so_in_its_row(monkeypatch):
     detection = Flare(n_seeds=3).fit(features, SLICES, y=labels)
     assert detection.columns["flagged_by"][250] == "neighbours"
     assert detection.columns["runs_clustered"][250] == 0 and detection.columns["runs_voted"][250] == 0
-    assert detection.diagnostics["flagged_by"] == {"vote": 59, "neighbours": 1, "completion": 0, "residual": 0,
-                                                   "settle": 0}
+    assert detection.diagnostics["flagged_by"] == {"vote": 59, "neighbours": 1, "completion": 0, "components": 0,
+                                                   "residual": 0, "settle": 0}
 
 
 def test_a_scan_asked_to_settle_its_footprint_unflags_and_flags_samples_and_says_so(monkeypatch):
@@ -232,3 +232,27 @@ def test_a_scan_asked_to_settle_its_footprint_unflags_and_flags_samples_and_says
     assert path.diagnostics["settle"]["rounds"] > settle["rounds"]
     detection = Flare(**plain).fit(features, SLICES, y=y)  # off by default: the flags as the run left them
     assert "settle" not in detection.diagnostics and np.array_equal(detection.flags, flags)
+
+
+def test_a_scan_asked_for_the_label_s_linked_components_flags_them_and_says_so(monkeypatch):
+    features, y, truth, flags = relabelled_by_source()
+    monkeypatch.setattr(flare_module, "fit_once", lambda *a, **k: run_of(flags))
+    plain = dict(n_seeds=1, complete_footprint=False, recover_neighbors=None, residual_probe=False,
+                 min_cluster_size=50)
+    layout = FeatureLayout(("bn1", "bn2"), (5, 5))
+    detection = Flare(footprint_components=15, **plain).fit(features, layout, y=y)
+    components, by = detection.diagnostics["components"], detection.columns["flagged_by"]
+    assert components["k"] == 15 and components["added"] == (detection.flags & ~flags).sum() >= 280
+    assert (detection.flags & ~truth).sum() == 0
+    assert set(by[detection.flags & ~flags]) == {"components"}
+    assert detection.diagnostics["flagged_by"]["components"] == components["added"]
+    detection = Flare(**plain).fit(features, layout, y=y)  # off by default: the flags as the run left them
+    assert "components" not in detection.diagnostics and np.array_equal(detection.flags, flags)
+
+
+@pytest.mark.parametrize("bad", [dict(footprint_components=0), dict(footprint_components=2.5),
+                                 dict(component_spread=0.0), dict(component_spread=1.5)])
+def test_linked_components_need_a_neighbour_count_and_a_share(bad):
+    with pytest.raises(InputError, match=next(iter(bad))):
+        Flare(**bad)
+

@@ -213,6 +213,25 @@ class FlareParams:
     footprint_per_run: bool = param(True, "ours: each seed's run's flags are completed (complete_footprint) before "
                                     "the seeds' vote, and the voted flags are not completed again (RESULTS.md, issue "
                                     "17: WaNet). False: the voted flags are completed (session 20)")
+    # Relabelled poison drawn from classes far from the target can stay by its source classes in every embedding
+    # (IAD at 60 epochs: sandals 4 of 115 flagged), where no cluster holds it and the probes fitted on what was
+    # found do not reach it; in the features it still sits with the rest of the poison.
+    footprint_components: int | None = param(None, "ours, opt-in: where the flags are the all-to-one footprint and "
+                                             "still explain less than the label's excess by min_cluster_size, the "
+                                             "label's members are linked where each is among the other's this-many "
+                                             "nearest neighbours (standardised columns, all samples searched), and "
+                                             "each linked component of min_cluster_size to label-excess members "
+                                             "whose other-label neighbours are spread (component_spread) is flagged "
+                                             "whole (footprint_components_of). On IAD at 60 epochs (subset seed 0) "
+                                             "15 took a 983-member component, 902 poison, and with the residual "
+                                             "probe TPR went 41 -> 97%; 5 split the poison into pieces no larger "
+                                             "than 168, 20 merged WaNet's with the clean class (RESULTS.md, issue "
+                                             "17, session 35). None = off")
+    component_spread: float = param(0.5, "ours: a component is taken where no one other label holds this share of "
+                                    "its members' neighbours of other labels (and it has some): the clean target "
+                                    "class keeps the class it is confused with (T-shirt components 0.64-0.70, "
+                                    "shirts first), the poison sits among its several source classes (0.18-0.41) on "
+                                    "the development rows (RESULTS.md, issue 17, session 35)")
     # The completion's probe reads the other labels; a probe fitted within the label, flagged against the label's
     # unflagged samples and scored on samples it was not fitted on, ranks the last of the poison first.
     residual_probe: bool = param(True, "ours: where the final flags are the all-to-one footprint, the label's "
@@ -299,6 +318,10 @@ class FlareParams:
         integer(self.footprint_rounds, "footprint_rounds", 1)
         integer(self.footprint_levels, "footprint_levels", 0)
         integer(self.residual_folds, "residual_folds", 2)
+        if self.footprint_components is not None:
+            integer(self.footprint_components, "footprint_components", 1)
+        if not 0.0 < self.component_spread <= 1.0:
+            raise InputError(f"component_spread must be in (0, 1], got {self.component_spread!r}")
         integer(self.settle_rounds, "settle_rounds", 1)
         if isinstance(self.settle_strengths, list):
             object.__setattr__(self, "settle_strengths", tuple(self.settle_strengths))
@@ -870,6 +893,13 @@ class ColumnScale:
         return (np.asarray(self.features[index], np.float32) - mean) / scale
 
 
+def unexplained_excess(flags: np.ndarray, y: np.ndarray, island_purity: float) -> tuple[dict, int]:
+    """(flagged_makeup of `flags`, how many of the largest label's excess over the median label count its flagged
+    samples leave unexplained): the gate of the stages that complete an incomplete footprint."""
+    makeup = flagged_makeup(flags, y, island_purity)
+    return makeup, int(makeup["label_excess"] - (flags & (y == makeup["top_label"])).sum())
+
+
 def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray, min_unexplained: int,
                          island_purity: float = FlareParams.island_purity, max_train: int = 20_000,
                          complete: bool = True, rounds: int = 1, cut: str = FlareParams.footprint_cut,
@@ -889,9 +919,8 @@ def footprint_completion(flags: np.ndarray, features: np.ndarray, y: np.ndarray,
     add = np.zeros(len(flags), bool)
     if not flags.any():
         return add, None
-    makeup = flagged_makeup(flags, y, island_purity)
+    makeup, unexplained = unexplained_excess(flags, y, island_purity)
     target = makeup["top_label"]
-    unexplained = int(makeup["label_excess"] - (flags & (y == target)).sum())
     # "incomplete": the gate below, kept for the report (what it says depends on whether the rule was due)
     summary = {"label": int(target), "label_excess": int(makeup["label_excess"]), "inflated": makeup["inflated"],
                "unexplained": unexplained, "incomplete": bool(makeup["inflated"] and unexplained >= min_unexplained),
@@ -965,6 +994,59 @@ def complete_runs(runs: list, features: np.ndarray, y: np.ndarray, params: Flare
         completed.append(replace(run, flags=run.flags | add))
         summaries.append(summary)
     return completed, summaries
+
+
+def footprint_components_of(flags: np.ndarray, features: np.ndarray, y: np.ndarray, k: int, min_size: int,
+                            spread: float = FlareParams.component_spread,
+                            island_purity: float = FlareParams.island_purity, scale: ColumnScale | None = None):
+    """(samples to add, summary or None). Applies where footprint_completion's would: `flags` are the all-to-one
+    footprint (flagged_makeup's "inflated") and the label's excess over the median label count exceeds its flagged
+    samples by at least `min_size`. Each member of the label is linked to the members of the label among its `k`
+    nearest neighbours (standardised columns, exact search over all the samples) that have it among theirs too
+    (mutual neighbours), and the linked components are read one by one. A component is added whole where it has
+    `min_size` to label-excess members (the poison is at most the excess, so a larger one holds clean members) and
+    its members' neighbours of other labels are spread: some exist and no one label holds `spread` of them.
+    Relabelled poison drawn from several classes sits with the poison that shares its trigger, among the classes
+    it was drawn from; the label's clean class keeps beside it the class it is confused with."""
+    add = np.zeros(len(flags), bool)
+    if not flags.any():
+        return add, None
+    makeup, unexplained = unexplained_excess(flags, y, island_purity)
+    target = makeup["top_label"]
+    summary = {"label": int(target), "k": int(k), "unexplained": unexplained, "components": [], "added": 0}
+    members = np.flatnonzero(y == target)
+    if not makeup["inflated"] or unexplained < min_size or len(members) < 2 or len(y) <= k:
+        return add, None if not makeup["inflated"] else summary
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    scale = scale if scale is not None else ColumnScale(features)
+    found = cluster.knn_search(scale.rows(np.arange(len(y))), scale.rows(members), k + 1, index="flat")
+    # each row's own index is among its k + 1 (distance 0) unless an exact duplicate took its place: drop one
+    own = found == members[:, None]
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
+    neighbours = found[np.arange(k + 1)[None, :] != drop[:, None]].reshape(len(members), k)
+    position = np.full(len(y), -1)
+    position[members] = np.arange(len(members))
+    rows, cols = np.repeat(np.arange(len(members)), k), position[neighbours.ravel()]
+    linked = cols >= 0
+    graph = coo_matrix((np.ones(linked.sum()), (rows[linked], cols[linked])), shape=(len(members),) * 2).tocsr()
+    _, component = connected_components(graph.multiply(graph.T), directed=False)
+    sizes = np.bincount(component)
+    for c in np.flatnonzero(sizes >= min_size):
+        inside = component == c
+        others = y[neighbours[inside]]
+        others = others[others != target]
+        top = float(np.bincount(others).max() / len(others)) if len(others) else 1.0
+        taken = sizes[c] <= makeup["label_excess"] and len(others) > 0 and top < spread
+        if taken:
+            add[members[inside]] = True
+        summary["components"].append({"size": int(sizes[c]), "flagged": int(flags[members[inside]].sum()),
+                                      "other_label_neighbours": int(len(others)), "top_share": round(top, 3),
+                                      "above_excess": bool(sizes[c] > makeup["label_excess"]), "taken": bool(taken)})
+    add &= ~flags
+    summary["added"] = int(add.sum())
+    return add, summary
 
 
 def cross_fitted_scores(X: np.ndarray, positive: np.ndarray, splits, C: float = 0.01) -> np.ndarray:
@@ -1107,9 +1189,9 @@ def recover_by_neighbours(flags: np.ndarray, embeddings: list, k: int, share: fl
 
 
 # The stages that flag a sample, in Flare.fit's order: the runs' majority, the neighbours in the runs' all-layers
-# embeddings, the voted flags' footprint completion, the residual probe, the settled footprint (settle=True; it also
-# unflags samples).
-FLAGGED_BY = ("vote", "neighbours", "completion", "residual", "settle")
+# embeddings, the voted flags' footprint completion, the label's linked components (footprint_components), the
+# residual probe, the settled footprint (settle=True; it also unflags samples).
+FLAGGED_BY = ("vote", "neighbours", "completion", "components", "residual", "settle")
 
 
 class Flare:
@@ -1176,6 +1258,15 @@ class Flare:
                 diagnostics["footprint"] = footprint
             flags = flags | completed
             flagged_by[completed] = "completion"
+            if self.params.footprint_components is not None:
+                linked, summary = footprint_components_of(flags, features, np.asarray(y),
+                                                          self.params.footprint_components,
+                                                          self.params.min_cluster_size, self.params.component_spread,
+                                                          self.params.island_purity, scale)
+                if summary is not None:
+                    diagnostics["components"] = summary
+                flags = flags | linked
+                flagged_by[linked] = "components"
             if self.params.residual_probe:
                 residual, summary = residual_members(flags, features, np.asarray(y), self.params.residual_folds,
                                                      self.params.island_purity, scale)

@@ -264,6 +264,19 @@ class SampledFlare(Detector):
                    "flagged (complete_footprint)" if added else
                    "relabelled poison may remain unflagged" + ("" if detection.params.get("complete_footprint")
                                                                 else " (complete_footprint is off)")))
+        linked = detection.diagnostics.get("components")
+        if linked and linked["components"]:
+            taken = [c for c in linked["components"] if c["taken"]]
+            sizes = ", ".join(f"{c['size']:,}" for c in taken)
+            read = (f"the features linked label {linked['label']}'s members as mutual {linked['k']}-nearest "
+                    f"neighbours into {len(linked['components'])} component(s) of at least "
+                    f"{detection.params.get('min_cluster_size')} samples")
+            parts.notes.append(
+                read + (f"; {len(taken)} of them ({sizes} samples) sat among "
+                        "several other classes (relabelled poison drawn from several sources), and their "
+                        f"{linked['added']:,} members not yet flagged were flagged (footprint_components)" if taken else
+                        "; none was taken: each was larger than the label's excess or sat beside one class, as the "
+                        "label's clean class does (footprint_components)"))
         residual = detection.diagnostics.get("residual")
         if residual and residual["added"]:
             parts.notes.append(
@@ -286,7 +299,8 @@ class SampledFlare(Detector):
         stages = detection.diagnostics.get("flagged_by")
         if stages and sum(stages.values()):
             names = {"vote": "by the runs' vote", "neighbours": "by their neighbours",
-                     "completion": "by the footprint completion", "residual": "by the residual probe",
+                     "completion": "by the footprint completion", "components": "as linked components",
+                     "residual": "by the residual probe",
                      "settle": "by settling the footprint"}
             outside = detection.diagnostics["flagged_outside_clusters"]
             parts.notes.append(
