@@ -38,7 +38,7 @@ from backdoor_engine.methods import get_detector
 from backdoor_engine.models.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_flare_detection import scanned_set  # noqa: E402  (the same rebuilt training set as the FLARE bench)
+from bench_flare_detection import SEED_HELP, scanned_set  # noqa: E402  (the same rebuilt training set as the FLARE bench)
 
 METHODS = ("ac", "spectral", "flare")
 
@@ -139,7 +139,7 @@ def main():
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--spectral-rate", type=float, default=None,
                    help="Spectral's expected_rate [unset: the detector's assumed 10%%, recorded in each row]")
-    p.add_argument("--seed", type=int, default=0, help="seed of the training subset (train_attacks.py --seed)")
+    p.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     p.add_argument("--seed-detector", type=int, default=None,
                    help="random_state of AC (FastICA, k-means) and FLARE (UMAP) [each detector's default]")
     args = p.parse_args()

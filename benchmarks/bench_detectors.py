@@ -39,7 +39,7 @@ from backdoor_engine.methods.consensus import dawid_skene, flags_of_fit, method_
 from backdoor_engine.models.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_flare_detection import scanned_set  # noqa: E402
+from bench_flare_detection import SEED_HELP, scanned_set, subset_seed  # noqa: E402
 
 METHODS = ("flare", "ac", "spectral", "spectre", "scan", "strip", "scale_up", "ibd_psc", "vbd")
 # FCT and TRAP train a model of their own on the suspect set (6-21 min per 10k set here); their rows come from
@@ -55,8 +55,9 @@ def scan_model(model_path, args, pool, params: dict):
     """One `api.scan` of --methods over the set the checkpoint saw: (meta, (attack, mode), dataset, reference,
     truth, result, per-method metrics, seconds). One method alone runs as itself (a consensus needs two)."""
     model, meta = load_checkpoint(model_path)
-    dataset, (attack, mode) = scanned_set(meta, args.seed)
-    reference = make_aux("reserved", dataset, pool, ratio=args.reference_ratio, seed=args.seed)
+    seed = subset_seed(meta, args.seed)
+    dataset, (attack, mode) = scanned_set(meta, seed)
+    reference = make_aux("reserved", dataset, pool, ratio=args.reference_ratio, seed=seed)
     truth = dataset.poison.astype(bool) if dataset.poison is not None else np.zeros(len(dataset), bool)
     t0 = time.perf_counter()
     single = len(args.methods) == 1
@@ -261,7 +262,7 @@ def main():
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS + EXTRA))
     p.add_argument("--params", help="scan parameters as JSON, e.g. {\"strip.n_superimpose\": 20} (the CPU budget)")
     p.add_argument("--reference-ratio", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0, help="the subset seed of train_attacks.py")
+    p.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     p.add_argument("--cache", default="runs/detectors", help="per-sample flags and scores, one .npz per model")
     p.add_argument("--table", action="store_true")
     p.add_argument("--rescore", action="store_true", help="recompute the combined columns of --out from --cache")

@@ -42,7 +42,7 @@ from backdoor_engine.methods import get_detector
 from backdoor_engine.models.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_flare_detection import scanned_set  # noqa: E402
+from bench_flare_detection import SEED_HELP, scanned_set  # noqa: E402
 
 STAGES = ("fct", "speed", "d-br", "flare-r", "d-st")
 # The unlearning pass's settings compared (d-br, flare-r): the default (the margin loss, un-augmented, BatchNorm
@@ -279,7 +279,7 @@ def main():
     p.add_argument("--normal-epochs", type=int, default=6, help="epochs of the normally trained reference (d-st)")
     p.add_argument("--speed-images", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0, help="seed of the training subset (train_attacks.py --seed)")
+    p.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     args = p.parse_args()
     if args.table:
         print_table([json.loads(line) for line in Path(args.out).read_text().splitlines()])

@@ -168,8 +168,25 @@ def stage_counts(detection, truth: np.ndarray) -> dict | None:
     return {name: [int((stage == name).sum()), int(((stage == name) & truth).sum())] for name in FLAGGED_BY}
 
 
-def scanned_subset(meta: dict, seed: int):
-    """The clean Fashion-MNIST training images the checkpoint's training set was drawn from (its subset)."""
+SEED_HELP = ("seed of the training subset (train_attacks.py --seed); default: the seed the checkpoint's attack "
+             "record carries, and another is refused")
+
+
+def subset_seed(meta: dict, given: int | None = None) -> int:
+    """The seed the checkpoint's training subset was drawn with: the one its attack record carries (train_attacks.py
+    draws the subset and the poison with one seed), else `given`, else 0. A given seed that is not the recorded one
+    is refused: the scan would read images the model never trained on, poisoned at other indices."""
+    recorded = meta["attack"].get("seed") if isinstance(meta.get("attack"), dict) else None
+    if given is not None and recorded is not None and given != recorded:
+        raise SystemExit(f"--seed {given}: this checkpoint's training subset was drawn with seed {recorded} (its "
+                         "attack record); another seed would scan images it never trained on")
+    return given if given is not None else recorded if recorded is not None else 0
+
+
+def scanned_subset(meta: dict, seed: int | None = None):
+    """The clean Fashion-MNIST training images the checkpoint's training set was drawn from (its subset; the seed
+    as subset_seed resolves it)."""
+    seed = subset_seed(meta, seed)
     train = load_fashion_mnist("train")
     size = meta.get("train_size") or meta.get("train", {}).get("n_samples") or len(train)
     if size < len(train):
@@ -177,7 +194,7 @@ def scanned_subset(meta: dict, seed: int):
     return train
 
 
-def scanned_set(meta: dict, seed: int):
+def scanned_set(meta: dict, seed: int | None = None):
     """The training set the checkpoint saw: the same subset and the same poisoning."""
     return poisoned_as_recorded(scanned_subset(meta, seed), meta)
 
@@ -330,7 +347,7 @@ def main():
     p.add_argument("--cache", default="runs/features", help="feature stores, one per model")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--reduce", default="channel", choices=["channel", "layer"])
-    p.add_argument("--seed", type=int, default=0, help="seed of the training subset (train_attacks.py --seed)")
+    p.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     p.add_argument("--keep-flags", help="save each variant's flagged indices here (the table counts differences)")
     p.add_argument("--umap-cache", help="keep every UMAP embedding here and reuse it in later runs")
     p.add_argument("--same", nargs="+", help="with --table: do these variants flag the same samples?")

@@ -35,7 +35,7 @@ from backdoor_engine.models.checkpoint import load_checkpoint
 from backdoor_engine.purify import get_repair
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_flare_detection import scanned_set  # noqa: E402
+from bench_flare_detection import SEED_HELP, scanned_set, subset_seed  # noqa: E402
 
 # A CPU budget per defence (documented in RESULTS.md beside the official one): the same optimiser settings, fewer
 # passes over the 500-image auxiliary set.
@@ -63,11 +63,12 @@ def run(args):
     pool = load_fashion_mnist("train")
     for model_path in args.models:
         model, meta = load_checkpoint(model_path)
-        train, (attack, mode) = scanned_set(meta, args.seed)
+        seed = subset_seed(meta, args.seed)
+        train, (attack, mode) = scanned_set(meta, seed)
         spec = harness.PoisonSpec.from_dict(meta["attack"])
         before = api.evaluate(model, meta["normalisation"], test, spec, num_classes=train.num_classes)
         for kind in args.kinds:
-            aux = make_aux(kind, train, pool, ratio=args.ratio, seed=args.seed)
+            aux = make_aux(kind, train, pool, ratio=args.ratio, seed=seed)
             calibrated = None
             for gic in args.gic:
                 todo = [d for d in args.defences
@@ -126,7 +127,7 @@ def main():
                    default=[False, True], help="without / with GIC: false true")
     p.add_argument("--budget", help="JSON {defence: {param: value}} over the CPU budget")
     p.add_argument("--ratio", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     p.add_argument("--table", action="store_true")
     args = p.parse_args()
     table(args) if args.table else run(args)

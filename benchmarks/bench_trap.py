@@ -41,7 +41,7 @@ from backdoor_engine.models.registry import default_arch
 from backdoor_engine.models.train import train_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_flare_detection import scanned_set  # noqa: E402
+from bench_flare_detection import SEED_HELP, scanned_set  # noqa: E402
 
 
 def variant_params(name: str, sample: int, base: dict) -> TrapParams:
@@ -235,7 +235,7 @@ def main():
                    "reference for agreement where ten full fits cost too much, e.g. at 60k)")
     p.add_argument("--sample", type=int, default=5000, help="rows t-SNE embeds in the sample / fast variants")
     p.add_argument("--params", help="TrapParams overrides for every variant, as JSON")
-    p.add_argument("--seed", type=int, default=0, help="the subset seed of train_attacks.py")
+    p.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     p.add_argument("--cache", default="runs/trap", help="where each variant's flags are kept")
     p.add_argument("--stages", nargs="+", default=["isolation"], choices=["isolation", "hiding"])
     p.add_argument("--table", action="store_true")

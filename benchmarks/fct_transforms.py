@@ -32,7 +32,7 @@ from backdoor_engine.models.preprocess import fit_normalisation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fct_dbr import sd_model  # noqa: E402
-from bench_flare_detection import scanned_set  # noqa: E402
+from bench_flare_detection import SEED_HELP, scanned_set  # noqa: E402
 
 
 def main():
@@ -41,7 +41,7 @@ def main():
     p.add_argument("--cache", default="runs/fct")
     p.add_argument("--transforms", nargs="+", default=["rotate,affine"], help="comma-separated tau op lists")
     p.add_argument("--out", help="JSON lines, appended")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     p.add_argument("--survival-images", type=int, default=2000, help="triggered test images for the survival check")
     args = p.parse_args()
     suspect, meta = load_checkpoint(args.model)

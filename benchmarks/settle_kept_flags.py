@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_flare_detection import poisoned_with_cover, scanned_subset
+from bench_flare_detection import SEED_HELP, poisoned_with_cover, scanned_subset, subset_seed
 from backdoor_engine.engine.feature_store import FeatureStore
 from backdoor_engine.methods.flare import SETTLE_CUTS, ColumnScale, FlareParams, settle_footprint
 from backdoor_engine.models.checkpoint import load_checkpoint
@@ -37,9 +37,7 @@ def apart(flag_sets: list) -> int:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", required=True)
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed of the training subset (the bench's --seed); default: the seed train_attacks.py "
-                        "recorded in the checkpoint (its subset's), 0 where none is recorded")
+    p.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     p.add_argument("--cache", required=True, help="the bench's --cache: one feature store per model")
     p.add_argument("--keep-flags", required=True, help="the bench's --keep-flags directory")
     p.add_argument("--variants", nargs="+", default=["default", "seed0", "seed1"])
@@ -57,8 +55,7 @@ def main():
                 print(f"{stem}: no kept flags for {args.variants}, skipped", flush=True)
                 continue
             _, meta = load_checkpoint(model_path)
-            recorded = meta["attack"].get("seed", 0) if isinstance(meta.get("attack"), dict) else 0
-            seed = recorded if args.seed is None else args.seed
+            seed = subset_seed(meta, args.seed)
             dataset, _, cover = poisoned_with_cover(scanned_subset(meta, seed), meta)
             truth = (dataset.poison if dataset.poison is not None else np.zeros(len(dataset))).astype(bool)
             store = FeatureStore.open(Path(args.cache) / stem)
