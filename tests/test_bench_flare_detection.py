@@ -1,18 +1,12 @@
 """benchmarks/bench_flare_detection.py's scanned set: the subset seed comes from the checkpoint's attack record."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from bench_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).parent.parent / "benchmarks" / "bench_flare_detection.py"
-    spec = importlib.util.spec_from_file_location("bench_flare_detection", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_flare_detection")
 
 
 def test_the_scanned_subset_is_the_one_the_checkpoint_records_and_another_seed_is_refused(bench):

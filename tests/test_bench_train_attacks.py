@@ -1,9 +1,6 @@
 """benchmarks/train_attacks.py's training fit: the share of clean and of poisoned training images the model
 predicts as their training label."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,15 +9,12 @@ from torch import nn
 from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.dataset import make_dataset
 from backdoor_engine.models.preprocess import Normalisation
+from bench_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def train_attacks():
-    path = Path(__file__).parent.parent / "benchmarks" / "train_attacks.py"
-    spec = importlib.util.spec_from_file_location("train_attacks", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_attacks")
 
 
 class Constant(nn.Module):
