@@ -129,6 +129,13 @@ VARIANTS = {
     "settle-path": dict(settle=True, settle_cut="mixture", settle_strengths=(0.001, 0.01)),
     "settle-path-seed0": dict(settle=True, settle_cut="mixture", settle_strengths=(0.001, 0.01), random_state=0),
     "settle-path-seed1": dict(settle=True, settle_cut="mixture", settle_strengths=(0.001, 0.01), random_state=1),
+    # Session 35: the label's linked components (footprint_components, opt-in), alone and before settle.
+    "components": dict(footprint_components=15),
+    "components-seed0": dict(footprint_components=15, random_state=0),
+    "components-seed1": dict(footprint_components=15, random_state=1),
+    "components-settle": dict(footprint_components=15, settle=True),
+    "components-settle-seed0": dict(footprint_components=15, settle=True, random_state=0),
+    "components-settle-seed1": dict(footprint_components=15, settle=True, random_state=1),
 }
 
 
