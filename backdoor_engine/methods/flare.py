@@ -225,8 +225,9 @@ class FlareParams:
                                              "whole (footprint_components_of). On IAD at 60 epochs (subset seed 0) "
                                              "15 took a 983-member component, 902 poison, and with the residual "
                                              "probe TPR went 41 -> 97%; 5 split the poison into pieces no larger "
-                                             "than 168, 20 merged WaNet's with the clean class (RESULTS.md, issue "
-                                             "17, session 35). None = off")
+                                             "than 168, 20 merged WaNet's with the clean class. On a held-out IAD "
+                                             "row it changed nothing: at 15 poison and clean formed one component "
+                                             "larger than the excess (RESULTS.md, issue 17, session 35). None = off")
     component_spread: float = param(0.5, "ours: a component is taken where no one other label holds this share of "
                                     "its members' neighbours of other labels (and it has some): the clean target "
                                     "class keeps the class it is confused with (T-shirt components 0.64-0.70, "
