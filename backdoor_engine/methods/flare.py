@@ -216,7 +216,7 @@ class FlareParams:
     # Relabelled poison drawn from classes far from the target can stay by its source classes in every embedding
     # (IAD at 60 epochs: sandals 4 of 115 flagged), where no cluster holds it and the probes fitted on what was
     # found do not reach it; in the features it still sits with the rest of the poison.
-    footprint_components: int | None = param(None, "ours, opt-in: where the flags are the all-to-one footprint and "
+    footprint_components: int | None = param(None, "ours: opt-in. Where the flags are the all-to-one footprint and "
                                              "still explain less than the label's excess by min_cluster_size, the "
                                              "label's members are linked where each is among the other's this-many "
                                              "nearest neighbours (standardised columns, all samples searched), and "
@@ -227,7 +227,8 @@ class FlareParams:
                                              "probe TPR went 41 -> 97%; 5 split the poison into pieces no larger "
                                              "than 168, 20 merged WaNet's with the clean class. On a held-out IAD "
                                              "row it changed nothing: at 15 poison and clean formed one component "
-                                             "larger than the excess (RESULTS.md, issue 17, session 35). None = off")
+                                             "larger than the excess; on a second, 51 -> 98% under the base where the "
+                                             "default missed (RESULTS.md, issue 17, session 35). None = off")
     component_spread: float = param(0.5, "ours: a component is taken where no one other label holds this share of "
                                     "its members' neighbours of other labels (and it has some): the clean target "
                                     "class keeps the class it is confused with (T-shirt components 0.64-0.70, "
