@@ -1190,10 +1190,12 @@ def recover_by_neighbours(flags: np.ndarray, embeddings: list, k: int, share: fl
     return ~flags & (flagged_share / len(embeddings) >= share)
 
 
-# The stages that flag a sample, in Flare.fit's order: the runs' majority, the neighbours in the runs' all-layers
-# embeddings, the voted flags' footprint completion, the label's linked components (footprint_components), the
-# residual probe, the settled footprint (settle=True; it also unflags samples).
-FLAGGED_BY = ("vote", "neighbours", "completion", "components", "residual", "settle")
+# The stages that flag a sample, in Flare.fit's order, with the report's words for them: the runs' majority, the
+# neighbours in the runs' all-layers embeddings, the voted flags' footprint completion, the label's linked components
+# (footprint_components), the residual probe, the settled footprint (settle=True; it also unflags samples).
+FLAGGED_BY = {"vote": "by the runs' vote", "neighbours": "by their neighbours",
+              "completion": "by the footprint completion", "components": "as linked components",
+              "residual": "by the residual probe", "settle": "by settling the footprint"}
 
 
 class Flare:

@@ -27,7 +27,7 @@ from ..errors import InputError
 from ..detection import Detection
 from ..params import param
 from .base import Detector, ReportParts, ScanData, detector_input
-from .flare import Flare, FlareParams
+from .flare import FLAGGED_BY, Flare, FlareParams
 
 
 @dataclass(frozen=True)
@@ -298,15 +298,11 @@ class SampledFlare(Detector):
                 f"{settle['reason']}; the flags stay as the earlier stages left them")
         stages = detection.diagnostics.get("flagged_by")
         if stages and sum(stages.values()):
-            names = {"vote": "by the runs' vote", "neighbours": "by their neighbours",
-                     "completion": "by the footprint completion", "components": "as linked components",
-                     "residual": "by the residual probe",
-                     "settle": "by settling the footprint"}
             outside = detection.diagnostics["flagged_outside_clusters"]
             parts.notes.append(
                 f"of the {sum(stages.values()):,} flagged samples"
                 + (" of the clustered sample" if sampled["n_sample"] < sampled["n_rows"] else "") + ", "
-                + ", ".join(f"{count:,} were flagged {names[stage]}" for stage, count in stages.items() if count)
+                + ", ".join(f"{count:,} were flagged {FLAGGED_BY[stage]}" for stage, count in stages.items() if count)
                 + f"; {outside:,} of them were in no run's clusters (a probe or their neighbours brought them in). "
                 "samples.csv's flagged_by, runs_clustered and runs_voted columns say how each sample was flagged")
         if "explanation" in detection.diagnostics:
