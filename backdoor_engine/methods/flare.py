@@ -1023,7 +1023,8 @@ def footprint_components_of(flags: np.ndarray, features: np.ndarray, y: np.ndarr
     from scipy.sparse.csgraph import connected_components
 
     scale = scale if scale is not None else ColumnScale(features)
-    found = cluster.knn_search(scale.rows(np.arange(len(y))), scale.rows(members), k + 1, index="flat")
+    X = scale.rows(np.arange(len(y)))
+    found = cluster.knn_search(X, X[members], k + 1, index="flat")
     # each row's own index is among its k + 1 (distance 0) unless an exact duplicate took its place: drop one
     own = found == members[:, None]
     drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
