@@ -15,6 +15,7 @@ from backdoor_engine.methods.flare import (
     FlareParams,
     FlareRun,
     complete_runs,
+    exclude_beside_complete,
     StableSplit,
     assign_noise_to_nearest,
     class_makeup,
@@ -608,6 +609,46 @@ def test_a_run_with_several_footprint_clusters_is_completed_by_one_probe_per_clu
     assert completed.flags[truth].mean() >= 0.95 and completed.flags[~truth].mean() <= 0.01
     assert summary["clusters"] == 2 and summary["added"] == int((completed.flags & ~flags).sum())
     assert summary["unexplained"] == summary["label_excess"] - 200
+
+
+def footprint_runs(*clusters_of_runs):
+    """Runs of 2,400 samples (relabelled_half_flagged's layout) flagging the given clusters, several as footprints."""
+    runs = []
+    for seed, clusters in enumerate(clusters_of_runs):
+        flags = np.zeros(2400, bool)
+        for members in clusters:
+            flags[members] = True
+        runs.append(FlareRun(seed, [], flags, np.zeros(2400, int), None, None, 0, {},
+                             footprints=[np.asarray(m) for m in clusters] if len(clusters) > 1 else None))
+    return runs
+
+
+def test_a_run_s_cluster_that_holds_the_label_s_excess_drops_other_runs_islands_and_completes_their_poison():
+    # label 0: 500 clean + 400 relabelled poison (2000-2399), excess 400; an island of 150 clean zeros (0-149)
+    _, y, truth, _ = relabelled_half_flagged()
+    poison, island, half = np.arange(2000, 2400), np.arange(150), np.arange(2000, 2200)
+    runs = footprint_runs([poison], [island], [half, island], [])
+    kept, summary = exclude_beside_complete(runs, y, 50)
+    assert summary["applied"] and summary["complete_clusters"] == 1 and summary["complete_samples"] == 400
+    assert kept[0] is runs[0] and kept[3] is runs[3]  # the complete run and the run that flagged nothing
+    assert not kept[1].flags.any()  # the island alone: dropped, the run abstains
+    np.testing.assert_array_equal(kept[2].flags, truth)  # the island dropped, its half of the poison completed
+    assert kept[2].footprints is None
+    assert summary["runs_dropped"] == [0, 150, 150, 0] and summary["runs_completed"] == [0, 0, 200, 0]
+
+
+def test_runs_are_left_as_they_are_without_a_complete_cluster_or_where_complete_clusters_disagree():
+    _, y, _, _ = relabelled_half_flagged()
+    island, half = np.arange(150), np.arange(2000, 2200)
+    runs = footprint_runs([half], [island], [half, island])
+    kept, summary = exclude_beside_complete(runs, y, 50)
+    assert summary is None and all(a is b for a, b in zip(kept, runs))
+    # 400 clean zeros read as a complete footprint beside the poison's: together twice the excess, so neither
+    # can be told to be the one; nothing is dropped
+    runs = footprint_runs([np.arange(2000, 2400)], [np.arange(400)], [island])
+    kept, summary = exclude_beside_complete(runs, y, 50)
+    assert not summary["applied"] and summary["complete_clusters"] == 2
+    assert all(a is b for a, b in zip(kept, runs))
 
 
 def test_the_label_s_linked_components_flag_the_poison_that_stayed_by_its_source_classes():

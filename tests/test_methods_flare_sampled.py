@@ -166,6 +166,26 @@ def test_the_report_says_which_of_the_labels_linked_components_were_flagged():
     assert any("into 1 component(s) of at least 100 samples; none was taken" in note for note in notes)
 
 
+def test_the_report_says_which_runs_clusters_a_complete_footprint_dropped_or_why_none_was():
+    from backdoor_engine.detection import Detection
+
+    sampled = SampledFlare(n_seeds=1)
+    base = {"sampled": {"n_sample": 10, "n_rows": 10}}
+    applied = {"label": 0, "complete_clusters": 2, "complete_samples": 1042, "applied": True,
+               "runs_dropped": [373, 0, 0, 0, 345], "runs_completed": [813, 0, 0, 0, 818]}
+    notes = sampled.report(Detection("flare", np.zeros(10, bool), diagnostics={**base, "exclusion": applied}),
+                           None, None).notes
+    assert any(note.startswith("2 run cluster(s) held label 0's whole excess") and "dropped from 2 run(s) (718 "
+               "samples), and 2 run(s) that found part of it were completed with it (1,631 samples)" in note
+               for note in notes)
+    refused = {"label": 0, "complete_clusters": 2, "complete_samples": 800, "applied": False,
+               "reason": "the complete clusters together exceed the excess"}
+    notes = sampled.report(Detection("flare", np.zeros(10, bool), diagnostics={**base, "exclusion": refused}),
+                           None, None).notes
+    assert any("but the complete clusters together exceed the excess: no run's clusters were dropped" in note
+               for note in notes)
+
+
 def test_the_report_says_how_much_of_an_inflated_labels_excess_the_flags_left_unexplained_and_what_was_added():
     from backdoor_engine.detection import Detection
 

@@ -250,7 +250,30 @@ def test_a_scan_asked_for_the_label_s_linked_components_flags_them_and_says_so(m
     assert "components" not in detection.diagnostics and np.array_equal(detection.flags, flags)
 
 
+def test_a_scan_asked_to_exclude_beside_a_complete_footprint_drops_the_island_the_runs_voted_for(monkeypatch):
+    features, y, truth, _ = relabelled_half_flagged()
+    island = np.zeros(len(y), bool)
+    island[:150] = True  # 150 clean zeros some runs split off
+    both = run_of((truth & (np.arange(len(y)) < 2200)) | island)
+    both.footprints = [np.arange(2000, 2200), np.arange(150)]
+    outcomes = [run_of(island), run_of(island), run_of(truth), both]
+    plain = dict(n_seeds=4, recover_neighbors=None, residual_probe=False, complete_footprint=False)
+
+    def fit(**params):
+        runs = iter(outcomes)
+        monkeypatch.setattr(flare_module, "fit_once", lambda *a, **k: next(runs))
+        return Flare(**plain, **params).fit(features, SLICES, y=y)
+
+    voted = fit()  # off by default: three of the four runs flag the island
+    assert voted.flags[island].all() and "exclusion" not in voted.diagnostics
+    detection = fit(footprint_exclusion=True)
+    np.testing.assert_array_equal(detection.flags, truth)
+    exclusion = detection.diagnostics["exclusion"]
+    assert exclusion["runs_dropped"] == [150, 150, 0, 150] and exclusion["runs_completed"] == [0, 0, 0, 200]
+
+
 @pytest.mark.parametrize("bad", [dict(footprint_components=0), dict(footprint_components=2.5),
+
                                  dict(component_spread=0.0), dict(component_spread=1.5)])
 def test_linked_components_need_a_neighbour_count_and_a_share(bad):
     with pytest.raises(InputError, match=next(iter(bad))):
