@@ -250,7 +250,7 @@ def test_a_scan_asked_for_the_label_s_linked_components_flags_them_and_says_so(m
     assert "components" not in detection.diagnostics and np.array_equal(detection.flags, flags)
 
 
-def test_a_scan_asked_to_exclude_beside_a_complete_footprint_drops_the_island_the_runs_voted_for(monkeypatch):
+def test_a_complete_footprint_found_by_one_run_drops_the_island_the_other_runs_voted_for(monkeypatch):
     features, y, truth, _ = relabelled_half_flagged()
     island = np.zeros(len(y), bool)
     island[:150] = True  # 150 clean zeros some runs split off
@@ -264,9 +264,9 @@ def test_a_scan_asked_to_exclude_beside_a_complete_footprint_drops_the_island_th
         monkeypatch.setattr(flare_module, "fit_once", lambda *a, **k: next(runs))
         return Flare(**plain, **params).fit(features, SLICES, y=y)
 
-    voted = fit()  # off by default: three of the four runs flag the island
+    voted = fit(footprint_exclusion=False)  # three of the four runs flag the island
     assert voted.flags[island].all() and "exclusion" not in voted.diagnostics
-    detection = fit(footprint_exclusion=True)
+    detection = fit()
     np.testing.assert_array_equal(detection.flags, truth)
     exclusion = detection.diagnostics["exclusion"]
     assert exclusion["runs_dropped"] == [150, 150, 0, 150] and exclusion["runs_completed"] == [0, 0, 0, 200]

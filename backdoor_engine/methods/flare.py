@@ -231,7 +231,7 @@ class FlareParams:
                                              "default missed (RESULTS.md, issue 17, session 35). None = off")
     # All-to-one relabelling adds no more than the label's excess to it; a run that found all of it shows which
     # of the other runs' clusters cannot be poison (IAD: a sub-island of clean T-shirts won the vote).
-    footprint_exclusion: bool = param(False, "ours: opt-in (exclude_beside_complete). Where a seed's run flags a "
+    footprint_exclusion: bool = param(True, "ours: (exclude_beside_complete) where a seed's run flags a "
                                       "cluster that alone holds the label's excess, clusters of any run lying "
                                       "mostly outside it are dropped and runs that found part of it are completed "
                                       "with it, before the vote. On the development rows it changed one, IAD a2o 60 "
