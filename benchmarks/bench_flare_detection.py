@@ -136,7 +136,8 @@ VARIANTS = {
     "components-settle": dict(footprint_components=15, settle=True),
     "components-settle-seed0": dict(footprint_components=15, settle=True, random_state=0),
     "components-settle-seed1": dict(footprint_components=15, settle=True, random_state=1),
-    # Session 36: clusters beside a run's complete footprint dropped, partial runs completed with it (opt-in).
+    # Session 36: clusters beside a run's complete footprint dropped, partial runs completed with it (opt-in when
+    # measured, the default since: these variants now equal default / seed0 / seed1).
     "exclusion": dict(footprint_exclusion=True),
     "exclusion-seed0": dict(footprint_exclusion=True, random_state=0),
     "exclusion-seed1": dict(footprint_exclusion=True, random_state=1),

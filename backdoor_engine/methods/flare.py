@@ -11,10 +11,13 @@ seed_majority flags what most of the runs that flagged anything flag):
                        (into a single class only where it can hold the all-to-one footprint: holds_footprint)
   flat_labels          labelling="official": the official flat cut just before the stable cluster splits
   flags_from_clusters  official: largest cluster clean, other clusters poisoned, noise by `noise_rule`
+  exclude_beside_complete ours: where a run's cluster holds an inflated label's whole excess, the runs' clusters
+                       outside it are dropped and the runs that found part of it completed with it, before the vote
   recover_by_neighbours ours: also flag what sits among the flagged samples in the all-layers embeddings
   footprint_completion ours: where the flags explain only part of an inflated label's excess, a linear probe
                        flags the rest of that label's samples that sit on the flagged side (score_mixture);
                        complete_runs does it to each seed's run before the vote
+  footprint_components_of ours, opt-in: the label's mutual-kNN components among several classes, flagged whole
   residual_members     ours: within the label, a cross-fitted probe adds the label's samples it puts with the flags
   settle_footprint     ours, opt-in (settle=True): the label's samples decided again by such probes, round after
                        round on their own decisions, until they stop changing
@@ -231,13 +234,15 @@ class FlareParams:
                                              "default missed (RESULTS.md, issue 17, session 35). None = off")
     # All-to-one relabelling adds no more than the label's excess to it; a run that found all of it shows which
     # of the other runs' clusters cannot be poison (IAD: a sub-island of clean T-shirts won the vote).
-    footprint_exclusion: bool = param(True, "ours: (exclude_beside_complete) where a seed's run flags a "
-                                      "cluster that alone holds the label's excess, clusters of any run lying "
-                                      "mostly outside it are dropped and runs that found part of it are completed "
-                                      "with it, before the vote. On the development rows it changed one, IAD a2o 60 "
-                                      "epochs subset seed 1: 56.0 / 0.77, 13.5 / 8.72, 56.7 / 8.64 -> 98.1 / 0.82, "
-                                      "97.8 / 0.82, 97.9 / 0.82 (bases 42, 0, 1; 1,217 -> 13 apart), and left the "
-                                      "flags of 14 others identical (RESULTS.md, issue 17, session 36). False = off")
+    footprint_exclusion: bool = param(True, "ours: (exclude_beside_complete) where a seed's run flags a cluster "
+                                      "that alone holds the label's excess, clusters of any run lying mostly outside "
+                                      "it are dropped and runs that found part of it are completed with it, before "
+                                      "the vote. Development: IAD a2o 60 epochs subset seed 1, 56.0 / 0.77, 13.5 / "
+                                      "8.72, 56.7 / 8.64 -> 98.1 / 0.82, 97.8 / 0.82, 97.9 / 0.82 (bases 42, 0, 1; "
+                                      "1,217 -> 13 apart), 14 other rows identical. Held out: IAD subset seed 2, 51.1 "
+                                      "-> 97.6 under base 42, the others unchanged (527 -> 2 apart); IAD subset seed "
+                                      "3 and WaNet subset seed 20 identical (RESULTS.md, issue 17, session 36). False "
+                                      "= the runs vote as they flagged")
     component_spread: float = param(0.5, "ours: a component is taken where no one other label holds this share of "
                                     "its members' neighbours of other labels (and it has some): the clean target "
                                     "class keeps the class it is confused with (T-shirt components 0.64-0.70, "
