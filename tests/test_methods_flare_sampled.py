@@ -178,6 +178,10 @@ def test_the_report_says_which_runs_clusters_a_complete_footprint_dropped_or_why
     assert any(note.startswith("2 run cluster(s) held label 0's whole excess") and "dropped from 2 run(s) (718 "
                "samples), and 2 run(s) that found part of it were completed with it (1,631 samples)" in note
                for note in notes)
+    unchanged = {**applied, "runs_dropped": [0] * 5, "runs_completed": [0] * 5}  # every run complete: no note
+    notes = sampled.report(Detection("flare", np.zeros(10, bool), diagnostics={**base, "exclusion": unchanged}),
+                           None, None).notes
+    assert not any("footprint_exclusion" in note for note in notes)
     refused = {"label": 0, "complete_clusters": 2, "complete_samples": 800, "applied": False,
                "reason": "the complete clusters together exceed the excess"}
     notes = sampled.report(Detection("flare", np.zeros(10, bool), diagnostics={**base, "exclusion": refused}),

@@ -244,7 +244,7 @@ class SampledFlare(Detector):
                                f"{detection.params.get('recover_neighbors')} nearest neighbours in the runs' "
                                "all-layers embeddings were flagged (recover_neighbors)")
         exclusion = detection.diagnostics.get("exclusion")
-        if exclusion and exclusion["applied"]:
+        if exclusion and exclusion["applied"] and any(exclusion["runs_dropped"] + exclusion["runs_completed"]):
             dropped, completed = exclusion["runs_dropped"], exclusion["runs_completed"]
             parts.notes.append(
                 f"{exclusion['complete_clusters']} run cluster(s) held label {exclusion['label']}'s whole excess "
@@ -252,7 +252,7 @@ class SampledFlare(Detector):
                 f"them could not be relabelled poison too and were dropped from {sum(d > 0 for d in dropped)} "
                 f"run(s) ({sum(dropped):,} samples), and {sum(c > 0 for c in completed)} run(s) that found part of "
                 f"it were completed with it ({sum(completed):,} samples) before the vote (footprint_exclusion)")
-        elif exclusion:
+        elif exclusion and not exclusion["applied"]:
             parts.notes.append(
                 f"{exclusion['complete_clusters']} run clusters each held label {exclusion['label']}'s whole excess, "
                 f"but {exclusion['reason']}: no run's clusters were dropped (footprint_exclusion)")
