@@ -273,7 +273,6 @@ def test_a_complete_footprint_found_by_one_run_drops_the_island_the_other_runs_v
 
 
 @pytest.mark.parametrize("bad", [dict(footprint_components=0), dict(footprint_components=2.5),
-
                                  dict(component_spread=0.0), dict(component_spread=1.5)])
 def test_linked_components_need_a_neighbour_count_and_a_share(bad):
     with pytest.raises(InputError, match=next(iter(bad))):

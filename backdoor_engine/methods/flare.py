@@ -1010,8 +1010,9 @@ def exclude_beside_complete(runs: list, y: np.ndarray, min_size: int,
         inside = int((y[members] == makeup["top_label"]).sum())
         return makeup["top_label"] if makeup["inflated"] and abs(inside - makeup["label_excess"]) <= min_size else None
 
-    found = [(label, members) for run in runs for members in run_clusters(run)
-             if (label := complete_label(members)) is not None]
+    # each run's clusters with the label each alone completes (None: not complete), read once
+    read = [[(members, complete_label(members)) for members in run_clusters(run)] for run in runs]
+    found = [(label, members) for clusters in read for members, label in clusters if label is not None]
     if not found:
         return runs, None
     label = found[0][0]
@@ -1025,20 +1026,19 @@ def exclude_beside_complete(runs: list, y: np.ndarray, min_size: int,
     if int((region & (y == label)).sum()) > excess[label] + min_size:
         return runs, {**summary, "applied": False, "reason": "the complete clusters together exceed the excess"}
     kept, dropped, completed = [], [], []
-    for run in runs:
-        clusters = run_clusters(run)
-        keep = [members for members in clusters if 2 * region[members].sum() >= len(members)]
+    for run, clusters in zip(runs, read):
+        keep = [(members, complete) for members, complete in clusters if 2 * region[members].sum() >= len(members)]
         flags = np.zeros(len(y), bool)
-        for members in keep:
+        for members, _ in keep:
             flags[members] = True
-        whole = any(complete_label(members) is not None for members in keep)
+        whole = any(complete is not None for _, complete in keep)
         add = held & ~flags if keep and not whole else np.zeros(len(y), bool)
         dropped.append(int(run.flags.sum() - flags.sum()))
         completed.append(int(add.sum()))
         if len(keep) == len(clusters) and not add.any():
             kept.append(run)
             continue
-        footprints = keep if len(keep) > 1 and not add.any() else None
+        footprints = [members for members, _ in keep] if len(keep) > 1 and not add.any() else None
         kept.append(replace(run, flags=flags | add, footprints=footprints))
     return kept, {**summary, "applied": True, "runs_dropped": dropped, "runs_completed": completed}
 
