@@ -637,6 +637,23 @@ def test_a_run_s_cluster_that_holds_the_label_s_excess_drops_other_runs_islands_
     assert summary["runs_dropped"] == [0, 150, 150, 0] and summary["runs_completed"] == [0, 0, 200, 0]
 
 
+def test_a_complete_cluster_may_hold_the_label_s_own_triggered_samples_beyond_the_excess_but_not_more():
+    # the poison's cluster also holds 120 zeros that carry the trigger and keep their label (poison drawn from the
+    # target class, its covers): 520 of label 0 against an excess of 400, within 400 * 4 / 3 + 50 (K = 4 labels)
+    _, y, _, _ = relabelled_half_flagged()
+    with_own, island = np.r_[np.arange(120), np.arange(2000, 2400)], np.arange(300, 450)
+    kept, summary = exclude_beside_complete(footprint_runs([with_own], [island]), y, 50)
+    assert summary["applied"] and summary["complete_clusters"] == 1 and not kept[1].flags.any()
+    # 200 of them (600 of label 0) is more than the relabelling can explain: not complete, nothing dropped
+    runs = footprint_runs([np.r_[np.arange(200), np.arange(2000, 2400)]], [island])
+    kept, summary = exclude_beside_complete(runs, y, 50)
+    assert summary is None and all(a is b for a, b in zip(kept, runs))
+    # short of the excess by more than min_size: part of the footprint, not all of it
+    runs = footprint_runs([np.arange(2000, 2340)], [island])
+    kept, summary = exclude_beside_complete(runs, y, 50)
+    assert summary is None and all(a is b for a, b in zip(kept, runs))
+
+
 def test_runs_are_left_as_they_are_without_a_complete_cluster_or_where_complete_clusters_disagree():
     _, y, _, _ = relabelled_half_flagged()
     island, half = np.arange(150), np.arange(2000, 2200)

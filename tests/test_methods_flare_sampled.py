@@ -183,10 +183,11 @@ def test_the_report_says_which_runs_clusters_a_complete_footprint_dropped_or_why
                            None, None).notes
     assert not any("footprint_exclusion" in note for note in notes)
     refused = {"label": 0, "complete_clusters": 2, "complete_samples": 800, "applied": False,
-               "reason": "the complete clusters together exceed the excess"}
+               "reason": "the complete clusters together hold more of the label than the excess allows"}
     notes = sampled.report(Detection("flare", np.zeros(10, bool), diagnostics={**base, "exclusion": refused}),
                            None, None).notes
-    assert any("but the complete clusters together exceed the excess: no run's clusters were dropped" in note
+    assert any("but the complete clusters together hold more of the label than the excess allows: no run's "
+               "clusters were dropped" in note
                for note in notes)
 
 
