@@ -129,7 +129,8 @@ VARIANTS = {
     "settle-path": dict(settle=True, settle_cut="mixture", settle_strengths=(0.001, 0.01)),
     "settle-path-seed0": dict(settle=True, settle_cut="mixture", settle_strengths=(0.001, 0.01), random_state=0),
     "settle-path-seed1": dict(settle=True, settle_cut="mixture", settle_strengths=(0.001, 0.01), random_state=1),
-    # Session 35: the label's linked components (footprint_components, opt-in), alone and before settle.
+    # Session 35: the label's linked components (footprint_components), alone and before settle. The default since
+    # session 37, so "components" and its seeds equal "default" and its seeds: kept so the commands still run.
     "components": dict(footprint_components=15),
     "components-seed0": dict(footprint_components=15, random_state=0),
     "components-seed1": dict(footprint_components=15, random_state=1),

@@ -234,19 +234,19 @@ def test_a_scan_asked_to_settle_its_footprint_unflags_and_flags_samples_and_says
     assert "settle" not in detection.diagnostics and np.array_equal(detection.flags, flags)
 
 
-def test_a_scan_asked_for_the_label_s_linked_components_flags_them_and_says_so(monkeypatch):
+def test_a_scan_flags_the_label_s_linked_components_by_default_and_says_so(monkeypatch):
     features, y, truth, flags = relabelled_by_source()
     monkeypatch.setattr(flare_module, "fit_once", lambda *a, **k: run_of(flags))
     plain = dict(n_seeds=1, complete_footprint=False, recover_neighbors=None, residual_probe=False,
                  min_cluster_size=50)
     layout = FeatureLayout(("bn1", "bn2"), (5, 5))
-    detection = Flare(footprint_components=15, **plain).fit(features, layout, y=y)
+    detection = Flare(**plain).fit(features, layout, y=y)
     components, by = detection.diagnostics["components"], detection.columns["flagged_by"]
     assert components["k"] == 15 and components["added"] == (detection.flags & ~flags).sum() >= 280
     assert (detection.flags & ~truth).sum() == 0
     assert set(by[detection.flags & ~flags]) == {"components"}
     assert detection.diagnostics["flagged_by"]["components"] == components["added"]
-    detection = Flare(**plain).fit(features, layout, y=y)  # off by default: the flags as the run left them
+    detection = Flare(footprint_components=None, **plain).fit(features, layout, y=y)  # off: as the run left them
     assert "components" not in detection.diagnostics and np.array_equal(detection.flags, flags)
 
 
