@@ -233,8 +233,9 @@ class FlareParams:
                                              "larger than the excess; on a second, 51 -> 98% under the base where the "
                                              "default missed (RESULTS.md, issue 17, session 35). Under session 36's "
                                              "default it took IAD subset seed 0 from 41.2 to 96.7-96.9% (the FPR "
-                                             "added: covers) and changed 15 other development rows in nothing; four "
-                                             "held-out rows flagged identically (session 37). None = off")
+                                             "added: covers), WaNet e20 subset 1 up under two bases, and left 15 "
+                                             "other development rows as they were; four held-out rows flagged "
+                                             "identically (session 37). None = off")
     # All-to-one relabelling adds no more than the label's excess to it; a run that found all of it shows which
     # of the other runs' clusters cannot be poison (IAD: a sub-island of clean T-shirts won the vote).
     footprint_exclusion: bool = param(True, "ours: (exclude_beside_complete) where a seed's run flags a cluster "
@@ -1027,8 +1028,8 @@ def exclude_beside_complete(runs: list, y: np.ndarray, min_size: int,
         flags = np.zeros(len(y), bool)
         flags[members] = True
         makeup = flagged_makeup(flags, y, island_purity)
-        inside = int((y[members] == makeup["top_label"]).sum())
         label = makeup["top_label"]
+        inside = int((y[members] == label).sum())
         return label if makeup["inflated"] and excess[label] - min_size <= inside <= most(label) else None
 
     # each run's clusters with the label each alone completes (None: not complete), read once
