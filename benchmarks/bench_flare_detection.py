@@ -125,6 +125,10 @@ VARIANTS = {
     "settle-mixture": dict(settle=True, settle_cut="mixture"),
     "settle-mixture-seed0": dict(settle=True, settle_cut="mixture", random_state=0),
     "settle-mixture-seed1": dict(settle=True, settle_cut="mixture", random_state=1),
+    # Session 38: the mixture's cut for what was flagged, the sign too for what settling would add.
+    "settle-hysteresis": dict(settle=True, settle_cut="hysteresis"),
+    "settle-hysteresis-seed0": dict(settle=True, settle_cut="hysteresis", random_state=0),
+    "settle-hysteresis-seed1": dict(settle=True, settle_cut="hysteresis", random_state=1),
     # Session 32: the rounds' probes at C 0.001 first, then at C 0.01 from where those settled (settle_strengths).
     "settle-path": dict(settle=True, settle_cut="mixture", settle_strengths=(0.001, 0.01)),
     "settle-path-seed0": dict(settle=True, settle_cut="mixture", settle_strengths=(0.001, 0.01), random_state=0),

@@ -824,6 +824,25 @@ def test_the_mixture_cut_keeps_more_of_the_poison_whose_trigger_shows_weakly_tha
     assert (by_mixture & truth & ~weak).sum() == (truth & ~weak).sum()
 
 
+def test_settling_with_hysteresis_keeps_the_poison_the_mixture_keeps_and_adds_only_what_the_probe_claims():
+    X, y, truth, _ = relabelled_half_flagged(seed=1)
+    poison = np.flatnonzero(truth)
+    X[poison, :2] += np.random.default_rng(11).uniform(-2.5, 3.0, (len(poison), 1))  # the trigger at 1.5 to 7
+    lookalike = np.arange(40)
+    X[lookalike, :2] += 1.5  # 40 clean zeros that look like a faint trigger
+    by_sign, _ = settle_footprint(truth, X, y, cut="sign")
+    by_mixture, _ = settle_footprint(truth, X, y, cut="mixture")
+    by_hysteresis, summary = settle_footprint(truth, X, y, cut="hysteresis")
+    assert summary["settled"] and summary["converged"] == "fixed point"
+    # the wide upper component keeps the poison whose trigger shows faintly, as the mixture's cut does...
+    assert (by_hysteresis & truth).sum() == (by_mixture & truth).sum() >= (by_sign & truth).sum() + 5
+    # ...and the clean zeros it reaches below the probe's boundary are not added
+    clean = ~truth & (y == 0)
+    assert (by_hysteresis & clean).sum() <= (by_sign & clean).sum() <= 5
+    assert (by_mixture & clean).sum() >= (by_hysteresis & clean).sum() + 8
+    assert not (by_hysteresis & ~by_mixture).any()
+
+
 def test_where_the_flagged_samples_are_not_apart_from_the_rest_of_their_label_settling_changes_nothing():
     X, y, truth, _ = relabelled_half_flagged()
     X[truth, :2] -= 4.0  # no trigger: the relabelled samples look like their label's clean ones

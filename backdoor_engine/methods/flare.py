@@ -45,7 +45,7 @@ NOISE_RULES = ("official", "nearest")
 LEAF_RULES = ("persistence", "official")
 XI_MODES = ("relative", "absolute")
 FOOTPRINT_BRANCHES = ("any-label", "top-label")
-SETTLE_CUTS = ("mixture", "sign")
+SETTLE_CUTS = ("mixture", "sign", "hysteresis")
 CUT_MARGIN = 1e-4  # official: cut at lambda 1e-4 before the stable cluster splits
 
 
@@ -292,7 +292,9 @@ class FlareParams:
                             "upper component of a two-component mixture of the last scores (posterior > 0.5); on the "
                             "development rows it kept the hit settling by sign lost (WaNet subset seed 1 97.6 -> "
                             "98.3%) and six rows became hits (RESULTS.md, issue 17, session 31). 'sign': a positive "
-                            "score (session 31's first rule)",
+                            "score (session 31's first rule). 'hysteresis': the mixture's cut for the members already "
+                            "flagged, and a positive score too for those it would add; on the development rows the "
+                            "mixture's additions on IAD were a third clean, below the probe's boundary (session 38)",
                             choices=SETTLE_CUTS)
     settle_rounds: int = param(40, "ours: a bound on settle's rounds; the development rows that converged took 1-37, "
                                "Adaptive-Blend 10%, WaNet 3% and an IAD row were still changing at 40 (RESULTS.md, "
@@ -1213,6 +1215,10 @@ def settle_footprint(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
     mixture of the last round's scores (score_mixture; in a two-round cycle, of the two rounds' mean scores) instead of
     those with a positive score: the rounds' balanced probes put the boundary between the two populations' centres, and
     poison nearest the clean side (on WaNet, poison drawn from the target class) falls on the clean side of it.
+    cut="hysteresis": the mixture's cut for the members `flags` held; a member they did not hold is added only where the
+    last round's probe also puts it on the flagged side (score > 0). The upper component is wide where the poison's
+    trigger shows at many strengths, and below the probe's boundary it reaches the label's clean members that look
+    most like the poison: settling keeps the margins of what was found and adds only what the probe itself claims.
     strengths: the probes' inverse regularisation C, one stage of rounds per value, each stage starting from the
     decisions the one before reached (max_rounds bounds each stage); the guards and the cut read the last stage."""
     if not flags.any():
@@ -1247,7 +1253,7 @@ def settle_footprint(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
             if before is not None and np.array_equal(decided, before):
                 summary["converged"] = "two-round cycle"
                 decided = decided & last
-                if cut == "mixture":  # the cycle's two rounds alike, whichever came last
+                if cut != "sign":  # the cycle's two rounds alike, whichever came last
                     scores = (scores + previous) / 2
                 break
             before = last
@@ -1262,6 +1268,8 @@ def settle_footprint(flags: np.ndarray, features: np.ndarray, y: np.ndarray, fol
         return None, {**summary, "reason": "the last round's scores were not two populations apart"}
     if cut == "mixture":
         decided = upper
+    elif cut == "hysteresis":
+        decided = upper & (flags[members] | (scores > 0))
     settled = flags.copy()
     settled[members] = decided
     overlap = float((settled & flags).sum() / (settled | flags).sum())
