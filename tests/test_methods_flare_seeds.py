@@ -214,13 +214,13 @@ def test_a_sample_recovered_by_its_neighbours_says_so_in_its_row(monkeypatch):
                                                    "residual": 0, "settle": 0}
 
 
-def test_a_scan_asked_to_settle_its_footprint_unflags_and_flags_samples_and_says_so(monkeypatch):
+def test_a_scan_settles_its_footprint_by_default_unflags_and_flags_samples_and_says_so(monkeypatch):
     features, y, truth, _ = relabelled_half_flagged()
     flags = truth & (np.arange(len(y)) < 2385)
     flags[[3, 17, 40]] = True  # three clean zeros in the run's cluster
     monkeypatch.setattr(flare_module, "fit_once", lambda *a, **k: run_of(flags))
     plain = dict(n_seeds=1, complete_footprint=False, recover_neighbors=None, residual_probe=False)
-    detection = Flare(settle=True, **plain).fit(features, SLICES, y=y)
+    detection = Flare(**plain).fit(features, SLICES, y=y)
     settle, by = detection.diagnostics["settle"], detection.columns["flagged_by"]
     assert settle["settled"] and settle["converged"] and settle["removed"] >= 2
     assert (detection.flags & truth).sum() >= 396 and (detection.flags & ~truth).sum() <= 1
@@ -230,7 +230,8 @@ def test_a_scan_asked_to_settle_its_footprint_unflags_and_flags_samples_and_says
     path = Flare(settle=True, settle_strengths=[0.001, 0.01], **plain).fit(features, SLICES, y=y)
     assert path.diagnostics["settle"]["settled"] and path.diagnostics["settle"]["strengths"] == [0.001, 0.01]
     assert path.diagnostics["settle"]["rounds"] > settle["rounds"]
-    detection = Flare(**plain).fit(features, SLICES, y=y)  # off by default: the flags as the run left them
+    assert Flare().params.settle_cut == "hysteresis"
+    detection = Flare(settle=False, **plain).fit(features, SLICES, y=y)  # off: the flags as the run left them
     assert "settle" not in detection.diagnostics and np.array_equal(detection.flags, flags)
 
 
@@ -238,7 +239,7 @@ def test_a_scan_flags_the_label_s_linked_components_by_default_and_says_so(monke
     features, y, truth, flags = relabelled_by_source()
     monkeypatch.setattr(flare_module, "fit_once", lambda *a, **k: run_of(flags))
     plain = dict(n_seeds=1, complete_footprint=False, recover_neighbors=None, residual_probe=False,
-                 min_cluster_size=50)
+                 min_cluster_size=50, settle=False)  # the components alone: settling would decide the margins after
     layout = FeatureLayout(("bn1", "bn2"), (5, 5))
     detection = Flare(**plain).fit(features, layout, y=y)
     components, by = detection.diagnostics["components"], detection.columns["flagged_by"]

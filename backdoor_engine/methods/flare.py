@@ -19,7 +19,7 @@ seed_majority flags what most of the runs that flagged anything flag):
                        complete_runs does it to each seed's run before the vote
   footprint_components_of ours: the label's mutual-kNN components among several classes, flagged whole
   residual_members     ours: within the label, a cross-fitted probe adds the label's samples it puts with the flags
-  settle_footprint     ours, opt-in (settle=True): the label's samples decided again by such probes, round after
+  settle_footprint     ours (settle=True, the default): the label's samples decided again by such probes, round after
                        round on their own decisions, until they stop changing
 Provenance of each default: SEED_NOTES.md section 1 (official code) and DESIGN.md section 4.
 """
@@ -268,7 +268,7 @@ class FlareParams:
     residual_folds: int = param(5, "ours: the usual k of cross-fitting; each probe sees 4/5 of the samples")
     # The flags differ with the UMAP seed at the margins (5-51 samples on the development rows, all of the target
     # label), and so does what the residual probe adds to them.
-    settle: bool = param(False, "ours: where the final flags are the all-to-one footprint, the label's members are "
+    settle: bool = param(True, "ours: where the final flags are the all-to-one footprint, the label's members are "
                          "decided again by within-label probes, flagged and unflagged alike, round after round on "
                          "their own decisions, until a round changes none (settle_footprint; the folds are fixed by "
                          "sample); kept where the rounds converge and the scores are two populations apart. It "
@@ -281,20 +281,25 @@ class FlareParams:
                          "backdoor it moved one base only (833 -> 888 apart), so it stays off (session 32). Under "
                          "the exclusion default five more development rows reached the issue's target with it, but "
                          "on a held-out IAD row (ASR 84.4%) it raised FPR 0.99 -> 1.30%, 22 of the samples untouched "
-                         "by the attack, past its reading (session 37)")
+                         "by the attack, past its reading (session 37). With settle_cut='hysteresis' it passed a "
+                         "reading written before it ran on three held-out rows (IAD 98.4-98.9% TPR at FPR -0.01 to "
+                         "0 points, WaNet 99.4% with the bases identical, one IAD row not settled), so it is on by "
+                         "default (session 38)")
     settle_overlap: float = param(0.75, "ours: settling is kept only where the settled flags share at least this "
                                   "share of their union with the flags it started from (Jaccard); 0.82-1.00 on every "
                                   "other settled development fit, 0.65 on the IAD row with no learned backdoor, whose "
                                   "rounds had drifted to 3.8% FPR (RESULTS.md, issue 17, session 31)")
     # The rounds' balanced probes draw the boundary midway; the poison nearest the clean side (on WaNet, drawn from the
     # target class itself) falls beyond it.
-    settle_cut: str = param("mixture", "ours: once the rounds converge, the label's members flagged are those in the "
-                            "upper component of a two-component mixture of the last scores (posterior > 0.5); on the "
-                            "development rows it kept the hit settling by sign lost (WaNet subset seed 1 97.6 -> "
-                            "98.3%) and six rows became hits (RESULTS.md, issue 17, session 31). 'sign': a positive "
-                            "score (session 31's first rule). 'hysteresis': the mixture's cut for the members already "
-                            "flagged, and a positive score too for those it would add; on the development rows the "
-                            "mixture's additions on IAD were a third clean, below the probe's boundary (session 38)",
+    settle_cut: str = param("hysteresis", "ours: once the rounds converge, the label's members already flagged "
+                            "stay where they are in the upper component of a two-component mixture of the last "
+                            "scores (posterior > 0.5), "
+                            "and those it would add must also score positive ('hysteresis'): on IAD subsets 1-5 (with "
+                            "covers) the mixture's cut alone added 5-22 samples the attack left untouched, below the "
+                            "probe's boundary, hysteresis 0-5, and it passed a held-out reading (RESULTS.md, issue "
+                            "17, session 38). 'mixture': the upper component alone; on the development rows it kept "
+                            "the hit settling by sign lost (WaNet subset seed 1 97.6 -> 98.3%) and six rows became "
+                            "hits (session 31). 'sign': a positive score (session 31's first rule)",
                             choices=SETTLE_CUTS)
     settle_rounds: int = param(40, "ours: a bound on settle's rounds; the development rows that converged took 1-37, "
                                "Adaptive-Blend 10%, WaNet 3% and an IAD row were still changing at 40 (RESULTS.md, "
