@@ -275,10 +275,10 @@ class FlareParams:
                          "made the three UMAP bases' flags identical on six more development rows; cut by sign it "
                          "unflagged poison the vote had found (WaNet subset seed 1 98.9 -> 97.6%), cut by the mixture "
                          "(settle_cut) it kept every hit and added six, but on a held-out WaNet set the bases reached "
-                         "two fixed points 12 samples apart (99.0% TPR under each), so it is off by default "
+                         "two fixed points 12 samples apart (99.0% TPR under each), so it was left off "
                          "(RESULTS.md, issue 17, session 31). On six retrained WaNet and LF rows it did no harm "
                          "against the default and brought the bases closer, but on an IAD row without a learned "
-                         "backdoor it moved one base only (833 -> 888 apart), so it stays off (session 32). Under "
+                         "backdoor it moved one base only (833 -> 888 apart), so it stayed off (session 32). Under "
                          "the exclusion default five more development rows reached the issue's target with it, but "
                          "on a held-out IAD row (ASR 84.4%) it raised FPR 0.99 -> 1.30%, 22 of the samples untouched "
                          "by the attack, past its reading (session 37). With settle_cut='hysteresis' it passed a "
@@ -293,13 +293,13 @@ class FlareParams:
     # target class itself) falls beyond it.
     settle_cut: str = param("hysteresis", "ours: once the rounds converge, the label's members already flagged "
                             "stay where they are in the upper component of a two-component mixture of the last "
-                            "scores (posterior > 0.5), "
-                            "and those it would add must also score positive ('hysteresis'): on IAD subsets 1-5 (with "
-                            "covers) the mixture's cut alone added 5-22 samples the attack left untouched, below the "
-                            "probe's boundary, hysteresis 0-5, and it passed a held-out reading (RESULTS.md, issue "
-                            "17, session 38). 'mixture': the upper component alone; on the development rows it kept "
-                            "the hit settling by sign lost (WaNet subset seed 1 97.6 -> 98.3%) and six rows became "
-                            "hits (session 31). 'sign': a positive score (session 31's first rule)",
+                            "scores (posterior > 0.5), and those it would add must also score positive "
+                            "('hysteresis'): on IAD subsets 1-5 (with covers) the mixture's cut alone added 5-22 "
+                            "samples the attack left untouched, below the probe's boundary, hysteresis 0-5, and it "
+                            "passed a held-out reading (RESULTS.md, issue 17, session 38). 'mixture': the upper "
+                            "component alone; on the development rows it kept the hit settling by sign lost (WaNet "
+                            "subset seed 1 97.6 -> 98.3%) and six rows became hits (session 31). 'sign': a positive "
+                            "score (session 31's first rule)",
                             choices=SETTLE_CUTS)
     settle_rounds: int = param(40, "ours: a bound on settle's rounds; the development rows that converged took 1-37, "
                                "Adaptive-Blend 10%, WaNet 3% and an IAD row were still changing at 40 (RESULTS.md, "
