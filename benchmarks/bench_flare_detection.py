@@ -130,6 +130,10 @@ VARIANTS = {
     "settle-hysteresis": dict(settle=True, settle_cut="hysteresis"),
     "settle-hysteresis-seed0": dict(settle=True, settle_cut="hysteresis", random_state=0),
     "settle-hysteresis-seed1": dict(settle=True, settle_cut="hysteresis", random_state=1),
+    # Session 39: the cluster holding the label's unflagged samples embedded and read alone (footprint_zoom).
+    "zoom": dict(footprint_zoom=True),
+    "zoom-seed0": dict(footprint_zoom=True, random_state=0),
+    "zoom-seed1": dict(footprint_zoom=True, random_state=1),
     # Session 32: the rounds' probes at C 0.001 first, then at C 0.01 from where those settled (settle_strengths).
     "settle-path": dict(settle=True, settle_cut="mixture", settle_strengths=(0.001, 0.01)),
     "settle-path-seed0": dict(settle=True, settle_cut="mixture", settle_strengths=(0.001, 0.01), random_state=0),
@@ -284,7 +288,7 @@ def run(args):
                    "explanation": d.get("explanation"), "verdicts": d.get("verdicts"),
                    "seed_runs": d.get("seed_runs"), "votes_histogram": d.get("votes_histogram"),
                    "flagged_by": stage_counts(detection, truth),
-                   "flagged_outside_clusters": d.get("flagged_outside_clusters"),
+                   "flagged_outside_clusters": d.get("flagged_outside_clusters"), "zoom": d.get("zoom"),
                    "extract_s": round(extract_s, 1), "detect_s": round(time.perf_counter() - t0, 1),
                    "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "cpu": platform.processor() or platform.machine()}

@@ -38,6 +38,7 @@ from ..engine.layout import FeatureLayout
 from ..errors import InputError
 from ..detection import Detection
 from ..params import build_params, choices_of, param
+from .flare_zoom import zoom_footprint
 
 REDUCTIONS = ("channel", "layer")
 LABELLINGS = ("stability", "official")
@@ -216,6 +217,16 @@ class FlareParams:
     footprint_per_run: bool = param(True, "ours: each seed's run's flags are completed (complete_footprint) before "
                                     "the seeds' vote, and the voted flags are not completed again (RESULTS.md, issue "
                                     "17: WaNet). False: the voted flags are completed (session 20)")
+    # The whole-set embedding can pack the rest of the poison inside a cluster of benign classes it never divides
+    # (IAD subset seed 6: the clothing-source poison inside the clothing classes); alone, that cluster divides.
+    footprint_zoom: bool = param(False, "ours, opt-in: where the voted flags are the all-to-one footprint and leave "
+                                 "at least min_cluster_size of the label's excess unexplained, the representative "
+                                 "run's cluster holding most of the label's unflagged samples is embedded and "
+                                 "clustered alone, and its first cluster that reads as the footprint with the "
+                                 "attack's cover samples (its other labels spread over many classes) gives its "
+                                 "unflagged members of the label (flare_zoom). Post hoc on IAD subset seed 6 that "
+                                 "cluster divided into the trigger's population (816 poison, 666 covers, 1 untouched "
+                                 "sample) and the clothing classes (RESULTS.md, issue 17, session 38). False = off")
     # Relabelled poison drawn from classes far from the target can stay by its source classes in every embedding
     # (IAD at 60 epochs: sandals 4 of 115 flagged), where no cluster holds it and the probes fitted on what was
     # found do not reach it; in the features it still sits with the rest of the poison.
@@ -1302,10 +1313,12 @@ def recover_by_neighbours(flags: np.ndarray, embeddings: list, k: int, share: fl
 
 
 # The stages that flag a sample, in Flare.fit's order, with the report's words for them: the runs' majority, the
-# neighbours in the runs' all-layers embeddings, the voted flags' footprint completion, the label's linked components
+# neighbours in the runs' all-layers embeddings, the voted flags' footprint completion, the zoom (footprint_zoom), the
+# label's linked components
 # (footprint_components), the residual probe, the settled footprint (settle=True; it also unflags samples).
 FLAGGED_BY = {"vote": "by the runs' vote", "neighbours": "by their neighbours",
-              "completion": "by the footprint completion", "components": "as linked components",
+              "completion": "by the footprint completion", "zoom": "by zooming into their cluster",
+              "components": "as linked components",
               "residual": "by the residual probe", "settle": "by settling the footprint"}
 
 
@@ -1380,6 +1393,13 @@ class Flare:
                 diagnostics["footprint"] = footprint
             flags = flags | completed
             flagged_by[completed] = "completion"
+            if self.params.footprint_zoom:
+                zoomed, summary = zoom_footprint(flags, features, layout, np.asarray(y), run, self.params,
+                                                 stage=stage)
+                if summary is not None:
+                    diagnostics["zoom"] = summary
+                flags = flags | zoomed
+                flagged_by[zoomed] = "zoom"
             if self.params.footprint_components is not None:
                 linked, summary = footprint_components_of(flags, features, np.asarray(y),
                                                           self.params.footprint_components,

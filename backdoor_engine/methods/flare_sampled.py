@@ -194,7 +194,8 @@ class SampledFlare(Detector):
                 print(f"flare: UMAP seed {shape[0]} of {shape[1]} (random_state={shape[2]})", flush=True)
                 return
             # Said before the fit, not after: a UMAP fit on 50k rows runs for a minute or more without output.
-            what = {"umap": "UMAP embedding", "hdbscan": "HDBSCAN clustering"}.get(name, name)
+            what = {"umap": "UMAP embedding", "hdbscan": "HDBSCAN clustering",
+                    "zoom": "zoom (UMAP and HDBSCAN of one cluster alone)"}.get(name, name)
             print(f"flare: {what} of {shape[0]:,} rows x {shape[1]} columns started", flush=True)
 
         return self.fit(detector_input(data, "bn_minima"), data.features.layout, y=data.y,
@@ -277,6 +278,14 @@ class SampledFlare(Detector):
                    "flagged (complete_footprint)" if added else
                    "relabelled poison may remain unflagged" + ("" if detection.params.get("complete_footprint")
                                                                 else " (complete_footprint is off)")))
+        zoom = detection.diagnostics.get("zoom")
+        if zoom and zoom.get("region_size"):
+            parts.notes.append(
+                f"the representative run's cluster of {zoom['region_size']:,} samples that held most of label "
+                f"{zoom['label']}'s unflagged samples was embedded and clustered alone: "
+                + (f"a cluster of it read as the footprint with the attack's cover samples (other labels spread over "
+                   f"many classes), and its {zoom['added']:,} unflagged members of the label were flagged "
+                   "(footprint_zoom)" if zoom["applied"] else f"{zoom['reason']} (footprint_zoom)"))
         linked = detection.diagnostics.get("components")
         if linked and linked["components"]:
             taken = [c for c in linked["components"] if c["taken"]]
