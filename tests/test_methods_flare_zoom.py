@@ -79,6 +79,10 @@ def test_the_zoom_steps_into_the_cluster_that_holds_the_labels_unflagged_samples
     # the region is the clothing blob: all of the unflagged label 0, none of the classes outside it
     assert inside[~flags & (y == 0)].mean() >= 0.95 and inside[population].mean() >= 0.95
     assert inside[3000 - 6 * 300:3000].mean() <= 0.02 and not inside[flags].any()
+    # no step goes below the unexplained excess: each node on the path holds all 560 unflagged label-0 samples, so
+    # with 560 unexplained the path is the same, and with 561 no node below the root has room for the rest
+    assert zoom_region(run.condensed_tree, flags, y, 0, unexplained=560) == (node, path)
+    assert zoom_region(run.condensed_tree, flags, y, 0, unexplained=561) == (None, [run.condensed_tree.root])
 
 
 def test_alone_the_region_divides_and_its_trigger_population_with_spread_covers_is_read_as_the_footprint():

@@ -7,7 +7,8 @@ footwear-source poison split off; RESULTS.md, issue 17, session 38). Embedded an
 shows the trigger's population. Three plain stages, then one function that chains them:
 
 1. `zoom_region`: the cluster to look into. From the root of the representative run's condensed tree, step into the
-   child holding the most of the label's unflagged samples while it holds at least half of those its parent holds.
+   child holding the most of the label's unflagged samples while it holds at least half of those its parent holds
+   and at least the unexplained excess of them (room for the rest of the footprint).
 2. `embed_region`: the region's rows of the run's subspace columns, embedded (UMAP, the scan's settings and seed) and
    clustered (HDBSCAN, min_cluster_size) alone.
 3. `read_zoomed`: the region's tree, top-down, for the first cluster that reads as the rest of the footprint with
@@ -34,10 +35,13 @@ def unflagged_of_label(flags: np.ndarray, y: np.ndarray, label: int) -> np.ndarr
     return ~flags & (y == label)
 
 
-def zoom_region(tree, flags: np.ndarray, y: np.ndarray, label: int) -> tuple[int | None, list[int]]:
+def zoom_region(tree, flags: np.ndarray, y: np.ndarray, label: int, unexplained: int = 0
+                ) -> tuple[int | None, list[int]]:
     """(the node to zoom into, the nodes stepped through from the root): the deepest node reached by stepping into
     the child that holds the most of `label`'s unflagged samples while it holds at least half of those its parent
-    holds; None where no step is taken (the root: zooming would embed the whole set again)."""
+    holds and at least `unexplained` of them (a smaller node cannot hold the rest of the footprint: a step past it
+    follows the label's clean class alone); None where no step is taken (the root: zooming would embed the whole
+    set again)."""
     wanted = unflagged_of_label(flags, y, label)
     members = cluster.all_members(tree)
     node, path = tree.root, [int(tree.root)]
@@ -47,7 +51,7 @@ def zoom_region(tree, flags: np.ndarray, y: np.ndarray, label: int) -> tuple[int
             break
         held = [int(wanted[members[c]].sum()) for c in children]
         best = int(np.argmax(held))
-        if 2 * held[best] < int(wanted[members[node]].sum()):
+        if 2 * held[best] < int(wanted[members[node]].sum()) or held[best] < unexplained:
             break
         node = children[best]
         path.append(int(node))
@@ -125,7 +129,7 @@ def zoom_footprint(flags: np.ndarray, features: np.ndarray, layout, y: np.ndarra
     if not makeup["inflated"] or unexplained < params.min_cluster_size:
         summary["reason"] = "the flags are not an incomplete all-to-one footprint"
         return add, summary
-    node, path = zoom_region(run.condensed_tree, flags, y, label)
+    node, path = zoom_region(run.condensed_tree, flags, y, label, unexplained)
     summary["path"] = path
     if node is None:
         summary["reason"] = "no cluster below the root holds most of the label's unflagged samples"
