@@ -221,12 +221,14 @@ class FlareParams:
     # (IAD subset seed 6: the clothing-source poison inside the clothing classes); alone, that cluster divides.
     footprint_zoom: bool = param(False, "ours, opt-in: where the voted flags are the all-to-one footprint and leave "
                                  "at least min_cluster_size of the label's excess unexplained, the representative "
-                                 "run's cluster holding most of the label's unflagged samples is embedded and "
-                                 "clustered alone, and its first cluster that reads as the footprint with the "
+                                 "run's cluster holding most of the label's unflagged samples (at least the "
+                                 "unexplained count of them) is embedded and clustered alone, and its first cluster "
+                                 "that reads as the footprint with the "
                                  "attack's cover samples (its other labels spread over many classes) gives its "
                                  "unflagged members of the label (flare_zoom). Post hoc on IAD subset seed 6 that "
                                  "cluster divided into the trigger's population (816 poison, 666 covers, 1 untouched "
-                                 "sample) and the clothing classes (RESULTS.md, issue 17, session 38). False = off")
+                                 "sample) and the clothing classes (RESULTS.md, issue 17, session 38). On the rows of "
+                                 "session 39 (one held out) its gate stayed closed. False = off")
     # Relabelled poison drawn from classes far from the target can stay by its source classes in every embedding
     # (IAD at 60 epochs: sandals 4 of 115 flagged), where no cluster holds it and the probes fitted on what was
     # found do not reach it; in the features it still sits with the rest of the poison.
