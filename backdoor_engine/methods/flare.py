@@ -219,7 +219,7 @@ class FlareParams:
                                     "17: WaNet). False: the voted flags are completed (session 20)")
     # The whole-set embedding can pack the rest of the poison inside a cluster of benign classes it never divides
     # (IAD subset seed 6: the clothing-source poison inside the clothing classes); alone, that cluster divides.
-    footprint_zoom: bool = param(False, "ours, opt-in: where the voted flags are the all-to-one footprint and leave "
+    footprint_zoom: bool = param(False, "ours (opt-in): where the voted flags are the all-to-one footprint and leave "
                                  "at least min_cluster_size of the label's excess unexplained, the representative "
                                  "run's cluster holding most of the label's unflagged samples (at least the "
                                  "unexplained count of them) is embedded and clustered alone, and its first cluster "
