@@ -141,18 +141,24 @@ def test_the_report_says_what_the_zoom_found_or_why_it_took_nothing():
     sampled = SampledFlare(n_seeds=1)
     base = {"sampled": {"n_sample": 10, "n_rows": 10}}
     applied = {"label": 0, "unexplained": 760, "applied": True, "region_node": 10012, "region_size": 6552,
-               "added": 830}
+               "added": 830, "clusters": []}
     notes = sampled.report(Detection("flare", np.zeros(10, bool), diagnostics={**base, "zoom": applied}),
                            None, None).notes
     assert any("cluster of 6,552 samples that held most of label 0's unflagged samples was embedded and clustered "
                "alone" in note and "its 830 unflagged members of the label were flagged (footprint_zoom)" in note
                for note in notes)
-    refused = {"label": 0, "unexplained": 760, "applied": False, "region_size": 6552,
+    refused = {"label": 0, "unexplained": 760, "applied": False, "region_size": 6552, "clusters": [],
                "reason": "no cluster of the region reads as the rest of the footprint"}
     notes = sampled.report(Detection("flare", np.zeros(10, bool), diagnostics={**base, "zoom": refused}),
                            None, None).notes
     assert any("alone: no cluster of the region reads as the rest of the footprint (footprint_zoom)" in note
                for note in notes)
+    small = {"label": 0, "unexplained": 120, "applied": False, "region_size": 180,
+             "reason": "the region is too small to divide"}  # not embedded: the note does not say it was
+    notes = sampled.report(Detection("flare", np.zeros(10, bool), diagnostics={**base, "zoom": small}),
+                           None, None).notes
+    assert any("cluster of 180 samples that held most of label 0's unflagged samples was not zoomed: the region is "
+               "too small to divide (footprint_zoom)" in note for note in notes)
     gate = {"label": 0, "unexplained": 3, "applied": False, "reason": "the flags are not an incomplete all-to-one "
             "footprint"}  # not zoomed: no note
     notes = sampled.report(Detection("flare", np.zeros(10, bool), diagnostics={**base, "zoom": gate}),

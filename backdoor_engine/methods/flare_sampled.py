@@ -280,12 +280,14 @@ class SampledFlare(Detector):
                                                                 else " (complete_footprint is off)")))
         zoom = detection.diagnostics.get("zoom")
         if zoom and zoom.get("region_size"):
+            what = ("a cluster of it read as the footprint with the attack's cover samples (other labels spread "
+                    f"over many classes), and its {zoom['added']:,} unflagged members of the label were flagged"
+                    if zoom["applied"] else zoom["reason"])
             parts.notes.append(
                 f"the representative run's cluster of {zoom['region_size']:,} samples that held most of label "
-                f"{zoom['label']}'s unflagged samples was embedded and clustered alone: "
-                + (f"a cluster of it read as the footprint with the attack's cover samples (other labels spread over "
-                   f"many classes), and its {zoom['added']:,} unflagged members of the label were flagged "
-                   "(footprint_zoom)" if zoom["applied"] else f"{zoom['reason']} (footprint_zoom)"))
+                f"{zoom['label']}'s unflagged samples "
+                + ("was embedded and clustered alone: " if "clusters" in zoom else "was not zoomed: ")
+                + f"{what} (footprint_zoom)")
         linked = detection.diagnostics.get("components")
         if linked and linked["components"]:
             taken = [c for c in linked["components"] if c["taken"]]
