@@ -17,6 +17,8 @@ seed_majority flags what most of the runs that flagged anything flag):
   footprint_completion ours: where the flags explain only part of an inflated label's excess, a linear probe
                        flags the rest of that label's samples that sit on the flagged side (score_mixture);
                        complete_runs does it to each seed's run before the vote
+  zoom_footprint       ours, opt-in (footprint_zoom; flare_zoom.py): the cluster holding the rest of the label's
+                       unflagged samples embedded and clustered alone, its footprint with the attack's covers flagged
   footprint_components_of ours: the label's mutual-kNN components among several classes, flagged whole
   residual_members     ours: within the label, a cross-fitted probe adds the label's samples it puts with the flags
   settle_footprint     ours (settle=True, the default): the label's samples decided again by such probes, round after
@@ -1022,6 +1024,15 @@ def run_clusters(run) -> list:
     return [np.flatnonzero(run.flags)] if run.flags.any() else []
 
 
+def footprint_room(relabelled: float, y: np.ndarray, min_size: int) -> float:
+    """The most of a label that a cluster holding `relabelled` of its relabelled poison may hold: relabelled x K /
+    (K - 1) + min_size, K labels. The footprint's cluster also holds the label's own samples that carry the trigger
+    and keep their label (the poison drawn from the target class, its cover samples: about a 1 / K share of each),
+    which the excess over the median label count does not see."""
+    labels = int((np.bincount(y) > 0).sum())
+    return relabelled * labels / max(labels - 1, 1) + min_size
+
+
 def exclude_beside_complete(runs: list, y: np.ndarray, min_size: int,
                             island_purity: float = FlareParams.island_purity) -> tuple[list, dict | None]:
     """(the runs, changed where a complete footprint was found; summary or None). All-to-one relabelling puts
@@ -1033,15 +1044,12 @@ def exclude_beside_complete(runs: list, y: np.ndarray, min_size: int,
     clusters hold, instead of by the probe. Where the complete clusters disagree (of different labels, or together
     more of the label than a complete cluster may hold) or none is found, the runs are left as they are.
 
-    The upper bound is wider than the lower: the footprint's cluster also holds the label's own samples that carry
-    the trigger and keep their label (the poison drawn from the target class, its cover samples: about a 1 / K share
-    of each), which the excess over the median label count does not see."""
+    The upper bound is wider than the lower (footprint_room): the label's own triggered samples keep their label."""
     excess = label_excess(y)
-    labels = int((np.bincount(y) > 0).sum())
 
     def most(label):
         """The most of `label` a complete cluster (or the complete clusters together) may hold."""
-        return excess[label] * labels / max(labels - 1, 1) + min_size
+        return footprint_room(excess[label], y, min_size)
 
     def complete_label(members):
         """The label whose excess the cluster alone holds (the footprint, complete), or None."""
@@ -1316,8 +1324,8 @@ def recover_by_neighbours(flags: np.ndarray, embeddings: list, k: int, share: fl
 
 # The stages that flag a sample, in Flare.fit's order, with the report's words for them: the runs' majority, the
 # neighbours in the runs' all-layers embeddings, the voted flags' footprint completion, the zoom (footprint_zoom), the
-# label's linked components
-# (footprint_components), the residual probe, the settled footprint (settle=True; it also unflags samples).
+# label's linked components (footprint_components), the residual probe, the settled footprint (settle=True; it also
+# unflags samples).
 FLAGGED_BY = {"vote": "by the runs' vote", "neighbours": "by their neighbours",
               "completion": "by the footprint completion", "zoom": "by zooming into their cluster",
               "components": "as linked components",

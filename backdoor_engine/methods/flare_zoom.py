@@ -18,8 +18,8 @@ shows the trigger's population. Three plain stages, then one function that chain
    few classes it is confused with, and a pure one has no others), and the label under island_rest_share of the rest
    of its split (a sub-island of the clean class splits from the rest of its class). It must hold at least
    min_cluster_size of the label's unflagged samples and at most the unexplained excess x K / (K - 1) +
-   min_cluster_size of them (the label's own triggered samples keep it, as exclude_beside_complete allows). Its
-   unflagged members of the label are flagged; its other labels are not.
+   min_cluster_size of them (footprint_room: the label's own triggered samples keep it, as exclude_beside_complete
+   allows). Its unflagged members of the label are flagged; its other labels are not.
    A cluster of relabelled poison alone is not read: zoomed, the label's clean class can split off as purely (on
    planted data, the clean class was read so), and nothing here tells the two apart.
 """
@@ -74,11 +74,10 @@ def read_zoomed(tree, rows: np.ndarray, flags: np.ndarray, y: np.ndarray, label:
                 params) -> tuple[np.ndarray | None, list[dict]]:
     """(the global ids of the zoomed cluster read as the rest of the footprint, or None; one row per cluster
     examined). `tree` clusters `rows` (global sample ids, in its sample order)."""
-    from .flare import class_makeup, label_excess
+    from .flare import class_makeup, footprint_room, label_excess
 
     excess = label_excess(y)
-    classes = int((np.bincount(y) > 0).sum())
-    most = unexplained * classes / max(classes - 1, 1) + params.min_cluster_size
+    most = footprint_room(unexplained, y, params.min_cluster_size)
     wanted = unflagged_of_label(flags, y, label)
     members = cluster.all_members(tree)
     covers_options = dict(island_purity=params.off_label_purity, footprint_purity=None,
