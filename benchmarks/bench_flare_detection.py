@@ -256,6 +256,12 @@ def run(args):
         # All-to-one poison drawn from the target class keeps its label (about a tenth of it): how much of the
         # poison whose label the attack changed was found, beside the TPR over all of it.
         relabelled = truth.astype(bool) & (dataset.y != source.y)
+        # The two groups no detector can tell apart where the covers carry the poison's own trigger (cover_floor.py):
+        # the target class's own poison (label kept, counted as poison) and the target label's covers (clean).
+        own, target_covers = np.zeros(len(dataset), bool), np.zeros(len(dataset), bool)
+        if case[1] == "a2o":
+            own = truth.astype(bool) & ~relabelled
+            target_covers = cover & (dataset.y == meta["attack"].get("target", 0))
         t0 = time.perf_counter()
         features = extract_features(model, dataset, meta["normalisation"], progress=False,
                                     store=Path(args.cache) / Path(model_path).stem)
@@ -281,6 +287,8 @@ def run(args):
                    "n_cover": int(cover.sum()), "cover_flagged": int(detection.flags[cover].sum()),
                    "fpr_untouched": float(detection.flags[untouched].mean()) if untouched.any() else 0.0,
                    "tpr_relabelled": float(detection.flags[relabelled].mean()) if relabelled.any() else None,
+                   "own_flagged": [int(detection.flags[own].sum()), int(own.sum())],
+                   "target_covers_flagged": [int(detection.flags[target_covers].sum()), int(target_covers.sum())],
                    "flags_digest": hashlib.blake2b(np.flatnonzero(detection.flags).tobytes(),
                                                    digest_size=8).hexdigest(),
                    "paper_tpr_fpr": PAPER_TABLE_I.get(case),

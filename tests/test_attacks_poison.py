@@ -11,6 +11,7 @@ from backdoor_engine.data.attacks import (
     CLEAN_LABEL_ATTACKS,
     attack_labels,
     attack_param_names,
+    draw_samples,
     make_attack,
     poison_dataset,
     triggered_test_set,
@@ -130,6 +131,18 @@ def test_cover_samples_are_disjoint_and_keep_their_true_labels(name, params, exp
     assert all((result.x[i] != x[i]).any() for i in np.flatnonzero(result.cover))
     clean = ~(result.mask | result.cover)
     np.testing.assert_array_equal(result.x[clean], x[clean])
+
+
+@pytest.mark.parametrize("name, seed", [("wanet", 0), ("adaptive_patch", 3), ("badnets", 1), ("sig", 2)])
+def test_draw_samples_names_the_samples_poison_dataset_hits_without_touching_an_image(name, seed):
+    x, y = dataset(n=200, seed=seed)
+    attack = make_attack(name, x.shape[1:])
+    result = poison_dataset(x, y, attack, mode="a2o", rate=0.1, target=1, num_classes=K, seed=seed)
+    payload, cover = draw_samples(y, attack, rate=0.1, target=1, num_classes=K, seed=seed)
+    np.testing.assert_array_equal(payload, np.flatnonzero(result.mask))
+    np.testing.assert_array_equal(cover, np.flatnonzero(result.cover))
+    with pytest.raises(InputError, match="rate"):
+        draw_samples(y, attack, rate=1.5, num_classes=K, seed=seed)
 
 
 def test_cover_that_does_not_fit_is_rejected():

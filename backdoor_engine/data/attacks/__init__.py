@@ -22,7 +22,7 @@ from .issba import ISSBA
 from .label_consistent import LabelConsistent
 from .labels import MODES, attack_labels
 from .low_frequency import LowFrequency
-from .poison import PoisonResult, TriggeredSet, poison_dataset, triggered_test_set
+from .poison import PoisonResult, TriggeredSet, draw_samples, poison_dataset, triggered_test_set
 from .siba import SIBA
 from .sig import SIG
 from .trojan import Trojan
@@ -80,6 +80,7 @@ __all__ = [
     "WaNet",
     "attack_labels",
     "attack_param_names",
+    "draw_samples",
     "make_attack",
     "poison_dataset",
     "triggered_test_set",

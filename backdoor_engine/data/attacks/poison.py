@@ -50,6 +50,43 @@ def _check_inputs(x, y, attack: Attack, mode: str, target: int, num_classes: int
     return y, target, num_classes
 
 
+def _stream_rngs(seed: int) -> tuple[np.random.Generator, ...]:
+    """The four streams of one poisoning: which samples, their labels, their triggers, the covers' triggers."""
+    return tuple(np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(4))
+
+
+def _draw(y: np.ndarray, attack: Attack, rate: float, target: int, rng: np.random.Generator):
+    n_samples = len(y)
+    n_payload = int(n_samples * rate)
+    # BackdoorBox LC takes its rate relative to the target class; here rate is always a fraction
+    # of the whole set so that rates mean the same thing across attacks.
+    candidates = np.flatnonzero(y == target) if attack.clean_label else np.arange(n_samples)
+    if n_payload > len(candidates):
+        raise InputError(
+            f"rate: {rate} asks for {n_payload} poisoned samples but target class {target} has only "
+            f"{len(candidates)} samples for clean-label attack {attack.name!r}"
+        )
+    payload = np.sort(rng.permutation(candidates)[:n_payload])
+    rest = np.setdiff1d(np.arange(n_samples), payload)
+    n_cover = attack.cover_count(n_samples, rate)
+    if n_cover > len(rest):
+        raise InputError(
+            f"rate: {rate} asks for {n_payload} poisoned and {n_cover} cover samples, "
+            f"more than the {n_samples} available"
+        )
+    return payload, np.sort(rng.permutation(rest)[:n_cover])
+
+
+def draw_samples(y, attack: Attack, *, rate: float, target: int = 0, num_classes: int, seed: int):
+    """The payload and cover indices `poison_dataset` picks for the same labels, attack, rate, target and seed
+    (the same random stream), without touching an image: what a poisoning will hit, known before it is built."""
+    if not isinstance(attack, Attack):
+        raise InputError(f"attack: expected an attack built by make_attack, got {type(attack).__name__}")
+    target, num_classes = check_class_setup(target, num_classes)
+    y = check_labels(y, num_classes)
+    return _draw(y, attack, check_fraction(rate, "rate"), target, _stream_rngs(seed)[0])
+
+
 def poison_dataset(
     x: np.ndarray,
     y: np.ndarray,
@@ -66,28 +103,10 @@ def poison_dataset(
     attack's cover samples drawn from the rest. Inputs are not modified."""
     y, target, num_classes = _check_inputs(x, y, attack, mode, target, num_classes)
     rate = check_fraction(rate, "rate")
-    choose_rng, label_rng, payload_rng, cover_rng = (
-        np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(4)
-    )
+    choose_rng, label_rng, payload_rng, cover_rng = _stream_rngs(seed)
     n_samples = len(x)
-    n_payload = int(n_samples * rate)
-    # BackdoorBox LC takes its rate relative to the target class; here rate is always a fraction
-    # of the whole set so that rates mean the same thing across attacks.
-    candidates = np.flatnonzero(y == target) if attack.clean_label else np.arange(n_samples)
-    if n_payload > len(candidates):
-        raise InputError(
-            f"rate: {rate} asks for {n_payload} poisoned samples but target class {target} has only "
-            f"{len(candidates)} samples for clean-label attack {attack.name!r}"
-        )
-    payload = np.sort(choose_rng.permutation(candidates)[:n_payload])
-    rest = np.setdiff1d(np.arange(n_samples), payload)
-    n_cover = attack.cover_count(n_samples, rate)
-    if n_cover > len(rest):
-        raise InputError(
-            f"rate: {rate} asks for {n_payload} poisoned and {n_cover} cover samples, "
-            f"more than the {n_samples} available"
-        )
-    cover = np.sort(choose_rng.permutation(rest)[:n_cover])
+    payload, cover = _draw(y, attack, rate, target, choose_rng)
+    n_payload, n_cover = len(payload), len(cover)
 
     x_out = x.copy()
     y_out = y.copy()
