@@ -134,6 +134,10 @@ VARIANTS = {
     "zoom": dict(footprint_zoom=True),
     "zoom-seed0": dict(footprint_zoom=True, random_state=0),
     "zoom-seed1": dict(footprint_zoom=True, random_state=1),
+    # Session 40: the label's minority inside one source class's cluster (source_minority).
+    "minority": dict(source_minority=True),
+    "minority-seed0": dict(source_minority=True, random_state=0),
+    "minority-seed1": dict(source_minority=True, random_state=1),
     # Session 32: the rounds' probes at C 0.001 first, then at C 0.01 from where those settled (settle_strengths).
     "settle-path": dict(settle=True, settle_cut="mixture", settle_strengths=(0.001, 0.01)),
     "settle-path-seed0": dict(settle=True, settle_cut="mixture", settle_strengths=(0.001, 0.01), random_state=0),
@@ -297,6 +301,7 @@ def run(args):
                    "seed_runs": d.get("seed_runs"), "votes_histogram": d.get("votes_histogram"),
                    "flagged_by": stage_counts(detection, truth),
                    "flagged_outside_clusters": d.get("flagged_outside_clusters"), "zoom": d.get("zoom"),
+                   "minority": {k: v for k, v in d["minority"].items() if k != "nodes"} if d.get("minority") else None,
                    "extract_s": round(extract_s, 1), "detect_s": round(time.perf_counter() - t0, 1),
                    "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "cpu": platform.processor() or platform.machine()}

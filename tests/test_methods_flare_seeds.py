@@ -211,7 +211,7 @@ def test_a_sample_recovered_by_its_neighbours_says_so_in_its_row(monkeypatch):
     assert detection.columns["flagged_by"][250] == "neighbours"
     assert detection.columns["runs_clustered"][250] == 0 and detection.columns["runs_voted"][250] == 0
     assert detection.diagnostics["flagged_by"] == {"vote": 59, "neighbours": 1, "completion": 0, "zoom": 0,
-                                                   "components": 0, "residual": 0, "settle": 0}
+                                                   "minority": 0, "components": 0, "residual": 0, "settle": 0}
 
 
 def test_a_scan_settles_its_footprint_by_default_unflags_and_flags_samples_and_says_so(monkeypatch):

@@ -19,6 +19,8 @@ seed_majority flags what most of the runs that flagged anything flag):
                        complete_runs does it to each seed's run before the vote
   zoom_footprint       ours, opt-in (footprint_zoom; flare_zoom.py): the cluster holding the rest of the label's
                        unflagged samples embedded and clustered alone, its footprint with the attack's covers flagged
+  minority_members     ours, opt-in (source_minority; flare_minority.py): the label's unflagged samples that most
+                       runs' trees put as a minority inside one other class's cluster, far ahead of its other labels
   footprint_components_of ours: the label's mutual-kNN components among several classes, flagged whole
   residual_members     ours: within the label, a cross-fitted probe adds the label's samples it puts with the flags
   settle_footprint     ours (settle=True, the default): the label's samples decided again by such probes, round after
@@ -40,6 +42,7 @@ from ..engine.layout import FeatureLayout
 from ..errors import InputError
 from ..detection import Detection
 from ..params import build_params, choices_of, param
+from .flare_minority import minority_members
 from .flare_zoom import zoom_footprint
 
 REDUCTIONS = ("channel", "layer")
@@ -231,6 +234,18 @@ class FlareParams:
                                  "cluster divided into the trigger's population (816 poison, 666 covers, 1 untouched "
                                  "sample) and the clothing classes (RESULTS.md, issue 17, session 38). On the rows of "
                                  "session 39 (one held out) its gate stayed closed. False = off")
+    # A source class's relabelled poison can stay inside that class's cluster in every run's tree (IAD subset seed 9:
+    # 80 samples labelled 0, all poison, among 816 trousers), where the label's excess no longer shows it missing.
+    source_minority: bool = param(False, "ours (opt-in): where the flags are the all-to-one footprint, the label's "
+                                  "unflagged samples that most runs' trees put in a node at least island_purity one "
+                                  "other class, where the label's members outnumber every other off-label "
+                                  "minority_ratio times (flare_minority). Designed on six development rows "
+                                  "(RESULTS.md, issue 17, session 40). False = off")
+    minority_ratio: float = param(5.0, "ours: the label's members against the next off-label in such a node; on the "
+                                  "development rows the poison's minorities were 6-80 times it, clean label-0 "
+                                  "minorities 0.2-2.3 times")
+    minority_min_members: int = param(20, "ours: fewer of the label in a node are not read (a fifth of "
+                                      "min_cluster_size's default)")
     # Relabelled poison drawn from classes far from the target can stay by its source classes in every embedding
     # (IAD at 60 epochs: sandals 4 of 115 flagged), where no cluster holds it and the probes fitted on what was
     # found do not reach it; in the features it still sits with the rest of the poison.
@@ -1328,6 +1343,7 @@ def recover_by_neighbours(flags: np.ndarray, embeddings: list, k: int, share: fl
 # unflags samples).
 FLAGGED_BY = {"vote": "by the runs' vote", "neighbours": "by their neighbours",
               "completion": "by the footprint completion", "zoom": "by zooming into their cluster",
+              "minority": "as the label's minority in a source class",
               "components": "as linked components",
               "residual": "by the residual probe", "settle": "by settling the footprint"}
 
@@ -1410,6 +1426,12 @@ class Flare:
                     diagnostics["zoom"] = summary
                 flags = flags | zoomed
                 flagged_by[zoomed] = "zoom"
+            if self.params.source_minority:
+                minority, summary = minority_members(flags, runs, np.asarray(y), self.params)
+                if summary is not None:
+                    diagnostics["minority"] = summary
+                flags = flags | minority
+                flagged_by[minority] = "minority"
             if self.params.footprint_components is not None:
                 linked, summary = footprint_components_of(flags, features, np.asarray(y),
                                                           self.params.footprint_components,

@@ -288,6 +288,12 @@ class SampledFlare(Detector):
                 f"{zoom['label']}'s unflagged samples "
                 + ("was embedded and clustered alone: " if "clusters" in zoom else "was not zoomed: ")
                 + f"{what} (footprint_zoom)")
+        minority = detection.diagnostics.get("minority")
+        if minority and minority["applied"]:
+            parts.notes.append(
+                f"{minority['added']:,} more samples of label {minority['label']} were flagged: in most runs' trees "
+                "they sat as a minority inside one other class's cluster, far more of them than of that cluster's "
+                "other off-labels (source_minority)")
         linked = detection.diagnostics.get("components")
         if linked and linked["components"]:
             taken = [c for c in linked["components"] if c["taken"]]
