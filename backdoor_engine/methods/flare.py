@@ -242,8 +242,8 @@ class FlareParams:
                                   "minority_ratio times (flare_minority). Designed on six development rows "
                                   "(RESULTS.md, issue 17, session 40). False = off")
     minority_ratio: float = param(5.0, "ours: the label's members against the next off-label in such a node; on the "
-                                  "development rows the poison's minorities were 6-80 times it, clean label-0 "
-                                  "minorities 0.2-2.3 times")
+                                  "development rows the poison's minorities were 5.5-97 times it, clean label-0 "
+                                  "minorities 0.3-2.3 times")
     minority_min_members: int = param(20, "ours: fewer of the label in a node are not read (a fifth of "
                                       "min_cluster_size's default)")
     # Relabelled poison drawn from classes far from the target can stay by its source classes in every embedding
