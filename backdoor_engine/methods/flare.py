@@ -387,6 +387,11 @@ class FlareParams:
         if not 0.0 < self.component_spread <= 1.0:
             raise InputError(f"component_spread must be in (0, 1], got {self.component_spread!r}")
         integer(self.settle_rounds, "settle_rounds", 1)
+        integer(self.minority_min_members, "minority_min_members", 1)
+        ratio = self.minority_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1.0 <= ratio < float("inf"):
+            raise InputError(f"minority_ratio must be a finite number >= 1 (the label ahead of every other "
+                             f"off-label), got {ratio!r}")
         if isinstance(self.settle_strengths, list):
             object.__setattr__(self, "settle_strengths", tuple(self.settle_strengths))
         strengths = self.settle_strengths
