@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backdoor_engine.cli import _parse_param
 from backdoor_engine.data.attacks import draw_samples, harness
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 
@@ -90,19 +91,6 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
-def parse_params(items: list[str]) -> dict:
-    params = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--param {item!r}: expected NAME=VALUE")
-        try:
-            params[name] = json.loads(value)
-        except ValueError:
-            params[name] = value
-    return params
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--attacks", nargs="+", default=["adaptive_blend", "adaptive_patch", "wanet"])
@@ -122,7 +110,7 @@ def main(argv=None):
         for attack in args.attacks:
             for rate in args.rates:
                 spec = harness.PoisonSpec(attack=attack, mode="a2o", rate=rate, target=args.target, seed=seed,
-                                          params=parse_params(args.param))
+                                          params=dict(_parse_param(t) for t in args.param))
                 rows.append(row_for(train, spec, tpr=args.tpr, fpr=args.fpr))
     if args.out:
         out = Path(args.out)

@@ -119,6 +119,7 @@ def test_the_report_says_what_the_minority_stage_added_and_nothing_when_it_added
 
 
 @pytest.mark.parametrize("bad", [dict(minority_ratio=0.5), dict(minority_ratio=float("nan")), dict(minority_ratio=True),
+                                 dict(minority_ratio=float("inf")),
                                  dict(minority_min_members=0), dict(minority_min_members=2.5)])
 def test_bad_minority_parameters_are_refused_by_name(bad):
     from backdoor_engine.errors import InputError

@@ -37,7 +37,7 @@ from functools import cached_property
 import numpy as np
 
 from .. import cluster
-from ..cluster.validation import integer
+from ..cluster.validation import integer, real
 from ..engine.layout import FeatureLayout
 from ..errors import InputError
 from ..detection import Detection
@@ -388,10 +388,8 @@ class FlareParams:
             raise InputError(f"component_spread must be in (0, 1], got {self.component_spread!r}")
         integer(self.settle_rounds, "settle_rounds", 1)
         integer(self.minority_min_members, "minority_min_members", 1)
-        ratio = self.minority_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1.0 <= ratio < float("inf"):
-            raise InputError(f"minority_ratio must be a finite number >= 1 (the label ahead of every other "
-                             f"off-label), got {ratio!r}")
+        if real(self.minority_ratio, "minority_ratio", 1.0) == float("inf"):  # inf x 0 off-labels reads every node
+            raise InputError(f"minority_ratio must be finite, got {self.minority_ratio!r}")
         if isinstance(self.settle_strengths, list):
             object.__setattr__(self, "settle_strengths", tuple(self.settle_strengths))
         strengths = self.settle_strengths

@@ -27,8 +27,9 @@ def label_minorities(tree, y: np.ndarray, label: int, *, purity: float, ratio: f
     of every other label besides that class."""
     found = np.zeros(len(y), bool)
     nodes = []
+    n_labels = max(label + 1, int(y.max()) + 1)
     for node, rows in ct.all_members(tree).items():
-        counts = np.bincount(y[rows], minlength=max(label + 1, int(y.max()) + 1))
+        counts = np.bincount(y[rows], minlength=n_labels)
         host = int(np.argmax(counts))
         if host == label or counts[host] < purity * len(rows) or counts[label] < min_members:
             continue

@@ -36,9 +36,13 @@ class TriggeredSet:
     index: np.ndarray
 
 
-def _check_inputs(x, y, attack: Attack, mode: str, target: int, num_classes: int):
+def _check_attack(attack) -> None:
     if not isinstance(attack, Attack):
         raise InputError(f"attack: expected an attack built by make_attack, got {type(attack).__name__}")
+
+
+def _check_inputs(x, y, attack: Attack, mode: str, target: int, num_classes: int):
+    _check_attack(attack)
     check_mode(mode)
     target, num_classes = check_class_setup(target, num_classes)
     check_images(x, attack.image_shape)
@@ -80,8 +84,7 @@ def _draw(y: np.ndarray, attack: Attack, rate: float, target: int, rng: np.rando
 def draw_samples(y, attack: Attack, *, rate: float, target: int = 0, num_classes: int, seed: int):
     """The payload and cover indices `poison_dataset` picks for the same labels, attack, rate, target and seed
     (the same random stream), without touching an image: what a poisoning will hit, known before it is built."""
-    if not isinstance(attack, Attack):
-        raise InputError(f"attack: expected an attack built by make_attack, got {type(attack).__name__}")
+    _check_attack(attack)
     target, num_classes = check_class_setup(target, num_classes)
     y = check_labels(y, num_classes)
     return _draw(y, attack, check_fraction(rate, "rate"), target, _stream_rngs(seed)[0])
