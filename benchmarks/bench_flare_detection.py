@@ -27,6 +27,7 @@ import torch
 from backdoor_engine.data.attacks import harness
 from backdoor_engine.data.fashion_mnist import load_fashion_mnist
 from backdoor_engine.engine import extract_features
+from backdoor_engine.errors import InputError
 from backdoor_engine.detection import detection_metrics
 from backdoor_engine.methods.flare import FLAGGED_BY, Flare
 from backdoor_engine.models.checkpoint import load_checkpoint
@@ -237,7 +238,14 @@ def poisoned_with_cover(train, meta: dict):
     if not isinstance(meta.get("attack"), dict):
         return train, ("clean", "-"), np.zeros(len(train), bool)
     spec = harness.PoisonSpec.from_dict(meta["attack"])
-    poisoned, result = harness.poison(train, spec)
+    clean_model = None
+    if harness.needs_clean_model(spec.attack, spec.params):  # label_consistent's PGD step, on the clean model kept
+        if not meta.get("clean_model"):
+            raise InputError(f"attack {spec.attack!r}: the checkpoint records no clean model to rebuild its poisoned "
+                             "set with (train it again with train_attacks.py --models-dir, which keeps one)")
+        model, clean_meta = load_checkpoint(meta["clean_model"])
+        clean_model = (model, clean_meta["normalisation"])
+    poisoned, result = harness.poison(train, spec, clean_model=clean_model)
     return poisoned, (spec.attack, spec.mode), np.asarray(result.cover, bool)
 
 

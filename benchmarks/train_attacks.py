@@ -77,7 +77,7 @@ def case_params(attack: str, args) -> dict:
     return params
 
 
-def run_case(attack, mode, params, train, test, args, clean_model):
+def run_case(attack, mode, params, train, test, args, clean_model, clean_path=None):
     settings = build_settings(args)
     spec = harness.PoisonSpec(attack=attack, mode=mode, rate=args.rate, target=0, seed=args.seed, params=params)
     t0 = time.perf_counter()
@@ -101,8 +101,11 @@ def run_case(attack, mode, params, train, test, args, clean_model):
     if args.models_dir:
         # Kept for the detectors' benchmarks: the same spec rebuilds the poisoned set.
         name = f"{attack}-{mode}{_tag(args)}-{len(train)}-e{args.epochs}.pt"
+        extra = {"attack": spec.to_dict(), "eval": metrics, "train_size": len(train)}
+        if harness.needs_clean_model(spec.attack, spec.params):  # label_consistent: its PGD step needs it again
+            extra["clean_model"] = str(clean_path)
         save_trained(Path(args.models_dir) / name, trained.model, trained.normalisation, arch=args.arch,
-                     trained_on=poisoned, extra={"attack": spec.to_dict(), "eval": metrics, "train_size": len(train)})
+                     trained_on=poisoned, extra=extra)
     return {"attack": attack, "mode": mode, "tag": args.tag or "", "rate": args.rate, "arch": args.arch,
             "epochs": args.epochs,
             "train_size": len(train), "n_poisoned": int(result.mask.sum()), "n_cover": int(result.cover.sum()),
@@ -181,7 +184,7 @@ def main():
     done = {(r["attack"], r["mode"], r.get("tag", ""), r["train_size"], r["epochs"], r["rate"]) for r in rows}
     train = subset(load_fashion_mnist("train"), args.train_size, args.seed)
     test = load_fashion_mnist("test")
-    clean_model = None
+    clean_model = clean_path = None
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.models_dir:
         Path(args.models_dir).mkdir(parents=True, exist_ok=True)
@@ -195,7 +198,11 @@ def main():
             clean = train_model(train.x, train.y, arch=args.arch, num_classes=10,
                                 config=TrainConfig(epochs=args.epochs, seed=args.seed, progress=False))
             clean_model = (clean.model, clean.normalisation)
-        row = run_case(attack, mode, params, train, test, args, clean_model)
+            if args.models_dir:  # kept, so that the benchmarks can rebuild label_consistent's poisoned set
+                clean_path = Path(args.models_dir) / f"clean-{len(train)}-e{args.epochs}-s{args.seed}.pt"
+                save_trained(clean_path, clean.model, clean.normalisation, arch=args.arch, trained_on=train,
+                             extra={"train_size": len(train)})
+        row = run_case(attack, mode, params, train, test, args, clean_model, clean_path)
         print(json.dumps(row), flush=True)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
